@@ -1,0 +1,279 @@
+//! The embedded backend: an in-process object store with the Kubernetes semantics the gateway
+//! relies on (resourceVersion preconditions, Conflict, AlreadyExists, NotFound, field-selected
+//! lists, status subresource, preconditioned delete). It is for trying the gateway out and for
+//! fast tests; the contract tests hold it to the real API server's behaviour.
+//!
+//! Lease expiry is not enforced by the store (the API server does not either): holders decide it
+//! from `renewTime` with the injected clock.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+use crate::clock::SharedClock;
+use crate::cluster::{ApiError, Cluster, ObjectRef, Result};
+use crate::crd::RemediationRequest;
+use crate::fingerprint::Fingerprint;
+
+type Key = (String, String);
+
+#[derive(Default)]
+struct State {
+    last_rv: u64,
+    last_uid: u64,
+    requests: BTreeMap<Key, RemediationRequest>,
+    leases: BTreeMap<Key, Lease>,
+    objects: HashMap<ObjectRef, ObjectMeta>,
+}
+
+pub struct EmbeddedStore {
+    state: Mutex<State>,
+    clock: SharedClock,
+    /// When set, every call fails as if the API server were unreachable (tests, demos).
+    unavailable: AtomicBool,
+}
+
+fn key(namespace: &str, name: &str) -> Key {
+    (namespace.to_owned(), name.to_owned())
+}
+
+impl State {
+    fn next_rv(&mut self) -> String {
+        self.last_rv += 1;
+        self.last_rv.to_string()
+    }
+
+    /// Fills the server-owned metadata of a new object, like the API server's create.
+    fn admit_new(&mut self, meta: &mut ObjectMeta, now: jiff::Timestamp) -> Result<Key> {
+        let name = meta
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| ApiError::Invalid("metadata.name: Required value".into()))?;
+        let namespace = meta
+            .namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| ApiError::Invalid("metadata.namespace: Required value".into()))?;
+        if !crate::signal::is_valid_object_name(&name) {
+            return Err(ApiError::Invalid(format!("metadata.name: Invalid value: {name:?}")));
+        }
+        if meta.resource_version.as_deref().is_some_and(|rv| !rv.is_empty()) {
+            return Err(ApiError::Invalid(
+                "metadata.resourceVersion: Invalid value: must not be set on create".into(),
+            ));
+        }
+        self.last_uid += 1;
+        meta.uid = Some(format!("00000000-0000-4000-8000-{:012x}", self.last_uid));
+        meta.resource_version = Some(self.next_rv());
+        meta.creation_timestamp = Some(Time(now));
+        meta.generation = Some(1);
+        Ok(key(&namespace, &name))
+    }
+}
+
+/// The resourceVersion precondition of an update: empty means unconditional, like the API server.
+fn check_rv(sent: &ObjectMeta, stored: &ObjectMeta, what: &str) -> Result<()> {
+    match sent.resource_version.as_deref() {
+        None | Some("") => Ok(()),
+        Some(rv) if Some(rv) == stored.resource_version.as_deref() => Ok(()),
+        Some(_) => Err(ApiError::Conflict(format!(
+            "Operation cannot be fulfilled on {what}: the object has been modified; please apply your changes to the latest version and try again"
+        ))),
+    }
+}
+
+impl EmbeddedStore {
+    pub fn new(clock: SharedClock) -> Self {
+        EmbeddedStore {
+            state: Mutex::default(),
+            clock,
+            unavailable: AtomicBool::new(false),
+        }
+    }
+
+    fn state(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+        if self.unavailable.load(Ordering::SeqCst) {
+            return Err(ApiError::Unavailable("embedded store switched off".into()));
+        }
+        Ok(self.state.lock().expect("embedded store poisoned"))
+    }
+
+    /// Makes every call fail with `Unavailable` (true) or work again (false).
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.unavailable.store(unavailable, Ordering::SeqCst);
+    }
+
+    /// Every RemediationRequest, sorted by namespace and name.
+    pub fn all_requests(&self) -> Vec<RemediationRequest> {
+        self.state
+            .lock()
+            .expect("embedded store poisoned")
+            .requests
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Every Lease.
+    pub fn all_leases(&self) -> Vec<Lease> {
+        self.state
+            .lock()
+            .expect("embedded store poisoned")
+            .leases
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The current resourceVersion of the store, as a list would report it.
+    pub fn resource_version(&self) -> String {
+        self.state.lock().expect("embedded store poisoned").last_rv.to_string()
+    }
+
+    /// Sets `status.overallPhase`, as the orchestrator would through the status subresource.
+    pub fn set_phase(&self, namespace: &str, name: &str, phase: &str) -> Result<RemediationRequest> {
+        let mut st = self.state.lock().expect("embedded store poisoned");
+        let rv = st.next_rv();
+        let rr = st.requests.get_mut(&key(namespace, name)).ok_or(ApiError::NotFound)?;
+        rr.status.get_or_insert_with(Default::default).overall_phase = phase.to_owned();
+        rr.metadata.resource_version = Some(rv);
+        Ok(rr.clone())
+    }
+
+    /// Registers an object's metadata so owner resolution can read it.
+    pub fn put_object(&self, object: ObjectRef, meta: ObjectMeta) {
+        self.state
+            .lock()
+            .expect("embedded store poisoned")
+            .objects
+            .insert(object, meta);
+    }
+}
+
+#[async_trait]
+impl Cluster for EmbeddedStore {
+    fn backend_name(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn list_requests(&self, namespace: &str, fingerprint: &str) -> Result<Vec<RemediationRequest>> {
+        let st = self.state()?;
+        Ok(st
+            .requests
+            .range(key(namespace, "")..)
+            .take_while(|((ns, _), _)| ns == namespace)
+            .filter(|(_, rr)| rr.spec.signal_fingerprint == fingerprint)
+            .map(|(_, rr)| rr.clone())
+            .collect())
+    }
+
+    async fn get_request(&self, namespace: &str, name: &str) -> Result<RemediationRequest> {
+        self.state()?
+            .requests
+            .get(&key(namespace, name))
+            .cloned()
+            .ok_or(ApiError::NotFound)
+    }
+
+    async fn create_request(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
+        if Fingerprint::parse(&rr.spec.signal_fingerprint).is_none() {
+            return Err(ApiError::Invalid(
+                "spec.signalFingerprint: Invalid value: should match '^[a-f0-9]{64}$'".into(),
+            ));
+        }
+        let now = self.clock.now();
+        let mut st = self.state()?;
+        let mut new = rr.clone();
+        let k = st.admit_new(&mut new.metadata, now)?;
+        if st.requests.contains_key(&k) {
+            st.last_rv -= 1;
+            return Err(ApiError::AlreadyExists);
+        }
+        // Status is a subresource: a create never sets it.
+        new.status = None;
+        st.requests.insert(k, new.clone());
+        Ok(new)
+    }
+
+    async fn update_request_status(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
+        let mut st = self.state()?;
+        let k = key(
+            rr.metadata.namespace.as_deref().unwrap_or_default(),
+            rr.metadata.name.as_deref().unwrap_or_default(),
+        );
+        let stored = st.requests.get(&k).ok_or(ApiError::NotFound)?;
+        check_rv(&rr.metadata, &stored.metadata, "remediationrequests.kubernaut.ai")?;
+        let rv = st.next_rv();
+        let stored = st.requests.get_mut(&k).expect("checked above");
+        stored.status = rr.status.clone();
+        stored.metadata.resource_version = Some(rv);
+        Ok(stored.clone())
+    }
+
+    async fn create_lease(&self, lease: &Lease) -> Result<Lease> {
+        let now = self.clock.now();
+        let mut st = self.state()?;
+        let mut new = lease.clone();
+        let k = st.admit_new(&mut new.metadata, now)?;
+        if st.leases.contains_key(&k) {
+            st.last_rv -= 1;
+            return Err(ApiError::AlreadyExists);
+        }
+        st.leases.insert(k, new.clone());
+        Ok(new)
+    }
+
+    async fn get_lease(&self, namespace: &str, name: &str) -> Result<Lease> {
+        self.state()?
+            .leases
+            .get(&key(namespace, name))
+            .cloned()
+            .ok_or(ApiError::NotFound)
+    }
+
+    async fn update_lease(&self, lease: &Lease) -> Result<Lease> {
+        let mut st = self.state()?;
+        let k = key(
+            lease.metadata.namespace.as_deref().unwrap_or_default(),
+            lease.metadata.name.as_deref().unwrap_or_default(),
+        );
+        let stored = st.leases.get(&k).ok_or(ApiError::NotFound)?;
+        check_rv(&lease.metadata, &stored.metadata, "leases.coordination.k8s.io")?;
+        let mut meta = stored.metadata.clone();
+        meta.resource_version = Some(st.next_rv());
+        let updated = Lease {
+            metadata: meta,
+            spec: lease.spec.clone(),
+        };
+        st.leases.insert(k, updated.clone());
+        Ok(updated)
+    }
+
+    async fn delete_lease(&self, namespace: &str, name: &str, resource_version: &str) -> Result<()> {
+        let mut st = self.state()?;
+        let k = key(namespace, name);
+        let stored = st.leases.get(&k).ok_or(ApiError::NotFound)?;
+        if stored.metadata.resource_version.as_deref() != Some(resource_version) {
+            return Err(ApiError::Conflict(format!(
+                "Precondition failed: ResourceVersion in precondition: {resource_version}, ResourceVersion in object meta: {}",
+                stored.metadata.resource_version.as_deref().unwrap_or_default()
+            )));
+        }
+        st.leases.remove(&k);
+        st.next_rv();
+        Ok(())
+    }
+
+    async fn get_metadata(&self, object: &ObjectRef) -> Result<ObjectMeta> {
+        self.state()?.objects.get(object).cloned().ok_or(ApiError::NotFound)
+    }
+
+    async fn check_ready(&self, _namespace: &str) -> std::result::Result<(), String> {
+        self.state().map(|_| ()).map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,244 @@
+//! The kubernetes backend: the [`Cluster`] port on kube-rs. One method, one API request.
+//! Reads that decide correctness are never served from a cache: lists carry no resourceVersion,
+//! so the API server answers them from etcd (a consistent read).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams, Preconditions,
+};
+use kube::{Client, Config};
+use tokio::time::Instant;
+
+use crate::cluster::{ApiError, Cluster, ObjectRef, Result};
+use crate::crd::{FINGERPRINT_FIELD, GROUP, RemediationRequest};
+
+/// The permissions the gateway uses in its own namespace: (group, resource, verb).
+/// deploy/ grants exactly these; `/readyz` reports any that is missing.
+pub const REQUIRED_PERMISSIONS: &[(&str, &str, &str)] = &[
+    (GROUP, "remediationrequests", "list"),
+    (GROUP, "remediationrequests", "get"),
+    (GROUP, "remediationrequests", "create"),
+    (GROUP, "remediationrequests/status", "update"),
+    ("coordination.k8s.io", "leases", "create"),
+    ("coordination.k8s.io", "leases", "get"),
+    ("coordination.k8s.io", "leases", "update"),
+    ("coordination.k8s.io", "leases", "delete"),
+];
+
+pub struct KubernetesCluster {
+    client: Client,
+    /// When the last readiness check passed; permissions are re-checked at most this often.
+    ready_until: Mutex<Option<Instant>>,
+}
+
+const READY_CACHE: Duration = Duration::from_secs(30);
+
+impl KubernetesCluster {
+    /// Connects the standard way (in-cluster, then `KUBECONFIG` / ~/.kube/config), with request
+    /// timeouts so a hung API server turns into errors, not hung signals.
+    pub async fn connect(api_timeout: Duration) -> anyhow::Result<Self> {
+        let mut config = Config::infer().await?;
+        config.connect_timeout = Some(api_timeout.min(Duration::from_secs(5)));
+        config.read_timeout = Some(api_timeout);
+        config.write_timeout = Some(api_timeout);
+        let client = Client::try_from(config)?;
+        Ok(KubernetesCluster {
+            client,
+            ready_until: Mutex::new(None),
+        })
+    }
+
+    fn requests(&self, namespace: &str) -> Api<RemediationRequest> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    fn leases(&self, namespace: &str) -> Api<Lease> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+}
+
+/// Maps a kube error to what the domain decides on. Only 404 is absence.
+pub fn map_error(e: kube::Error) -> ApiError {
+    match e {
+        kube::Error::Api(s) => {
+            let msg = if s.message.is_empty() {
+                s.reason.clone()
+            } else {
+                s.message.clone()
+            };
+            match s.code {
+                404 => ApiError::NotFound,
+                409 if s.reason == "AlreadyExists" => ApiError::AlreadyExists,
+                409 => ApiError::Conflict(msg),
+                403 => ApiError::Forbidden(msg),
+                429 => ApiError::Throttled {
+                    retry_after: s.details.as_ref().and_then(|d| {
+                        (d.retry_after_seconds > 0).then(|| Duration::from_secs(d.retry_after_seconds.into()))
+                    }),
+                },
+                400 | 422 => ApiError::Invalid(msg),
+                504 => ApiError::Timeout,
+                code => ApiError::Unavailable(format!("{code}: {msg}")),
+            }
+        }
+        other => {
+            let text = other.to_string();
+            if text.to_ascii_lowercase().contains("timed out") || text.to_ascii_lowercase().contains("timeout") {
+                ApiError::Timeout
+            } else {
+                ApiError::Unavailable(text)
+            }
+        }
+    }
+}
+
+fn api_resource(object: &ObjectRef) -> ApiResource {
+    let (group, version) = match object.api_version.split_once('/') {
+        Some((g, v)) => (g, v),
+        None => ("", object.api_version.as_str()),
+    };
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(group, version, &object.kind),
+        &format!("{}s", object.kind.to_ascii_lowercase()),
+    )
+}
+
+#[async_trait]
+impl Cluster for KubernetesCluster {
+    fn backend_name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    async fn list_requests(&self, namespace: &str, fingerprint: &str) -> Result<Vec<RemediationRequest>> {
+        let lp = ListParams::default().fields(&format!("{FINGERPRINT_FIELD}={fingerprint}"));
+        Ok(self.requests(namespace).list(&lp).await.map_err(map_error)?.items)
+    }
+
+    async fn get_request(&self, namespace: &str, name: &str) -> Result<RemediationRequest> {
+        self.requests(namespace).get(name).await.map_err(map_error)
+    }
+
+    async fn create_request(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
+        let ns = rr.metadata.namespace.as_deref().unwrap_or_default();
+        self.requests(ns)
+            .create(&PostParams::default(), rr)
+            .await
+            .map_err(map_error)
+    }
+
+    async fn update_request_status(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
+        let ns = rr.metadata.namespace.as_deref().unwrap_or_default();
+        let name = rr.metadata.name.as_deref().unwrap_or_default();
+        self.requests(ns)
+            .replace_status(name, &PostParams::default(), rr)
+            .await
+            .map_err(map_error)
+    }
+
+    async fn create_lease(&self, lease: &Lease) -> Result<Lease> {
+        let ns = lease.metadata.namespace.as_deref().unwrap_or_default();
+        self.leases(ns)
+            .create(&PostParams::default(), lease)
+            .await
+            .map_err(map_error)
+    }
+
+    async fn get_lease(&self, namespace: &str, name: &str) -> Result<Lease> {
+        self.leases(namespace).get(name).await.map_err(map_error)
+    }
+
+    async fn update_lease(&self, lease: &Lease) -> Result<Lease> {
+        let ns = lease.metadata.namespace.as_deref().unwrap_or_default();
+        let name = lease.metadata.name.as_deref().unwrap_or_default();
+        self.leases(ns)
+            .replace(name, &PostParams::default(), lease)
+            .await
+            .map_err(map_error)
+    }
+
+    async fn delete_lease(&self, namespace: &str, name: &str, resource_version: &str) -> Result<()> {
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: Some(resource_version.to_owned()),
+                uid: None,
+            }),
+            ..DeleteParams::default()
+        };
+        self.leases(namespace)
+            .delete(name, &dp)
+            .await
+            .map(|_| ())
+            .map_err(map_error)
+    }
+
+    async fn get_metadata(&self, object: &ObjectRef) -> Result<ObjectMeta> {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &object.namespace, &api_resource(object));
+        api.get_metadata(&object.name)
+            .await
+            .map(|m| m.metadata)
+            .map_err(map_error)
+    }
+
+    async fn check_ready(&self, namespace: &str) -> std::result::Result<(), String> {
+        if self
+            .ready_until
+            .lock()
+            .expect("ready cache poisoned")
+            .is_some_and(|t| t > Instant::now())
+        {
+            return Ok(());
+        }
+        self.requests(namespace)
+            .list(&ListParams::default().limit(1))
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot list remediationrequests.{GROUP} in namespace {namespace:?} (is the CRD installed?): {e}"
+                )
+            })?;
+        let reviews: Api<SelfSubjectAccessReview> = Api::all(self.client.clone());
+        let mut missing = Vec::new();
+        for (group, resource, verb) in REQUIRED_PERMISSIONS {
+            let (resource, subresource) = resource
+                .split_once('/')
+                .map_or((*resource, None), |(r, s)| (r, Some(s.to_owned())));
+            let review = SelfSubjectAccessReview {
+                spec: SelfSubjectAccessReviewSpec {
+                    resource_attributes: Some(ResourceAttributes {
+                        group: Some((*group).to_owned()),
+                        resource: Some(resource.to_owned()),
+                        subresource: subresource.clone(),
+                        verb: Some((*verb).to_owned()),
+                        namespace: Some(namespace.to_owned()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let answer = reviews
+                .create(&PostParams::default(), &review)
+                .await
+                .map_err(|e| format!("cannot check permissions (selfsubjectaccessreviews): {e}"))?;
+            if !answer.status.is_some_and(|s| s.allowed) {
+                let res = subresource.map_or(resource.to_owned(), |s| format!("{resource}/{s}"));
+                missing.push(format!("{verb} {res}.{group}"));
+            }
+        }
+        if !missing.is_empty() {
+            return Err(format!(
+                "missing RBAC permission in namespace {namespace:?}: {}",
+                missing.join(", ")
+            ));
+        }
+        *self.ready_until.lock().expect("ready cache poisoned") = Some(Instant::now() + READY_CACHE);
+        Ok(())
+    }
+}

@@ -1,0 +1,6 @@
+//! Adapters behind the [`crate::cluster::Cluster`] port, and the metering decorator that
+//! counts every call at the boundary.
+
+pub mod embedded;
+pub mod kubernetes;
+pub mod metered;

@@ -1,0 +1,122 @@
+//! The port between the domain (dedup, lock, owner resolution) and the Kubernetes API.
+//!
+//! Each method is exactly one API request, so counting calls at this boundary counts API
+//! requests. Two adapters implement it: `backend::kubernetes` (kube-rs against a real API server)
+//! and `backend::embedded` (an in-process store with the same semantics). The shared contract
+//! tests in `tests/contract.rs` hold both to the same behaviour.
+//!
+//! Only [`ApiError::NotFound`] means absence; every other error is an error.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::crd::RemediationRequest;
+
+pub type Result<T, E = ApiError> = std::result::Result<T, E>;
+
+/// What the API server (or the embedded store) answered, reduced to what callers decide on.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum ApiError {
+    #[error("not found")]
+    NotFound,
+    #[error("already exists")]
+    AlreadyExists,
+    /// resourceVersion precondition failed (optimistic concurrency).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("throttled by the API server")]
+    Throttled { retry_after: Option<Duration> },
+    #[error("the API server rejected the object: {0}")]
+    Invalid(String),
+    #[error("request timed out")]
+    Timeout,
+    /// Transport errors, 5xx, API server unreachable.
+    #[error("API server unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    /// The HTTP status the API server answered, as used in the `code` metric label
+    /// (`<error>` for transport failures, like client-go).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::NotFound => "404",
+            ApiError::AlreadyExists | ApiError::Conflict(_) => "409",
+            ApiError::Forbidden(_) => "403",
+            ApiError::Throttled { .. } => "429",
+            ApiError::Invalid(_) => "422",
+            ApiError::Timeout => "<timeout>",
+            ApiError::Unavailable(_) => "<error>",
+        }
+    }
+}
+
+/// A reference to an object whose metadata the owner resolver reads.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ObjectRef {
+    pub api_version: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Verbs and resources as the API server names them; metric labels use these.
+pub mod verb {
+    pub const GET: &str = "get";
+    pub const LIST: &str = "list";
+    pub const CREATE: &str = "create";
+    pub const UPDATE: &str = "update";
+    pub const DELETE: &str = "delete";
+}
+
+pub const RR_RESOURCE: &str = "remediationrequests";
+pub const RR_STATUS_RESOURCE: &str = "remediationrequests/status";
+pub const LEASE_RESOURCE: &str = "leases";
+
+#[async_trait]
+pub trait Cluster: Send + Sync + 'static {
+    /// `embedded` or `kubernetes`.
+    fn backend_name(&self) -> &'static str;
+
+    /// RemediationRequests in `namespace` whose `spec.signalFingerprint` equals `fingerprint`,
+    /// read fresh (server-side field selector, no cache).
+    async fn list_requests(&self, namespace: &str, fingerprint: &str) -> Result<Vec<RemediationRequest>>;
+    async fn get_request(&self, namespace: &str, name: &str) -> Result<RemediationRequest>;
+    /// Creates the object (status is ignored, as with a status subresource).
+    async fn create_request(&self, rr: &RemediationRequest) -> Result<RemediationRequest>;
+    /// Replaces the status; fails with Conflict unless `metadata.resourceVersion` is current.
+    async fn update_request_status(&self, rr: &RemediationRequest) -> Result<RemediationRequest>;
+
+    async fn create_lease(&self, lease: &Lease) -> Result<Lease>;
+    async fn get_lease(&self, namespace: &str, name: &str) -> Result<Lease>;
+    /// Replaces the lease; fails with Conflict unless `metadata.resourceVersion` is current.
+    async fn update_lease(&self, lease: &Lease) -> Result<Lease>;
+    /// Deletes the lease only if its resourceVersion is still `resource_version`.
+    async fn delete_lease(&self, namespace: &str, name: &str, resource_version: &str) -> Result<()>;
+
+    /// Metadata of an arbitrary object (for the controller owner chain).
+    async fn get_metadata(&self, object: &ObjectRef) -> Result<ObjectMeta>;
+
+    /// Whether the backend answers and serves the CRD with the permissions the gateway needs;
+    /// the error names what is missing.
+    async fn check_ready(&self, namespace: &str) -> std::result::Result<(), String>;
+}
+
+/// Metric resource label for an owner-resolution read.
+pub fn resource_of_kind(kind: &str) -> &'static str {
+    match kind {
+        "Pod" => "pods",
+        "ReplicaSet" => "replicasets",
+        "Deployment" => "deployments",
+        "StatefulSet" => "statefulsets",
+        "DaemonSet" => "daemonsets",
+        "Job" => "jobs",
+        "CronJob" => "cronjobs",
+        _ => "other",
+    }
+}

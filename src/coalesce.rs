@@ -1,0 +1,168 @@
+//! Group commit per fingerprint inside one replica. Concurrent signals for one fingerprint join a
+//! queue; a single worker task per fingerprint takes everything queued and stores it with one
+//! deduplication write (`occurrenceCount += n`), then answers each waiter with its own count.
+//! A storm of identical alerts thus costs a handful of API calls, and every acknowledged signal
+//! is in the stored count.
+//!
+//! The worker is a spawned task, so a caller that disconnects does not cancel a write others wait
+//! on; waiters whose deadline has passed are answered DeadlineExceeded before any write is sent.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::backend::metered::tallied;
+use crate::crd::RemediationRequestSpec;
+use crate::dedup::{Dedup, DedupError, Written};
+use crate::fingerprint::Fingerprint;
+use crate::metrics::Metrics;
+
+/// What one signal was answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ack {
+    pub name: String,
+    pub namespace: String,
+    pub created: bool,
+    pub occurrence_count: i64,
+    /// API requests of the write, divided among the signals of the batch.
+    pub api_calls: f64,
+}
+
+struct Waiter {
+    spec: RemediationRequestSpec,
+    deadline: Instant,
+    tx: oneshot::Sender<Result<Ack, DedupError>>,
+}
+
+pub struct Coalescer {
+    dedup: Arc<Dedup>,
+    metrics: Metrics,
+    max_batch: usize,
+    queues: Mutex<HashMap<Fingerprint, Vec<Waiter>>>,
+}
+
+/// Least time a write needs; a waiter with less left is answered 503 instead of starting one.
+const MIN_BUDGET: Duration = Duration::from_millis(5);
+
+impl Coalescer {
+    pub fn new(dedup: Arc<Dedup>, metrics: Metrics, max_batch: usize) -> Arc<Self> {
+        Arc::new(Coalescer {
+            dedup,
+            metrics,
+            max_batch: max_batch.max(1),
+            queues: Mutex::default(),
+        })
+    }
+
+    /// Queues one signal and waits for the write that includes it.
+    pub async fn submit(
+        self: &Arc<Self>,
+        fp: Fingerprint,
+        spec: RemediationRequestSpec,
+        deadline: Instant,
+    ) -> Result<Ack, DedupError> {
+        let (tx, rx) = oneshot::channel();
+        let start_worker = match self.queues.lock().expect("queues poisoned").entry(fp.clone()) {
+            Entry::Occupied(mut e) => {
+                e.get_mut().push(Waiter { spec, deadline, tx });
+                false
+            }
+            Entry::Vacant(e) => {
+                e.insert(vec![Waiter { spec, deadline, tx }]);
+                true
+            }
+        };
+        if start_worker {
+            let this = self.clone();
+            tokio::spawn(async move { this.drain(fp).await });
+        }
+        // The worker answers by the deadline; the margin only guards against a stuck worker.
+        match tokio::time::timeout_at(deadline + Duration::from_secs(1), rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(DedupError::Internal("deduplication worker stopped".into())),
+            Err(_) => Err(DedupError::DeadlineExceeded),
+        }
+    }
+
+    async fn drain(self: Arc<Self>, fp: Fingerprint) {
+        let mut cleanup = Cleanup {
+            coalescer: &self,
+            fp: &fp,
+            armed: true,
+        };
+        loop {
+            let batch: Vec<Waiter> = {
+                let mut queues = self.queues.lock().expect("queues poisoned");
+                let queue = queues.get_mut(&fp).expect("a worker's queue exists while it runs");
+                if queue.is_empty() {
+                    queues.remove(&fp);
+                    cleanup.armed = false;
+                    return;
+                }
+                let take = queue.len().min(self.max_batch);
+                queue.drain(..take).collect()
+            };
+            let now = Instant::now();
+            let (live, late): (Vec<Waiter>, Vec<Waiter>) =
+                batch.into_iter().partition(|w| w.deadline > now + MIN_BUDGET);
+            for w in late {
+                let _ = w.tx.send(Err(DedupError::DeadlineExceeded));
+            }
+            let Some(first) = live.first() else { continue };
+            let deadline = live.iter().map(|w| w.deadline).min().unwrap_or(first.deadline);
+            let n = live.len();
+            self.metrics.coalesced_batch.observe(n as f64);
+            let (result, calls) = tallied(self.dedup.process(&fp, n as u32, &first.spec, deadline)).await;
+            let per_signal = f64::from(calls) / n as f64;
+            match result {
+                Ok(written) => {
+                    for (i, w) in live.into_iter().enumerate() {
+                        let _ = w.tx.send(Ok(ack_for(&written, i, per_signal)));
+                    }
+                }
+                Err(e) => {
+                    for w in live {
+                        let _ = w.tx.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The i-th signal of a batch: the first of a batch that created the RR is "created"; each
+/// other signal is a duplicate with its own position in the count.
+fn ack_for(w: &Written, i: usize, api_calls: f64) -> Ack {
+    Ack {
+        name: w.rr.metadata.name.clone().unwrap_or_default(),
+        namespace: w.rr.metadata.namespace.clone().unwrap_or_default(),
+        created: w.created && i == 0,
+        occurrence_count: w.before + i as i64 + 1,
+        api_calls,
+    }
+}
+
+/// If a worker panics, its queue must not strand later signals: fail them and remove the queue.
+struct Cleanup<'a> {
+    coalescer: &'a Coalescer,
+    fp: &'a Fingerprint,
+    armed: bool,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        if self.armed
+            && let Ok(mut queues) = self.coalescer.queues.lock()
+            && let Some(waiters) = queues.remove(self.fp)
+        {
+            for w in waiters {
+                let _ =
+                    w.tx.send(Err(DedupError::Internal("deduplication worker failed".into())));
+            }
+        }
+    }
+}

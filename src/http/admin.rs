@@ -1,0 +1,106 @@
+//! Admin port: `/metrics`, `/healthz`, `/readyz`, and on the embedded backend only the debug
+//! endpoints that let a person list RemediationRequests and play the orchestrator.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::AppState;
+use super::problem::Problem;
+use crate::cluster::ApiError;
+use crate::crd::TERMINAL_PHASES;
+
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    let mut router = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz));
+    if state.embedded.is_some() {
+        router = router
+            .route("/debug/remediationrequests", get(list_requests))
+            .route("/debug/remediationrequests/{name}/phase", put(set_phase));
+    }
+    router
+        .fallback(|req: Request| async move { Problem::not_found(req.uri().path()).into_response() })
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut resp = crate::metrics::Metrics::render(&state.registry).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.shutting_down.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: shutting down\n").into_response();
+    }
+    match tokio::time::timeout(Duration::from_secs(3), state.cluster.check_ready(&state.namespace)).await {
+        Ok(Ok(())) => "ok\n".into_response(),
+        Ok(Err(reason)) => {
+            tracing::warn!(reason = %reason, "not ready");
+            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")).into_response()
+        }
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: backend did not answer within 3s\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn list_requests(State(state): State<Arc<AppState>>) -> Response {
+    let store = state
+        .embedded
+        .as_ref()
+        .expect("route only exists with the embedded backend");
+    axum::Json(json!({
+        "apiVersion": "kubernaut.ai/v1alpha1",
+        "kind": "RemediationRequestList",
+        "metadata": {"resourceVersion": store.resource_version()},
+        "items": store.all_requests(),
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PhaseBody {
+    phase: String,
+}
+
+async fn set_phase(State(state): State<Arc<AppState>>, Path(name): Path<String>, req: Request) -> Response {
+    let path = req.uri().path().to_owned();
+    let store = state
+        .embedded
+        .as_ref()
+        .expect("route only exists with the embedded backend");
+    let bytes = match axum::body::to_bytes(req.into_body(), 64 * 1024).await {
+        Ok(b) => b,
+        Err(_) => return Problem::too_large(64 * 1024, &path).into_response(),
+    };
+    let body: PhaseBody = match serde_json::from_slice(&bytes) {
+        Ok(b) => b,
+        Err(e) => return Problem::bad_request(format!("expected {{\"phase\": \"...\"}}: {e}"), &path).into_response(),
+    };
+    let known = ["", "Pending", "Processing", "Analyzing", "Executing"];
+    if !known.contains(&body.phase.as_str()) && !TERMINAL_PHASES.contains(&body.phase.as_str()) {
+        return Problem::bad_request(format!("unknown phase {:?}", body.phase), &path).into_response();
+    }
+    match store.set_phase(&state.namespace, &name, &body.phase) {
+        Ok(rr) => axum::Json(rr).into_response(),
+        Err(ApiError::NotFound) => Problem::not_found(&path).into_response(),
+        Err(e) => Problem::unavailable(e.to_string(), Duration::from_secs(1), &path).into_response(),
+    }
+}

@@ -1,0 +1,222 @@
+//! The signals API: validates the request (content type, size, shape), runs each signal through
+//! the pipeline and maps outcomes to the response contract of DESIGN.md.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, Limited};
+use serde_json::{Value, json};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use super::AppState;
+use super::problem::Problem;
+use crate::pipeline::Outcome;
+use crate::signal::{Source, alertmanager, event};
+
+pub async fn prometheus(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let path = req.uri().path().to_owned();
+    let body = match read_json_body(&state, req).await {
+        Ok(b) => b,
+        Err(p) => return p.into_response(),
+    };
+    let batch = match alertmanager::parse(&body) {
+        Ok(b) => b,
+        Err(e) => return Problem::bad_request(e.0, &path).into_response(),
+    };
+    state.metrics.batch_size.observe(batch.alerts.len() as f64);
+    if batch.truncated_alerts > 0 {
+        tracing::warn!(
+            truncated = batch.truncated_alerts,
+            group_key = batch.group_key.as_deref().unwrap_or(""),
+            "Alertmanager truncated alerts from this notification"
+        );
+    }
+    let firing = batch.alerts.iter().filter(|a| a.is_ok()).count();
+    let _permits = match admit(&state, firing, &path) {
+        Ok(p) => p,
+        Err(p) => return p.into_response(),
+    };
+    let deadline = Instant::now() + state.request_timeout;
+    let total = batch.alerts.len();
+    let outcomes = futures::future::join_all(batch.alerts.into_iter().map(|item| {
+        let state = state.clone();
+        async move {
+            match item {
+                Ok(signal) => state.pipeline.process(signal, deadline).await,
+                Err(skip) => state.pipeline.skipped(Source::Prometheus, "none", skip),
+            }
+        }
+    }))
+    .await;
+    if total == 1 {
+        single_response(outcomes.into_iter().next().expect("one outcome"), &path)
+    } else {
+        batch_response(outcomes, &path)
+    }
+}
+
+pub async fn kubernetes_event(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let path = req.uri().path().to_owned();
+    let body = match read_json_body(&state, req).await {
+        Ok(b) => b,
+        Err(p) => return p.into_response(),
+    };
+    let parsed = match event::parse(&body) {
+        Ok(p) => p,
+        Err(e) => return Problem::bad_request(e.0, &path).into_response(),
+    };
+    let outcome = match parsed {
+        Ok(signal) => {
+            let _permit = match admit(&state, 1, &path) {
+                Ok(p) => p,
+                Err(p) => return p.into_response(),
+            };
+            state
+                .pipeline
+                .process(signal, Instant::now() + state.request_timeout)
+                .await
+        }
+        Err(skip) => state.pipeline.skipped(Source::KubernetesEvent, "none", skip),
+    };
+    single_response(outcome, &path)
+}
+
+/// Load shedding: one permit per signal; none left (or shutting down) -> 503 + Retry-After.
+fn admit(state: &AppState, signals: usize, path: &str) -> Result<Option<OwnedSemaphorePermit>, Problem> {
+    if state.shutting_down.load(Ordering::SeqCst) {
+        state.metrics.signals_shed.inc_by(signals as u64);
+        return Err(Problem::unavailable(
+            "the gateway is shutting down",
+            Duration::from_secs(1),
+            path,
+        ));
+    }
+    if signals == 0 {
+        return Ok(None);
+    }
+    let wanted = u32::try_from(signals).unwrap_or(u32::MAX);
+    match state.in_flight.clone().try_acquire_many_owned(wanted) {
+        Ok(p) => Ok(Some(p)),
+        Err(_) => {
+            state.metrics.signals_shed.inc_by(signals as u64);
+            Err(Problem::unavailable(
+                format!(
+                    "too many signals in flight (limit {}); retry later",
+                    state.max_in_flight
+                ),
+                Duration::from_secs(1),
+                path,
+            ))
+        }
+    }
+}
+
+/// Checks the content type and reads at most `max_body_bytes`.
+async fn read_json_body(state: &AppState, req: Request) -> Result<Bytes, Problem> {
+    let path = req.uri().path().to_owned();
+    check_content_type(req.headers(), &path)?;
+    let limit = state.max_body_bytes;
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(Problem::too_large(limit, &path));
+    }
+    let body: Body = req.into_body();
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(Problem::too_large(limit, &path))
+        }
+        Err(e) => Err(Problem::bad_request(format!("could not read request body: {e}"), &path)),
+    }
+}
+
+fn check_content_type(headers: &HeaderMap, path: &str) -> Result<(), Problem> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Err(Problem::unsupported_media_type(None, path));
+    };
+    let text = value.to_str().unwrap_or("");
+    let essence = text.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")) {
+        Ok(())
+    } else {
+        Err(Problem::unsupported_media_type(Some(text), path))
+    }
+}
+
+/// The JSON object describing one outcome (also an element of a batch's `results`).
+fn outcome_json(outcome: &Outcome) -> Value {
+    match outcome {
+        Outcome::Stored { fingerprint, ack } if ack.created => json!({
+            "status": "created", "duplicate": false, "fingerprint": fingerprint.as_str(),
+            "remediationRequestName": ack.name, "remediationRequestNamespace": ack.namespace,
+        }),
+        Outcome::Stored { fingerprint, ack } => json!({
+            "status": "duplicate", "duplicate": true, "fingerprint": fingerprint.as_str(),
+            "remediationRequestName": ack.name, "remediationRequestNamespace": ack.namespace,
+            "occurrenceCount": ack.occurrence_count,
+        }),
+        Outcome::Skipped(skip) => json!({"status": skip.status(), "reason": skip.reason()}),
+        Outcome::Failed { fingerprint, error } => json!({
+            "status": "failed", "fingerprint": fingerprint.as_ref().map(|f| f.as_str()),
+            "reason": error.reason(), "error": error.to_string(),
+        }),
+    }
+}
+
+fn single_response(outcome: Outcome, path: &str) -> Response {
+    let status = match &outcome {
+        Outcome::Stored { ack, .. } if ack.created => StatusCode::CREATED,
+        Outcome::Stored { .. } => StatusCode::ACCEPTED,
+        Outcome::Skipped(_) => StatusCode::OK,
+        Outcome::Failed { error, .. } => {
+            return Problem::unavailable(format!("signal not stored: {error}"), error.retry_after(), path)
+                .into_response();
+        }
+    };
+    (status, axum::Json(outcome_json(&outcome))).into_response()
+}
+
+fn batch_response(outcomes: Vec<Outcome>, path: &str) -> Response {
+    let count = |label: &str| outcomes.iter().filter(|o| o.label() == label).count();
+    let summary = json!({
+        "total": outcomes.len(), "created": count("created"), "deduplicated": count("duplicate"),
+        "rejected": count("rejected"), "ignored": count("ignored"), "failed": count("failed"),
+    });
+    let results: Vec<Value> = outcomes.iter().map(outcome_json).collect();
+    let retry_after = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Failed { error, .. } => Some(error.retry_after()),
+            _ => None,
+        })
+        .max();
+    if let Some(retry_after) = retry_after {
+        let mut p = Problem::unavailable(
+            format!(
+                "{} of {} alerts could not be stored; Alertmanager should retry the notification",
+                count("failed"),
+                outcomes.len()
+            ),
+            retry_after,
+            path,
+        );
+        p.results = Some(Box::new(json!({"results": results, "summary": summary})));
+        return p.into_response();
+    }
+    (
+        StatusCode::MULTI_STATUS,
+        axum::Json(json!({"results": results, "summary": summary})),
+    )
+        .into_response()
+}

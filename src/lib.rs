@@ -1,0 +1,240 @@
+//! signal-gateway: Alertmanager and Kubernetes-event signals, deduplicated into Kubernaut
+//! `RemediationRequest`s across replicas. `run` wires the parts; the domain modules
+//! (signal, target, fingerprint, dedup, lock, coalesce, pipeline) talk to the cluster only
+//! through the [`cluster::Cluster`] port.
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod clock;
+pub mod cluster;
+pub mod coalesce;
+pub mod config;
+pub mod crd;
+pub mod dedup;
+pub mod fingerprint;
+pub mod http;
+pub mod lock;
+pub mod metrics;
+pub mod pipeline;
+pub mod signal;
+pub mod target;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use backend::embedded::EmbeddedStore;
+use backend::kubernetes::KubernetesCluster;
+use backend::metered::Metered;
+use clock::{SharedClock, SystemClock};
+use cluster::Cluster;
+use config::{BackendKind, Config};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The two sockets the gateway serves; bound by the caller so tests can use port 0.
+pub struct Listeners {
+    pub signals: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        let signals = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("binding signals port {}", config.server.listen))?;
+        let admin = TcpListener::bind(config.server.admin_listen)
+            .await
+            .with_context(|| format!("binding admin port {}", config.server.admin_listen))?;
+        Ok(Listeners { signals, admin })
+    }
+}
+
+/// What the gateway runs on: the cluster port, the clock and the metrics registry.
+pub struct Deps {
+    pub cluster: Arc<dyn Cluster>,
+    /// Set on the embedded backend (enables the debug endpoints).
+    pub embedded: Option<Arc<EmbeddedStore>>,
+    pub clock: SharedClock,
+    pub registry: prometheus::Registry,
+}
+
+impl Deps {
+    /// An embedded store on `clock`.
+    pub fn embedded(clock: SharedClock) -> Self {
+        let store = Arc::new(EmbeddedStore::new(clock.clone()));
+        Deps {
+            cluster: store.clone(),
+            embedded: Some(store),
+            clock,
+            registry: prometheus::Registry::new(),
+        }
+    }
+
+    /// The backend the configuration asks for (`auto`: kubernetes when a cluster is configured).
+    pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let clock: SharedClock = Arc::new(SystemClock);
+        let kind = match config.backend.kind {
+            BackendKind::Auto if cluster_configured() => BackendKind::Kubernetes,
+            BackendKind::Auto => BackendKind::Embedded,
+            k => k,
+        };
+        if kind == BackendKind::Embedded {
+            tracing::warn!(
+                "using the embedded backend: state lives in this process only (for trying out and tests, not production)"
+            );
+            return Ok(Deps::embedded(clock));
+        }
+        let cluster = KubernetesCluster::connect(config.backend.api_timeout)
+            .await
+            .context("connecting to the Kubernetes API server")?;
+        Ok(Deps {
+            cluster: Arc::new(cluster),
+            embedded: None,
+            clock,
+            registry: prometheus::Registry::new(),
+        })
+    }
+}
+
+/// In-cluster, or a kubeconfig in KUBECONFIG or ~/.kube/config.
+fn cluster_configured() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        || std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty())
+        || std::env::var_os("HOME").is_some_and(|h| std::path::Path::new(&h).join(".kube/config").exists())
+}
+
+/// Runs the gateway until `shutdown` resolves, then drains and releases every lease.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let deps = Deps::from_config(&config).await?;
+    serve(deps, config, listeners, shutdown).await
+}
+
+/// [`run`] on given dependencies (tests pass an embedded store or a failing backend).
+pub async fn serve(
+    deps: Deps,
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let metrics = metrics::Metrics::register(&deps.registry)?;
+    metrics
+        .build_info
+        .with_label_values(&[VERSION, deps.cluster.backend_name(), config.dedup.strategy.as_str()])
+        .set(1);
+    let cluster: Arc<dyn Cluster> = Arc::new(Metered::new(deps.cluster.clone(), metrics.clone()));
+    let namespace = config.namespace().to_owned();
+    let lock = lock::LeaseLock::new(
+        cluster.clone(),
+        deps.clock.clone(),
+        namespace.clone(),
+        config.identity.pod_name.clone(),
+        config.lock.lease_duration,
+        metrics.clone(),
+    );
+    let dedup = Arc::new(dedup::Dedup::new(
+        cluster.clone(),
+        lock.clone(),
+        deps.clock.clone(),
+        metrics.clone(),
+        dedup::Settings {
+            namespace: namespace.clone(),
+            strategy: config.dedup.strategy,
+            backoff_initial: config.lock.backoff_initial,
+            backoff_max: config.lock.backoff_max,
+        },
+    ));
+    let max_batch = if config.dedup.strategy == dedup::Strategy::AlwaysLock {
+        1
+    } else {
+        config.dedup.max_batch
+    };
+    let pipeline = pipeline::Pipeline {
+        resolver: target::OwnerResolver::new(
+            cluster.clone(),
+            config.owner_resolution.enabled,
+            config.owner_resolution.max_depth,
+            config.owner_resolution.cache_ttl,
+        ),
+        coalescer: coalesce::Coalescer::new(dedup, metrics.clone(), max_batch),
+        clock: deps.clock.clone(),
+        metrics: metrics.clone(),
+        cluster_id: config.backend.cluster_id.clone(),
+    };
+    let state = Arc::new(http::AppState {
+        pipeline,
+        metrics: metrics.clone(),
+        registry: deps.registry.clone(),
+        cluster: cluster.clone(),
+        embedded: deps.embedded.clone(),
+        namespace: namespace.clone(),
+        max_body_bytes: config.server.max_body_bytes,
+        request_timeout: config.server.request_timeout,
+        in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
+        max_in_flight: config.server.max_in_flight,
+        shutting_down: AtomicBool::new(false),
+    });
+
+    let (stop_signals, mut signals_stopped) = watch::channel(false);
+    let (stop_admin, mut admin_stopped) = watch::channel(false);
+    let signals_addr = listeners.signals.local_addr()?;
+    let admin_addr = listeners.admin.local_addr()?;
+    let mut signals_server = tokio::spawn(
+        axum::serve(listeners.signals, http::signals_router(state.clone()))
+            .with_graceful_shutdown(async move {
+                let _ = signals_stopped.wait_for(|s| *s).await;
+            })
+            .into_future(),
+    );
+    let admin_server = tokio::spawn(
+        axum::serve(listeners.admin, http::admin::admin_router(state.clone()))
+            .with_graceful_shutdown(async move {
+                let _ = admin_stopped.wait_for(|s| *s).await;
+            })
+            .into_future(),
+    );
+    tracing::info!(
+        signals = %signals_addr, admin = %admin_addr, backend = deps.cluster.backend_name(),
+        namespace = %namespace, holder = %config.identity.pod_name, strategy = config.dedup.strategy.as_str(),
+        "signal-gateway started"
+    );
+
+    let mut server_failed = None;
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutdown requested; draining in-flight signals"),
+        r = &mut signals_server => server_failed = Some(r),
+    }
+    state.shutting_down.store(true, Ordering::SeqCst);
+    let _ = stop_signals.send(true);
+    if server_failed.is_none() {
+        match tokio::time::timeout(config.server.shutdown_timeout, &mut signals_server).await {
+            Ok(_) => tracing::info!("drained"),
+            Err(_) => {
+                tracing::warn!(timeout = ?config.server.shutdown_timeout, "drain deadline passed; abandoning in-flight requests");
+                signals_server.abort();
+            }
+        }
+    }
+    let released = lock.release_all().await;
+    if released > 0 {
+        tracing::info!(released, "released leases still held at shutdown");
+    }
+    let _ = stop_admin.send(true);
+    let _ = admin_server.await;
+    tracing::info!("stopped");
+    match server_failed {
+        Some(Ok(Err(e))) => Err(anyhow::anyhow!("signals server failed: {e}")),
+        Some(Err(e)) => Err(anyhow::anyhow!("signals server task failed: {e}")),
+        _ => Ok(()),
+    }
+}

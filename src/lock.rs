@@ -1,0 +1,367 @@
+//! Per-fingerprint creation lock on a `coordination.k8s.io/v1` Lease.
+//!
+//! Acquire: create the Lease (no GET when uncontended). On AlreadyExists read it: held by us
+//! (a leftover of this identity) or expired -> take over with a resourceVersion-conditioned
+//! update, never a blind write; held by someone else -> report who and for how long.
+//! While held, a background task renews it every `duration / 3`. Release deletes it with a
+//! resourceVersion precondition, so a lease taken over by another replica is never deleted.
+//! A guard dropped without `release()` (panic, cancellation) releases from a spawned task, and
+//! [`LeaseLock::release_all`] frees whatever is still held at shutdown.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::clock::{SharedClock, add};
+use crate::cluster::{ApiError, Cluster, Result};
+use crate::fingerprint::Fingerprint;
+use crate::metrics::Metrics;
+
+/// Name of the lock Lease for a fingerprint.
+pub fn lease_name(fp: &Fingerprint) -> String {
+    format!("gw-lock-{}", fp.short())
+}
+
+#[derive(Clone)]
+pub struct LeaseLock {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cluster: Arc<dyn Cluster>,
+    clock: SharedClock,
+    namespace: String,
+    holder: String,
+    duration: Duration,
+    metrics: Metrics,
+    /// Leases held now: name -> the Lease as we last wrote it (its resourceVersion is the
+    /// precondition of the next renewal and of the release).
+    held: Mutex<HashMap<String, Arc<Mutex<Lease>>>>,
+}
+
+/// Result of one acquisition attempt.
+pub enum Attempt {
+    Acquired(LockGuard),
+    /// Someone else holds a live lease; it expires in `expires_in` unless renewed.
+    Held {
+        holder: String,
+        expires_in: Duration,
+    },
+}
+
+impl LeaseLock {
+    pub fn new(
+        cluster: Arc<dyn Cluster>,
+        clock: SharedClock,
+        namespace: String,
+        holder: String,
+        duration: Duration,
+        metrics: Metrics,
+    ) -> Self {
+        LeaseLock {
+            inner: Arc::new(Inner {
+                cluster,
+                clock,
+                namespace,
+                holder,
+                duration,
+                metrics,
+                held: Mutex::default(),
+            }),
+        }
+    }
+
+    pub fn holder(&self) -> &str {
+        &self.inner.holder
+    }
+
+    fn lease_duration_secs(&self) -> i32 {
+        i32::try_from(self.inner.duration.as_secs().max(1)).unwrap_or(i32::MAX)
+    }
+
+    fn spec(&self, now: jiff::Timestamp, transitions: i32) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(self.inner.holder.clone()),
+            lease_duration_seconds: Some(self.lease_duration_secs()),
+            acquire_time: Some(MicroTime(now)),
+            renew_time: Some(MicroTime(now)),
+            lease_transitions: Some(transitions),
+            ..LeaseSpec::default()
+        }
+    }
+
+    /// One attempt to take the lock for `fp`; waiting and retrying is the caller's policy.
+    #[tracing::instrument(name = "lock.acquire", skip_all, fields(lease = tracing::field::Empty, outcome = tracing::field::Empty))]
+    pub async fn try_acquire(&self, fp: &Fingerprint) -> Result<Attempt> {
+        let span = tracing::Span::current();
+        let name = lease_name(fp);
+        span.record("lease", name.as_str());
+        let result = self.attempt(&name).await;
+        let outcome = match &result {
+            Ok(Attempt::Acquired(g)) => g.how,
+            Ok(Attempt::Held { .. }) => "contended",
+            Err(_) => "error",
+        };
+        span.record("outcome", outcome);
+        self.inner.metrics.lock_acquisitions.with_label_values(&[outcome]).inc();
+        result
+    }
+
+    async fn attempt(&self, name: &str) -> Result<Attempt> {
+        let c = &self.inner.cluster;
+        let ns = &self.inner.namespace;
+        for _ in 0..3 {
+            let now = self.inner.clock.now();
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(name.to_owned()),
+                    namespace: Some(ns.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(self.spec(now, 0)),
+            };
+            match c.create_lease(&lease).await {
+                Ok(created) => return Ok(Attempt::Acquired(self.hold(name, &created, "acquired"))),
+                Err(ApiError::AlreadyExists) => {}
+                Err(e) => return Err(e),
+            }
+            let current = match c.get_lease(ns, name).await {
+                Ok(l) => l,
+                Err(ApiError::NotFound) => continue, // released in between: try to create again
+                Err(e) => return Err(e),
+            };
+            let spec = current.spec.clone().unwrap_or_default();
+            let holder = spec.holder_identity.clone().unwrap_or_default();
+            let expires_at = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()).map(|t| {
+                add(
+                    t.0,
+                    Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64),
+                )
+            });
+            let now = self.inner.clock.now();
+            let live = expires_at.is_some_and(|e| e > now);
+            if live && !holder.is_empty() && holder != self.inner.holder {
+                let expires_in = expires_at
+                    .map(|e| e.duration_since(now).unsigned_abs())
+                    .unwrap_or_default();
+                return Ok(Attempt::Held { holder, expires_in });
+            }
+            // Expired, released-but-not-deleted, or a leftover of our own identity: take it over,
+            // conditioned on the resourceVersion we read.
+            let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(holder != self.inner.holder);
+            let takeover = Lease {
+                metadata: current.metadata.clone(),
+                spec: Some(self.spec(now, transitions)),
+            };
+            match c.update_lease(&takeover).await {
+                Ok(updated) => {
+                    tracing::info!(lease = name, previous_holder = %holder, "took over expired lease");
+                    return Ok(Attempt::Acquired(self.hold(name, &updated, "takeover")));
+                }
+                Err(ApiError::Conflict(_) | ApiError::NotFound) => continue, // someone else moved first
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Attempt::Held {
+            holder: String::from("<racing>"),
+            expires_in: Duration::ZERO,
+        })
+    }
+
+    fn hold(&self, name: &str, lease: &Lease, how: &'static str) -> LockGuard {
+        let last = Arc::new(Mutex::new(lease.clone()));
+        self.inner
+            .held
+            .lock()
+            .expect("held locks poisoned")
+            .insert(name.to_owned(), last.clone());
+        self.inner.metrics.locks_held.inc();
+        let (stop, stopped) = oneshot::channel();
+        let renewer = tokio::spawn(self.clone().renew_loop(name.to_owned(), last.clone(), stopped));
+        LockGuard {
+            lock: self.clone(),
+            name: name.to_owned(),
+            last,
+            acquired_at: Instant::now(),
+            how,
+            renewer: Some((stop, renewer)),
+        }
+    }
+
+    /// Renews every third of the lease duration until stopped or the lease is lost.
+    async fn renew_loop(self, name: String, last: Arc<Mutex<Lease>>, mut stop: oneshot::Receiver<()>) {
+        let period = self.inner.duration / 3;
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            let mut renewed = last.lock().expect("lease poisoned").clone();
+            if let Some(spec) = renewed.spec.as_mut() {
+                spec.renew_time = Some(MicroTime(self.inner.clock.now()));
+            }
+            match self.inner.cluster.update_lease(&renewed).await {
+                Ok(l) => {
+                    *last.lock().expect("lease poisoned") = l;
+                    self.inner.metrics.lock_renewals.with_label_values(&["renewed"]).inc();
+                }
+                Err(ApiError::Conflict(_) | ApiError::NotFound) => {
+                    self.inner.metrics.lock_renewals.with_label_values(&["lost"]).inc();
+                    tracing::warn!(lease = %name, "lease lost while held (taken over or deleted)");
+                    return;
+                }
+                Err(e) => {
+                    self.inner.metrics.lock_renewals.with_label_values(&["error"]).inc();
+                    tracing::warn!(lease = %name, error = %e, "lease renewal failed; retrying");
+                }
+            }
+        }
+    }
+
+    /// Deletes `name` if it is still ours. Never deletes a lease another holder took over.
+    async fn release_lease(&self, name: &str, rv: &str) -> &'static str {
+        let c = &self.inner.cluster;
+        let ns = &self.inner.namespace;
+        let result = match c.delete_lease(ns, name, rv).await {
+            Ok(()) => "released",
+            Err(ApiError::NotFound) => "gone",
+            // Our last renewal may have landed after we read `rv`: delete if the holder is still us.
+            Err(ApiError::Conflict(_)) => match c.get_lease(ns, name).await {
+                Ok(l)
+                    if l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
+                        == Some(self.inner.holder.as_str()) =>
+                {
+                    match c
+                        .delete_lease(ns, name, l.metadata.resource_version.as_deref().unwrap_or_default())
+                        .await
+                    {
+                        Ok(()) => "released",
+                        Err(ApiError::NotFound) => "gone",
+                        Err(_) => "error",
+                    }
+                }
+                Ok(_) => "lost",
+                Err(ApiError::NotFound) => "gone",
+                Err(_) => "error",
+            },
+            Err(e) => {
+                tracing::warn!(lease = name, error = %e, "lease release failed; it will expire");
+                "error"
+            }
+        };
+        self.inner.metrics.lock_releases.with_label_values(&[result]).inc();
+        result
+    }
+
+    fn forget(&self, name: &str) -> bool {
+        let removed = self
+            .inner
+            .held
+            .lock()
+            .expect("held locks poisoned")
+            .remove(name)
+            .is_some();
+        if removed {
+            self.inner.metrics.locks_held.dec();
+        }
+        removed
+    }
+
+    /// Releases every lease still held (shutdown after the drain deadline).
+    pub async fn release_all(&self) -> usize {
+        let held: Vec<(String, Arc<Mutex<Lease>>)> =
+            self.inner.held.lock().expect("held locks poisoned").drain().collect();
+        for (name, last) in &held {
+            self.inner.metrics.locks_held.dec();
+            let rv = resource_version(last);
+            self.release_lease(name, &rv).await;
+        }
+        held.len()
+    }
+
+    /// Number of leases this replica holds now.
+    pub fn held_count(&self) -> usize {
+        self.inner.held.lock().expect("held locks poisoned").len()
+    }
+}
+
+/// Proof of holding a lease. Call [`LockGuard::release`]; dropping it releases in the background.
+pub struct LockGuard {
+    lock: LeaseLock,
+    name: String,
+    last: Arc<Mutex<Lease>>,
+    acquired_at: Instant,
+    /// `acquired` or `takeover`.
+    pub how: &'static str,
+    renewer: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl LockGuard {
+    #[tracing::instrument(name = "lock.release", skip_all, fields(lease = %self.name, result = tracing::field::Empty))]
+    pub async fn release(mut self) {
+        if let Some((stop, renewer)) = self.renewer.take() {
+            let _ = stop.send(());
+            let _ = renewer.await; // a renewal in flight finishes and records its resourceVersion
+        }
+        self.lock
+            .inner
+            .metrics
+            .lock_hold
+            .observe(self.acquired_at.elapsed().as_secs_f64());
+        if self.lock.forget(&self.name) {
+            let rv = resource_version(&self.last);
+            let result = self.lock.release_lease(&self.name, &rv).await;
+            tracing::Span::current().record("result", result);
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        let Some((stop, renewer)) = self.renewer.take() else {
+            return;
+        };
+        // Dropped without release(): stop renewing and release from a task of our own.
+        let _ = stop.send(());
+        let lock = self.lock.clone();
+        let name = std::mem::take(&mut self.name);
+        let last = self.last.clone();
+        let acquired_at = self.acquired_at;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = renewer.await;
+                lock.inner
+                    .metrics
+                    .lock_hold
+                    .observe(acquired_at.elapsed().as_secs_f64());
+                if lock.forget(&name) {
+                    let rv = resource_version(&last);
+                    lock.release_lease(&name, &rv).await;
+                }
+            });
+        }
+    }
+}
+
+fn resource_version(lease: &Mutex<Lease>) -> String {
+    lease
+        .lock()
+        .expect("lease poisoned")
+        .metadata
+        .resource_version
+        .clone()
+        .unwrap_or_default()
+}
+
+/// Full-jitter exponential backoff bounded by `max`.
+pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
+    let ceiling = initial.saturating_mul(1u32 << attempt.min(16)).min(max);
+    let nanos = ceiling.as_nanos().max(1) as u64;
+    Duration::from_nanos(nanos / 2 + fastrand::u64(0..=nanos / 2))
+}

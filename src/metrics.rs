@@ -1,0 +1,249 @@
+//! Every metric the gateway exports. One [`Metrics`] is built per process on an injected
+//! `prometheus::Registry` (tests build their own) and handed to the components that record.
+//! Names are a contract with dashboards/, alerts and docs/metrics.md: change them together.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// client-go's rest_client_request_duration_seconds buckets.
+const API_LATENCY_BUCKETS: &[f64] = &[0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0];
+const SIGNAL_LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const LOCK_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const CALLS_PER_SIGNAL_BUCKETS: &[f64] = &[0.0, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0];
+const SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub signals_received: IntCounterVec,
+    pub signals_deduplicated: IntCounterVec,
+    pub crds_created: IntCounterVec,
+    pub dedup_decisions: IntCounterVec,
+    pub signal_duration: HistogramVec,
+    pub signals_in_flight: IntGauge,
+    pub signals_shed: IntCounter,
+    pub http_duration: HistogramVec,
+    pub batch_size: Histogram,
+
+    pub lock_acquisitions: IntCounterVec,
+    pub lock_failures: IntCounterVec,
+    pub lock_wait: Histogram,
+    pub lock_hold: Histogram,
+    pub locks_held: IntGauge,
+    pub lock_renewals: IntCounterVec,
+    pub lock_releases: IntCounterVec,
+
+    pub api_requests: IntCounterVec,
+    pub api_duration: HistogramVec,
+    pub api_calls_per_signal: Histogram,
+
+    pub status_conflicts: IntCounter,
+    pub occurrences: IntCounter,
+    pub coalesced_batch: Histogram,
+    pub hint_lookups: IntCounterVec,
+
+    pub build_info: IntGaugeVec,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    let c = IntCounter::new(name, help)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> prometheus::Result<Histogram> {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> prometheus::Result<HistogramVec> {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let g = IntGauge::new(name, help)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl Metrics {
+    pub fn register(r: &Registry) -> prometheus::Result<Self> {
+        let m = Metrics {
+            signals_received: counter_vec(
+                r,
+                "gateway_signals_received_total",
+                "Signals received, by source and severity.",
+                &["source", "severity"],
+            )?,
+            signals_deduplicated: counter_vec(
+                r,
+                "gateway_signals_deduplicated_total",
+                "Signals counted into an existing active RemediationRequest.",
+                &["source"],
+            )?,
+            crds_created: counter_vec(
+                r,
+                "gateway_crds_created_total",
+                "RemediationRequests created.",
+                &["source"],
+            )?,
+            dedup_decisions: counter_vec(
+                r,
+                "gateway_dedup_decisions_total",
+                "Outcome of every signal: created, duplicate, ignored, rejected or failed.",
+                &["decision"],
+            )?,
+            signal_duration: histogram_vec(
+                r,
+                "gateway_signal_processing_duration_seconds",
+                "Time from parsed signal to durable outcome, by outcome.",
+                &["outcome"],
+                SIGNAL_LATENCY_BUCKETS,
+            )?,
+            signals_in_flight: gauge(r, "gateway_signals_in_flight", "Signals being processed now.")?,
+            signals_shed: counter(
+                r,
+                "gateway_signals_shed_total",
+                "Signals refused with 503 because the in-flight cap was reached or the gateway is shutting down.",
+            )?,
+            http_duration: histogram_vec(
+                r,
+                "gateway_http_request_duration_seconds",
+                "HTTP request latency by endpoint, method and status code.",
+                &["endpoint", "method", "code"],
+                SIGNAL_LATENCY_BUCKETS,
+            )?,
+            batch_size: histogram(
+                r,
+                "gateway_alertmanager_batch_size",
+                "Alerts per Alertmanager webhook request.",
+                SIZE_BUCKETS,
+            )?,
+
+            lock_acquisitions: counter_vec(
+                r,
+                "gateway_lock_acquisitions_total",
+                "Lease lock attempts by outcome: acquired, contended, takeover, error.",
+                &["outcome"],
+            )?,
+            lock_failures: counter_vec(
+                r,
+                "gateway_lock_acquisition_failures_total",
+                "Signals that could not obtain the creation lock, by reason.",
+                &["reason"],
+            )?,
+            lock_wait: histogram(
+                r,
+                "gateway_lock_wait_duration_seconds",
+                "Time from the first lock attempt to acquisition or giving up.",
+                LOCK_BUCKETS,
+            )?,
+            lock_hold: histogram(
+                r,
+                "gateway_lock_hold_duration_seconds",
+                "Time a lease lock was held.",
+                LOCK_BUCKETS,
+            )?,
+            locks_held: gauge(r, "gateway_locks_held", "Lease locks held by this replica now.")?,
+            lock_renewals: counter_vec(
+                r,
+                "gateway_lock_renewals_total",
+                "Lease renewals while holding a lock, by result: renewed, lost, error.",
+                &["result"],
+            )?,
+            lock_releases: counter_vec(
+                r,
+                "gateway_lock_releases_total",
+                "Lease releases by result: released, gone, lost, error.",
+                &["result"],
+            )?,
+
+            api_requests: counter_vec(
+                r,
+                "gateway_k8s_api_requests_total",
+                "Kubernetes API requests (every store call on the embedded backend), by verb, resource and response code.",
+                &["verb", "resource", "code"],
+            )?,
+            api_duration: histogram_vec(
+                r,
+                "gateway_k8s_api_request_duration_seconds",
+                "Kubernetes API request latency by verb and resource.",
+                &["verb", "resource"],
+                API_LATENCY_BUCKETS,
+            )?,
+            api_calls_per_signal: histogram(
+                r,
+                "gateway_k8s_api_calls_per_signal",
+                "Kubernetes API requests spent per signal (shared requests are divided among the signals of a coalesced batch).",
+                CALLS_PER_SIGNAL_BUCKETS,
+            )?,
+
+            status_conflicts: counter(
+                r,
+                "gateway_dedup_status_update_conflicts_total",
+                "Conditional status updates rejected with 409 Conflict (then retried).",
+            )?,
+            occurrences: counter(
+                r,
+                "gateway_dedup_occurrences_total",
+                "Occurrences added to RemediationRequests (sum of all count increments).",
+            )?,
+            coalesced_batch: histogram(
+                r,
+                "gateway_dedup_coalesced_batch_size",
+                "Signals for one fingerprint served by one deduplication write.",
+                SIZE_BUCKETS,
+            )?,
+            hint_lookups: counter_vec(
+                r,
+                "gateway_dedup_hint_lookups_total",
+                "Duplicate path answered from the replica's last known RemediationRequest: hit, stale (conditional write rejected) or miss.",
+                &["result"],
+            )?,
+
+            build_info: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "gateway_build_info",
+                        "Build and runtime information; value is always 1.",
+                    ),
+                    &["version", "backend", "strategy"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+        };
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        Ok(m)
+    }
+
+    /// Prometheus text exposition of `registry`.
+    pub fn render(registry: &Registry) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&registry.gather(), &mut buf)
+            .expect("text encoding of gathered metrics cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}

@@ -1,0 +1,134 @@
+//! One signal end to end: owner resolution, fingerprint, the RR spec, the coalesced dedup write,
+//! and the metrics and span that describe it. Knows nothing of HTTP.
+
+use std::sync::Arc;
+use std::time::Instant as StdInstant;
+
+use tokio::time::Instant;
+
+use crate::backend::metered::tallied;
+use crate::clock::{SharedClock, rfc3339};
+use crate::coalesce::{Ack, Coalescer};
+use crate::crd::RemediationRequestSpec;
+use crate::dedup::DedupError;
+use crate::fingerprint::Fingerprint;
+use crate::metrics::Metrics;
+use crate::signal::{Signal, Skip, Source};
+use crate::target::OwnerResolver;
+
+/// The outcome of one signal, as the API reports it.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Stored {
+        fingerprint: Fingerprint,
+        ack: Ack,
+    },
+    Skipped(Skip),
+    Failed {
+        fingerprint: Option<Fingerprint>,
+        error: DedupError,
+    },
+}
+
+impl Outcome {
+    /// `created`, `duplicate`, `ignored`, `rejected` or `failed` (metric label and response status).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Stored { ack, .. } if ack.created => "created",
+            Outcome::Stored { .. } => "duplicate",
+            Outcome::Skipped(skip) => skip.status(),
+            Outcome::Failed { .. } => "failed",
+        }
+    }
+}
+
+pub struct Pipeline {
+    pub resolver: OwnerResolver,
+    pub coalescer: Arc<Coalescer>,
+    pub clock: SharedClock,
+    pub metrics: Metrics,
+    pub cluster_id: String,
+}
+
+impl Pipeline {
+    /// Records a signal that was parsed but produces no RR (resolved alert, Normal event, ...).
+    pub fn skipped(&self, source: Source, severity: &str, skip: Skip) -> Outcome {
+        self.metrics
+            .signals_received
+            .with_label_values(&[source.as_str(), severity])
+            .inc();
+        self.metrics.dedup_decisions.with_label_values(&[skip.status()]).inc();
+        tracing::info!(
+            source = source.as_str(),
+            outcome = skip.status(),
+            reason = skip.reason(),
+            "signal skipped"
+        );
+        Outcome::Skipped(skip)
+    }
+
+    #[tracing::instrument(name = "signal", skip_all, fields(
+        source = signal.source.as_str(), signal_name = %signal.name, fingerprint = tracing::field::Empty,
+        outcome = tracing::field::Empty, rr_name = tracing::field::Empty, api_calls = tracing::field::Empty))]
+    pub async fn process(&self, signal: Signal, deadline: Instant) -> Outcome {
+        let started = StdInstant::now();
+        let m = &self.metrics;
+        m.signals_received
+            .with_label_values(&[signal.source.as_str(), &signal.severity])
+            .inc();
+        m.signals_in_flight.inc();
+        let (target, owner_calls) = tallied(self.resolver.resolve(signal.target.clone())).await;
+        let fingerprint = Fingerprint::of(&self.cluster_id, &target);
+        let span = tracing::Span::current();
+        span.record("fingerprint", fingerprint.as_str());
+        let spec = RemediationRequestSpec {
+            signal_fingerprint: fingerprint.to_string(),
+            signal_name: signal.name,
+            severity: signal.severity,
+            signal_type: signal.source.signal_type().into(),
+            signal_source: signal.sender,
+            target_type: "kubernetes".into(),
+            target_resource: target,
+            cluster_id: self.cluster_id.clone(),
+            firing_time: signal.firing_time,
+            received_time: rfc3339(self.clock.now()),
+            signal_labels: signal.labels,
+            signal_annotations: signal.annotations,
+            original_payload: signal.payload,
+        };
+        let result = self.coalescer.submit(fingerprint.clone(), spec, deadline).await;
+        let (outcome, calls) = match result {
+            Ok(ack) => {
+                let calls = ack.api_calls + f64::from(owner_calls);
+                span.record("rr_name", ack.name.as_str());
+                if !ack.created {
+                    m.signals_deduplicated
+                        .with_label_values(&[signal.source.as_str()])
+                        .inc();
+                }
+                (Outcome::Stored { fingerprint, ack }, calls)
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, reason = error.reason(), "signal not stored; answering 503");
+                (
+                    Outcome::Failed {
+                        fingerprint: Some(fingerprint),
+                        error,
+                    },
+                    f64::from(owner_calls),
+                )
+            }
+        };
+        let label = outcome.label();
+        span.record("outcome", label);
+        span.record("api_calls", calls);
+        m.api_calls_per_signal.observe(calls);
+        m.dedup_decisions.with_label_values(&[label]).inc();
+        m.signal_duration
+            .with_label_values(&[label])
+            .observe(started.elapsed().as_secs_f64());
+        m.signals_in_flight.dec();
+        tracing::info!(outcome = label, "signal processed");
+        outcome
+    }
+}

@@ -1,0 +1,202 @@
+//! Kubernetes Events (core/v1 `Event`; the events.k8s.io/v1 field names are accepted too).
+//! `Warning` events become signals about their involved object; `Normal` events are ignored.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::{ParseError, Signal, Skip, Source, truncate, validate_target};
+use crate::crd::{ORIGINAL_PAYLOAD_MAX, TargetResource};
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Event {
+    #[serde(default)]
+    involved_object: Option<ObjectReference>,
+    /// events.k8s.io/v1 name for involvedObject.
+    #[serde(default)]
+    regarding: Option<ObjectReference>,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+    /// events.k8s.io/v1 name for message.
+    #[serde(default)]
+    note: Option<String>,
+    #[serde(rename = "type", default)]
+    event_type: Option<String>,
+    #[serde(default)]
+    source: Option<EventSource>,
+    #[serde(default)]
+    reporting_component: Option<String>,
+    #[serde(default)]
+    reporting_controller: Option<String>,
+    #[serde(default)]
+    first_timestamp: Option<String>,
+    #[serde(default)]
+    event_time: Option<String>,
+    #[serde(default)]
+    metadata: Option<Metadata>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ObjectReference {
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: String,
+    #[serde(default)]
+    api_version: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct EventSource {
+    #[serde(default)]
+    component: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Metadata {
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+/// Kinds without a namespace; every other kind needs one.
+const CLUSTER_SCOPED: &[&str] = &["Node", "PersistentVolume", "Namespace", "ClusterRole", "StorageClass"];
+
+pub fn parse(body: &[u8]) -> Result<Result<Signal, Skip>, ParseError> {
+    let ev: Event =
+        serde_json::from_slice(body).map_err(|e| ParseError(format!("invalid Kubernetes Event payload: {e}")))?;
+    let object = ev
+        .involved_object
+        .or(ev.regarding)
+        .ok_or_else(|| ParseError("involvedObject is required".into()))?;
+    if object.kind.is_empty() || object.name.is_empty() {
+        return Err(ParseError(
+            "involvedObject.kind and involvedObject.name are required".into(),
+        ));
+    }
+    let reason = ev
+        .reason
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| ParseError("reason is required".into()))?;
+    match ev.event_type.as_deref() {
+        Some("Warning") => {}
+        Some("Normal") => return Ok(Err(Skip::Ignored("normal_event"))),
+        Some(other) => {
+            return Err(ParseError(format!(
+                "type must be \"Warning\" or \"Normal\", got {other:?}"
+            )));
+        }
+        None => return Err(ParseError("type is required (\"Warning\" or \"Normal\")".into())),
+    }
+    if !object.kind.bytes().all(|b| b.is_ascii_alphanumeric()) || object.kind.len() > 63 {
+        return Ok(Err(Skip::Rejected("invalid_target_kind".into())));
+    }
+    let cluster_scoped = CLUSTER_SCOPED.contains(&object.kind.as_str());
+    let target = TargetResource {
+        namespace: if cluster_scoped {
+            String::new()
+        } else {
+            object.namespace
+        },
+        kind: object.kind,
+        name: object.name,
+        api_version: object.api_version,
+    };
+    if let Err(skip) = validate_target(&target, cluster_scoped) {
+        return Ok(Err(skip));
+    }
+    let sender = ev
+        .source
+        .map(|s| s.component)
+        .filter(|c| !c.is_empty())
+        .or(ev.reporting_component)
+        .or(ev.reporting_controller)
+        .unwrap_or_default();
+    let (labels, mut annotations) = ev.metadata.map(|m| (m.labels, m.annotations)).unwrap_or_default();
+    if let Some(msg) = ev.message.or(ev.note) {
+        annotations.insert("message".into(), truncate(msg, 4096));
+    }
+    Ok(Ok(Signal {
+        source: Source::KubernetesEvent,
+        name: truncate(reason, 253),
+        severity: "warning".into(),
+        sender,
+        target,
+        labels,
+        annotations,
+        firing_time: ev.first_timestamp.or(ev.event_time),
+        payload: truncate(String::from_utf8_lossy(body).into_owned(), ORIGINAL_PAYLOAD_MAX),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: &str, ty: &str) -> String {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": "x.1", "namespace": "shop"},
+            "involvedObject": {"kind": kind, "name": "api-0", "namespace": "shop", "apiVersion": "v1"},
+            "reason": "BackOff", "message": "Back-off restarting failed container", "type": ty,
+            "source": {"component": "kubelet"}, "firstTimestamp": "2026-11-23T12:00:00Z", "count": 3
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn warning_event_becomes_a_signal_about_its_involved_object() {
+        let s = parse(event("Pod", "Warning").as_bytes()).unwrap().unwrap();
+        assert_eq!((s.name.as_str(), s.sender.as_str()), ("BackOff", "kubelet"));
+        assert_eq!(
+            s.target,
+            TargetResource {
+                kind: "Pod".into(),
+                name: "api-0".into(),
+                namespace: "shop".into(),
+                api_version: "v1".into()
+            }
+        );
+        assert_eq!(s.annotations["message"], "Back-off restarting failed container");
+    }
+
+    #[test]
+    fn normal_event_is_ignored_and_node_event_is_cluster_scoped() {
+        assert_eq!(
+            parse(event("Pod", "Normal").as_bytes()).unwrap(),
+            Err(Skip::Ignored("normal_event"))
+        );
+        let s = parse(event("Node", "Warning").as_bytes()).unwrap().unwrap();
+        assert_eq!(s.target.namespace, "");
+    }
+
+    #[test]
+    fn events_missing_required_fields_are_malformed() {
+        for (body, want) in [
+            (r#"{"reason": "X", "type": "Warning"}"#, "involvedObject is required"),
+            (
+                r#"{"involvedObject": {"kind": "Pod"}, "reason": "X", "type": "Warning"}"#,
+                "involvedObject.kind and",
+            ),
+            (
+                r#"{"involvedObject": {"kind": "Pod", "name": "p", "namespace": "n"}, "type": "Warning"}"#,
+                "reason is required",
+            ),
+            (
+                r#"{"involvedObject": {"kind": "Pod", "name": "p", "namespace": "n"}, "reason": "X", "type": "Odd"}"#,
+                "type must be",
+            ),
+            ("not json", "invalid Kubernetes Event payload"),
+        ] {
+            let err = parse(body.as_bytes()).unwrap_err();
+            assert!(err.0.contains(want), "{body}: {err}");
+        }
+    }
+}

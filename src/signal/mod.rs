@@ -1,0 +1,152 @@
+//! The signal model shared by every source, and the parsers that produce it.
+//!
+//! Parsers only validate and normalise; they never talk to the cluster. A payload that can never
+//! succeed is a [`ParseError`] (answered 4xx); a well-formed signal that should not produce a
+//! RemediationRequest is a [`Skip`] (answered 200 `ignored`/`rejected`, so senders stop retrying).
+
+pub mod alertmanager;
+pub mod event;
+
+use std::collections::BTreeMap;
+
+use crate::crd::TargetResource;
+
+/// Where a signal came from; `signalType` in the RR and the `source` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Prometheus,
+    KubernetesEvent,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Prometheus => "prometheus",
+            Source::KubernetesEvent => "kubernetes-event",
+        }
+    }
+
+    /// The `spec.signalType` value Kubernaut uses.
+    pub fn signal_type(self) -> &'static str {
+        match self {
+            Source::Prometheus => "prometheus-alert",
+            Source::KubernetesEvent => "kubernetes-event",
+        }
+    }
+}
+
+/// One normalised signal, before owner resolution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signal {
+    pub source: Source,
+    /// Alert name or event reason.
+    pub name: String,
+    pub severity: String,
+    /// Alertmanager receiver or the event's reporting component.
+    pub sender: String,
+    /// The resource the signal names (labels or involvedObject); owner resolution may climb from here.
+    pub target: TargetResource,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub firing_time: Option<String>,
+    /// The sender's JSON for this one signal, already bounded.
+    pub payload: String,
+}
+
+/// Why a well-formed signal produces no RemediationRequest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skip {
+    /// Nothing to remediate (resolved alert, Normal event).
+    Ignored(&'static str),
+    /// Cannot be acted on (no resolvable target, invalid names).
+    Rejected(String),
+}
+
+impl Skip {
+    pub fn status(&self) -> &'static str {
+        match self {
+            Skip::Ignored(_) => "ignored",
+            Skip::Rejected(_) => "rejected",
+        }
+    }
+    pub fn reason(&self) -> &str {
+        match self {
+            Skip::Ignored(r) => r,
+            Skip::Rejected(r) => r,
+        }
+    }
+}
+
+/// A payload that can never be processed; the message names what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(pub String);
+
+/// Most items one Alertmanager request may carry (Alertmanager truncates at `max_alerts`).
+pub const MAX_ALERTS_PER_REQUEST: usize = 1000;
+
+/// Truncates `s` to at most `max` bytes on a character boundary.
+pub fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// Kubernetes object names: DNS-1123 subdomain (lowercase alphanumerics, '-', '.'; <= 253).
+pub fn is_valid_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric()
+}
+
+/// Namespaces: DNS-1123 label (<= 63, no dots).
+pub fn is_valid_namespace(ns: &str) -> bool {
+    ns.len() <= 63 && !ns.contains('.') && is_valid_object_name(ns)
+}
+
+/// Checks a target's names; `Err` carries the `rejected` reason.
+pub fn validate_target(target: &TargetResource, cluster_scoped: bool) -> Result<(), Skip> {
+    if !is_valid_object_name(&target.name) {
+        return Err(Skip::Rejected("invalid_target_name".into()));
+    }
+    if cluster_scoped {
+        return Ok(());
+    }
+    if target.namespace.is_empty() {
+        return Err(Skip::Rejected("missing_namespace".into()));
+    }
+    if !is_valid_namespace(&target.namespace) {
+        return Err(Skip::Rejected("invalid_namespace".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo".into(), 2), "h");
+        assert_eq!(truncate("abc".into(), 10), "abc");
+    }
+
+    #[test]
+    fn object_names_follow_dns_subdomain_rules() {
+        assert!(is_valid_object_name("checkout-7d9f8b6c5-q8z1m"));
+        assert!(is_valid_object_name("a.b"));
+        for bad in ["", "-a", "a-", "A", "a/b", "../x", &"a".repeat(254)] {
+            assert!(!is_valid_object_name(bad), "{bad:?}");
+        }
+        assert!(!is_valid_namespace("a.b"));
+    }
+}
