@@ -1,0 +1,210 @@
+//! Test harness: a whole gateway in-process on port 0 (embedded store or any `Cluster`), plus
+//! payload builders and a poll-with-deadline helper. Nothing here sleeps to "wait for" things.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::HeaderMap;
+use serde_json::{Value, json};
+use signal_gateway::backend::embedded::EmbeddedStore;
+use signal_gateway::clock::{SharedClock, SystemClock};
+use signal_gateway::cluster::Cluster;
+use signal_gateway::config::Config;
+use signal_gateway::{Deps, Listeners};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct Gateway {
+    pub base: String,
+    pub admin: String,
+    pub store: Option<Arc<EmbeddedStore>>,
+    pub client: reqwest::Client,
+    pub namespace: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub fn test_config() -> Config {
+    let mut c = Config::default();
+    c.identity.pod_name = "gw-test".into();
+    c.identity.pod_namespace = "signals".into();
+    c
+}
+
+impl Gateway {
+    /// A gateway on a fresh embedded store.
+    pub async fn embedded(config: Config) -> Self {
+        let clock: SharedClock = Arc::new(SystemClock);
+        Self::start(Deps::embedded(clock), config).await
+    }
+
+    /// A gateway on `cluster` (a wrapper around an embedded store, for fault injection).
+    pub async fn on(cluster: Arc<dyn Cluster>, store: Option<Arc<EmbeddedStore>>, config: Config) -> Self {
+        let deps = Deps {
+            cluster,
+            embedded: store,
+            clock: Arc::new(SystemClock),
+            registry: prometheus::Registry::new(),
+        };
+        Self::start(deps, config).await
+    }
+
+    pub async fn start(deps: Deps, config: Config) -> Self {
+        let signals = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", signals.local_addr().unwrap());
+        let admin_url = format!("http://{}", admin.local_addr().unwrap());
+        let store = deps.embedded.clone();
+        let namespace = config.namespace().to_owned();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(signal_gateway::serve(
+            deps,
+            config,
+            Listeners { signals, admin },
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
+        Gateway {
+            base,
+            admin: admin_url,
+            store,
+            client,
+            namespace,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    pub fn store(&self) -> &EmbeddedStore {
+        self.store.as_deref().expect("embedded gateway")
+    }
+
+    pub async fn post(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, HeaderMap, Value) {
+        let resp = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, headers, value)
+    }
+
+    pub async fn alerts(&self, body: &Value) -> (StatusCode, HeaderMap, Value) {
+        self.post("/api/v1/signals/prometheus", "application/json", body.to_string())
+            .await
+    }
+
+    pub async fn event(&self, body: &Value) -> (StatusCode, HeaderMap, Value) {
+        self.post("/api/v1/signals/kubernetes-event", "application/json", body.to_string())
+            .await
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Sum of every sample of `name` whose labels contain all of `labels` (`k="v"` strings).
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        metric_sum(&self.metrics().await, name, labels)
+    }
+
+    /// Stops the gateway (graceful shutdown) and returns what `serve` returned.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = self.shutdown.take().unwrap().send(());
+        self.handle.take().unwrap().await.unwrap()
+    }
+}
+
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let metric = l.split_whitespace().next().unwrap_or("");
+            let base = metric.split('{').next().unwrap_or("");
+            base == name && labels.iter().all(|want| metric.contains(want))
+        })
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// One firing alert about a pod.
+pub fn pod_alert(namespace: &str, pod: &str) -> Value {
+    json!({
+        "status": "firing",
+        "labels": {"alertname": "KubePodCrashLooping", "namespace": namespace, "pod": pod, "severity": "critical"},
+        "annotations": {"summary": "Pod is crash looping"},
+        "startsAt": "2026-11-24T10:00:00Z",
+        "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "http://prometheus/graph",
+        "fingerprint": "0123456789abcdef"
+    })
+}
+
+/// An Alertmanager v4 webhook body with `alerts`.
+pub fn webhook(alerts: Vec<Value>) -> Value {
+    json!({
+        "version": "4", "groupKey": "{}:{alertname=\"KubePodCrashLooping\"}", "truncatedAlerts": 0,
+        "status": "firing", "receiver": "signal-gateway", "groupLabels": {"alertname": "KubePodCrashLooping"},
+        "commonLabels": {}, "commonAnnotations": {}, "externalURL": "http://alertmanager:9093",
+        "alerts": alerts
+    })
+}
+
+pub fn fixture(name: &str) -> String {
+    let local = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let shared = format!(
+        "{}/../shared/fixtures/alertmanager-0.25/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read_to_string(&local)
+        .or_else(|_| std::fs::read_to_string(&shared))
+        .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+}
+
+/// Polls `check` until it returns Some or `within` passes (then panics with `what`).
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// occurrenceCount of a stored RR.
+pub fn count_of(rr: &signal_gateway::crd::RemediationRequest) -> i64 {
+    rr.status
+        .as_ref()
+        .and_then(|s| s.deduplication.as_ref())
+        .map_or(0, |d| d.occurrence_count)
+}

@@ -1,0 +1,392 @@
+//! The hard promises of DESIGN.md on the embedded backend: no duplicate RRs, exact counts under
+//! concurrency (both strategies), completed RRs open a new one, lease takeover and contention,
+//! 503 instead of loss, and no lease outlives a request or a shutdown.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::{Gateway, count_of, eventually, pod_alert, test_config, webhook};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use reqwest::StatusCode;
+use signal_gateway::backend::embedded::EmbeddedStore;
+use signal_gateway::clock::SystemClock;
+use signal_gateway::cluster::{Cluster, ObjectRef, Result};
+use signal_gateway::config::Config;
+use signal_gateway::crd::{Deduplication, RemediationRequest};
+use signal_gateway::dedup::Strategy;
+
+fn config(strategy: Strategy) -> Config {
+    let mut c = test_config();
+    c.dedup.strategy = strategy;
+    c.server.request_timeout = Duration::from_secs(20);
+    c
+}
+
+async fn storm(gw: &Gateway, pods: &[String], per_pod: usize) -> Vec<(StatusCode, serde_json::Value)> {
+    let mut tasks = Vec::new();
+    for _ in 0..per_pod {
+        for pod in pods {
+            let body = webhook(vec![pod_alert("shop", pod)]);
+            let client = gw.client.clone();
+            let url = format!("{}/api/v1/signals/prometheus", gw.base);
+            tasks.push(tokio::spawn(async move {
+                let resp = client
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                (resp.status(), resp.json::<serde_json::Value>().await.unwrap())
+            }));
+        }
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+async fn concurrent_identical_signals_make_one_request_with_exact_count(strategy: Strategy) {
+    let gw = Gateway::embedded(config(strategy)).await;
+    let answers = storm(&gw, &["api-0".to_string()], 500).await;
+    assert!(
+        answers.iter().all(|(s, _)| s.is_success()),
+        "every signal acknowledged: {:?}",
+        answers.iter().find(|(s, _)| !s.is_success())
+    );
+    assert_eq!(
+        answers.iter().filter(|(s, _)| *s == StatusCode::CREATED).count(),
+        1,
+        "exactly one 201"
+    );
+    let mut counts: Vec<i64> = answers
+        .iter()
+        .map(|(_, b)| b["occurrenceCount"].as_i64().unwrap_or(1))
+        .collect();
+    counts.sort();
+    assert_eq!(
+        counts,
+        (1..=500).collect::<Vec<_>>(),
+        "each acknowledgement has its own place in the count"
+    );
+    let rrs = gw.store().all_requests();
+    assert_eq!(rrs.len(), 1);
+    assert_eq!(count_of(&rrs[0]), 500);
+    assert!(gw.store().all_leases().is_empty());
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_concurrent_identical_signals_make_one_request_counting_500() {
+    concurrent_identical_signals_make_one_request_with_exact_count(Strategy::Optimistic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_concurrent_identical_signals_make_one_request_counting_500_always_lock() {
+    concurrent_identical_signals_make_one_request_with_exact_count(Strategy::AlwaysLock).await;
+}
+
+async fn fifty_incidents_of_twenty(strategy: Strategy) {
+    let gw = Gateway::embedded(config(strategy)).await;
+    let pods: Vec<String> = (0..50).map(|i| format!("pod-{i}")).collect();
+    let answers = storm(&gw, &pods, 20).await;
+    assert!(answers.iter().all(|(s, _)| s.is_success()));
+    let rrs = gw.store().all_requests();
+    assert_eq!(rrs.len(), 50);
+    for rr in &rrs {
+        assert_eq!(count_of(rr), 20, "{}", rr.spec.target_resource.name);
+    }
+    assert!(gw.store().all_leases().is_empty());
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_fingerprints_times_twenty_duplicates_make_fifty_requests_of_twenty() {
+    fifty_incidents_of_twenty(Strategy::Optimistic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_fingerprints_times_twenty_duplicates_make_fifty_requests_of_twenty_always_lock() {
+    fifty_incidents_of_twenty(Strategy::AlwaysLock).await;
+}
+
+#[tokio::test]
+async fn after_the_request_completes_the_next_signal_opens_a_new_one() {
+    let gw = Gateway::embedded(test_config()).await;
+    let body = webhook(vec![pod_alert("shop", "api-0")]);
+    let (_, _, first) = gw.alerts(&body).await;
+    let first_name = first["remediationRequestName"].as_str().unwrap().to_owned();
+    gw.store().set_phase("signals", &first_name, "Completed").unwrap();
+    let (s, _, second) = gw.alerts(&body).await;
+    assert_eq!(s, StatusCode::CREATED, "{second}");
+    assert_ne!(second["remediationRequestName"], first_name.as_str());
+    let (s, _, third) = gw.alerts(&body).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    assert_eq!(third["remediationRequestName"], second["remediationRequestName"]);
+    assert_eq!(third["occurrenceCount"], 2);
+    let rrs = gw.store().all_requests();
+    assert_eq!(rrs.len(), 2);
+    assert_eq!(rrs.iter().map(count_of).sum::<i64>(), 3);
+    gw.stop().await.unwrap();
+}
+
+fn foreign_lease(name: &str, holder: &str, renewed_secs_ago: i64) -> Lease {
+    let renewed = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(renewed_secs_ago);
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("signals".into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(30),
+            acquire_time: Some(MicroTime(renewed)),
+            renew_time: Some(MicroTime(renewed)),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The fingerprint and lock name the gateway derives for pod `shop/api-0`.
+fn lock_name_of(fingerprint: &str) -> String {
+    format!("gw-lock-{}", &fingerprint[..16])
+}
+
+fn fingerprint_of_pod(pod: &str) -> String {
+    let target = signal_gateway::crd::TargetResource {
+        kind: "Pod".into(),
+        name: pod.into(),
+        namespace: "shop".into(),
+        api_version: "v1".into(),
+    };
+    signal_gateway::fingerprint::Fingerprint::of("", &target).to_string()
+}
+
+#[tokio::test]
+async fn a_lease_left_by_a_dead_holder_is_taken_over() {
+    let gw = Gateway::embedded(test_config()).await;
+    let fp = fingerprint_of_pod("api-0");
+    gw.store()
+        .create_lease(&foreign_lease(&lock_name_of(&fp), "crashed-replica", 90))
+        .await
+        .unwrap();
+    let (s, _, b) = gw.alerts(&webhook(vec![pod_alert("shop", "api-0")])).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(b["fingerprint"], fp.as_str());
+    assert_eq!(
+        gw.metric("gateway_lock_acquisitions_total", &["outcome=\"takeover\""])
+            .await,
+        1.0
+    );
+    assert!(gw.store().all_leases().is_empty(), "the taken-over lease is released");
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_foreign_lease_delays_the_signal_which_then_counts_as_duplicate() {
+    let gw = Gateway::embedded(config(Strategy::Optimistic)).await;
+    let fp = fingerprint_of_pod("api-0");
+    let lease = gw
+        .store()
+        .create_lease(&foreign_lease(&lock_name_of(&fp), "replica-b", 0))
+        .await
+        .unwrap();
+    let client = gw.client.clone();
+    let url = format!("{}/api/v1/signals/prometheus", gw.base);
+    let pending = tokio::spawn(async move {
+        let resp = client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(webhook(vec![pod_alert("shop", "api-0")]).to_string())
+            .send()
+            .await
+            .unwrap();
+        (resp.status(), resp.json::<serde_json::Value>().await.unwrap())
+    });
+    eventually(
+        Duration::from_secs(10),
+        "the gateway meets the foreign lease",
+        || async {
+            (gw.metric("gateway_lock_acquisitions_total", &["outcome=\"contended\""])
+                .await
+                >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !pending.is_finished(),
+        "the signal waits while replica-b holds the lock"
+    );
+
+    // replica-b creates the request and releases its lock, as a peer would.
+    let theirs = RemediationRequest {
+        metadata: ObjectMeta {
+            name: Some(format!("rr-{}-1", &fp[..16])),
+            namespace: Some("signals".into()),
+            ..Default::default()
+        },
+        spec: signal_gateway::crd::RemediationRequestSpec {
+            signal_fingerprint: fp.clone(),
+            signal_name: "KubePodCrashLooping".into(),
+            received_time: "2026-11-24T10:00:00Z".into(),
+            ..Default::default()
+        },
+        status: None,
+    };
+    let mut created = gw.store().create_request(&theirs).await.unwrap();
+    created.status = Some(signal_gateway::crd::RemediationRequestStatus {
+        deduplication: Some(Deduplication {
+            first_seen_at: "x".into(),
+            last_seen_at: "x".into(),
+            occurrence_count: 1,
+        }),
+        overall_phase: String::new(),
+    });
+    gw.store().update_request_status(&created).await.unwrap();
+    gw.store()
+        .delete_lease(
+            "signals",
+            &lock_name_of(&fp),
+            lease.metadata.resource_version.as_deref().unwrap(),
+        )
+        .await
+        .unwrap();
+
+    let (s, b) = pending.await.unwrap();
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    assert_eq!(b["occurrenceCount"], 2, "the waiting signal is counted, never dropped");
+    assert_eq!(gw.store().all_requests().len(), 1);
+    assert!(gw.store().all_leases().is_empty());
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_live_foreign_lease_that_never_resolves_answers_503_within_the_deadline() {
+    let mut c = test_config();
+    c.server.request_timeout = Duration::from_millis(600);
+    let gw = Gateway::embedded(c).await;
+    let fp = fingerprint_of_pod("api-0");
+    gw.store()
+        .create_lease(&foreign_lease(&lock_name_of(&fp), "replica-b", 0))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (s, h, b) = gw.alerts(&webhook(vec![pod_alert("shop", "api-0")])).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
+    assert!(h.contains_key("retry-after"));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered near the deadline, not hung"
+    );
+    assert!(gw.store().all_requests().is_empty());
+    assert!(
+        gw.metric("gateway_lock_acquisition_failures_total", &["reason=\"timeout\""])
+            .await
+            >= 1.0
+    );
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_backend_that_fails_every_call_yields_503_and_no_request() {
+    let gw = Gateway::embedded(test_config()).await;
+    gw.store().set_unavailable(true);
+    let (s, h, b) = gw.alerts(&webhook(vec![pod_alert("shop", "api-0")])).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
+    assert_eq!(h["content-type"], "application/problem+json");
+    assert!(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    let (s, _, b) = gw
+        .alerts(&webhook(vec![pod_alert("shop", "a"), pod_alert("shop", "b")]))
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a batch with a retryable failure is 503: {b}"
+    );
+    assert_eq!(b["results"]["summary"]["failed"], 2);
+    gw.store().set_unavailable(false);
+    assert!(gw.store().all_requests().is_empty());
+    assert!(gw.store().all_leases().is_empty());
+    // and it recovers without restart
+    let (s, _, _) = gw.alerts(&webhook(vec![pod_alert("shop", "api-0")])).await;
+    assert_eq!(s, StatusCode::CREATED);
+    gw.stop().await.unwrap();
+}
+
+/// Delegates to an embedded store but never finishes creating a RemediationRequest, so the
+/// creation lock stays held until shutdown.
+struct CreateHangs(Arc<EmbeddedStore>);
+
+#[async_trait]
+impl Cluster for CreateHangs {
+    fn backend_name(&self) -> &'static str {
+        "embedded"
+    }
+    async fn list_requests(&self, ns: &str, fp: &str) -> Result<Vec<RemediationRequest>> {
+        self.0.list_requests(ns, fp).await
+    }
+    async fn get_request(&self, ns: &str, name: &str) -> Result<RemediationRequest> {
+        self.0.get_request(ns, name).await
+    }
+    async fn create_request(&self, _rr: &RemediationRequest) -> Result<RemediationRequest> {
+        futures::future::pending().await
+    }
+    async fn update_request_status(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
+        self.0.update_request_status(rr).await
+    }
+    async fn create_lease(&self, l: &Lease) -> Result<Lease> {
+        self.0.create_lease(l).await
+    }
+    async fn get_lease(&self, ns: &str, name: &str) -> Result<Lease> {
+        self.0.get_lease(ns, name).await
+    }
+    async fn update_lease(&self, l: &Lease) -> Result<Lease> {
+        self.0.update_lease(l).await
+    }
+    async fn delete_lease(&self, ns: &str, name: &str, rv: &str) -> Result<()> {
+        self.0.delete_lease(ns, name, rv).await
+    }
+    async fn get_metadata(&self, o: &ObjectRef) -> Result<ObjectMeta> {
+        self.0.get_metadata(o).await
+    }
+    async fn check_ready(&self, ns: &str) -> std::result::Result<(), String> {
+        self.0.check_ready(ns).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_past_the_drain_deadline_still_releases_every_lease() {
+    let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+    let mut c = test_config();
+    c.server.shutdown_timeout = Duration::from_millis(200);
+    c.server.request_timeout = Duration::from_secs(30);
+    let gw = Gateway::on(Arc::new(CreateHangs(store.clone())), Some(store.clone()), c).await;
+    let client = gw.client.clone();
+    let url = format!("{}/api/v1/signals/prometheus", gw.base);
+    let _pending = tokio::spawn(async move {
+        let _ = client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(webhook(vec![pod_alert("shop", "api-0")]).to_string())
+            .send()
+            .await;
+    });
+    eventually(Duration::from_secs(10), "the creation lock is held", || async {
+        (!store.all_leases().is_empty()).then_some(())
+    })
+    .await;
+    gw.stop().await.unwrap();
+    assert!(
+        store.all_leases().is_empty(),
+        "shutdown released the lease: {:?}",
+        store.all_leases()
+    );
+}
