@@ -365,3 +365,221 @@ pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
     let nanos = ceiling.as_nanos().max(1) as u64;
     Duration::from_nanos(nanos / 2 + fastrand::u64(0..=nanos / 2))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::embedded::EmbeddedStore;
+    use crate::clock::TokioClock;
+    use crate::crd::TargetResource;
+
+    const LEASE: Duration = Duration::from_secs(30);
+
+    fn fp() -> Fingerprint {
+        let t = TargetResource {
+            kind: "Pod".into(),
+            name: "p".into(),
+            namespace: "n".into(),
+            api_version: String::new(),
+        };
+        Fingerprint::of("", &t)
+    }
+
+    struct World {
+        store: Arc<EmbeddedStore>,
+        clock: SharedClock,
+    }
+
+    impl World {
+        fn new() -> Self {
+            let clock: SharedClock = Arc::new(TokioClock::new());
+            World {
+                store: Arc::new(EmbeddedStore::new(clock.clone())),
+                clock,
+            }
+        }
+        fn replica(&self, holder: &str) -> LeaseLock {
+            let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+            LeaseLock::new(
+                self.store.clone(),
+                self.clock.clone(),
+                "ns".into(),
+                holder.into(),
+                LEASE,
+                metrics,
+            )
+        }
+        async fn lease(&self) -> Lease {
+            self.store.get_lease("ns", &lease_name(&fp())).await.unwrap()
+        }
+    }
+
+    fn holder_of(lease: &Lease) -> String {
+        lease.spec.as_ref().unwrap().holder_identity.clone().unwrap()
+    }
+
+    async fn acquire(lock: &LeaseLock) -> LockGuard {
+        match lock.try_acquire(&fp()).await.unwrap() {
+            Attempt::Acquired(g) => g,
+            Attempt::Held { holder, .. } => panic!("held by {holder}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_uncontended_lock_is_one_create_and_release_deletes_it() {
+        let w = World::new();
+        let a = w.replica("a");
+        let guard = acquire(&a).await;
+        assert_eq!(guard.how, "acquired");
+        assert_eq!(holder_of(&w.lease().await), "a");
+        guard.release().await;
+        assert!(w.store.all_leases().is_empty());
+        assert_eq!(a.held_count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_live_lease_of_another_holder_is_reported_with_its_expiry() {
+        let w = World::new();
+        let _held = acquire(&w.replica("a")).await;
+        tokio::time::advance(Duration::from_secs(5)).await;
+        match w.replica("b").try_acquire(&fp()).await.unwrap() {
+            Attempt::Held { holder, expires_in } => {
+                assert_eq!(holder, "a");
+                assert!(
+                    expires_in <= Duration::from_secs(25) && expires_in > Duration::from_secs(20),
+                    "{expires_in:?}"
+                );
+            }
+            Attempt::Acquired(_) => panic!("b must not get a's live lock"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewal_keeps_a_held_lease_alive_past_its_duration() {
+        let w = World::new();
+        let guard = acquire(&w.replica("a")).await;
+        // Three lease durations pass while "a" works; its renewer keeps the lease fresh.
+        tokio::time::sleep(LEASE * 3).await;
+        let lease = w.lease().await;
+        let renewed = lease.spec.as_ref().unwrap().renew_time.as_ref().unwrap().0;
+        assert!(w.clock.now().duration_since(renewed).unsigned_abs() <= LEASE / 3 + Duration::from_secs(1));
+        assert!(matches!(
+            w.replica("b").try_acquire(&fp()).await.unwrap(),
+            Attempt::Held { .. }
+        ));
+        guard.release().await;
+        assert!(w.store.all_leases().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_lease_is_taken_over_with_a_conditional_update() {
+        let w = World::new();
+        let a = w.replica("a");
+        let guard = acquire(&a).await;
+        // "a" stalls: its renewer stops (as in a crashed process) and the lease runs out.
+        let (stop, renewer) = {
+            let mut guard = guard;
+            let r = guard.renewer.take().unwrap();
+            std::mem::forget(guard);
+            r
+        };
+        let _ = stop.send(());
+        let _ = renewer.await;
+        let before = w.lease().await;
+        tokio::time::advance(LEASE + Duration::from_secs(1)).await;
+        let b = w.replica("b");
+        let taken = acquire(&b).await;
+        assert_eq!(taken.how, "takeover");
+        let after = w.lease().await;
+        assert_eq!(holder_of(&after), "b");
+        assert_eq!(after.spec.as_ref().unwrap().lease_transitions, Some(1));
+        assert_eq!(
+            after.metadata.uid, before.metadata.uid,
+            "updated in place, not deleted and recreated"
+        );
+        taken.release().await;
+        assert!(w.store.all_leases().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_contenders_racing_for_an_expired_lease_exactly_one_wins() {
+        for _ in 0..20 {
+            let w = World::new();
+            let ghost = w.replica("ghost");
+            std::mem::forget(acquire(&ghost).await);
+            tokio::time::advance(LEASE * 2).await;
+            let (b, c) = (w.replica("b"), w.replica("c"));
+            let f = fp();
+            let (rb, rc) = tokio::join!(b.try_acquire(&f), c.try_acquire(&f));
+            let won: Vec<bool> = [rb.unwrap(), rc.unwrap()]
+                .into_iter()
+                .map(|r| matches!(r, Attempt::Acquired(_)))
+                .collect();
+            assert_eq!(
+                won.iter().filter(|w| **w).count(),
+                1,
+                "exactly one contender holds the lock: {won:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn release_never_deletes_a_lease_another_holder_took_over() {
+        let w = World::new();
+        let a = w.replica("a");
+        let mut stale = acquire(&a).await;
+        let (stop, renewer) = stale.renewer.take().unwrap();
+        let _ = stop.send(());
+        let _ = renewer.await;
+        tokio::time::advance(LEASE * 2).await;
+        let taken = acquire(&w.replica("b")).await;
+        stale.release().await; // "a" wakes up and releases what it thinks it holds
+        assert_eq!(holder_of(&w.lease().await), "b", "b's lease survives a's late release");
+        taken.release().await;
+        assert!(w.store.all_leases().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_guard_releases_in_the_background() {
+        let w = World::new();
+        let a = w.replica("a");
+        drop(acquire(&a).await);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !w.store.all_leases().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "dropped guard never released");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(a.held_count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn our_own_leftover_lease_is_reclaimed_after_a_restart() {
+        let w = World::new();
+        std::mem::forget(acquire(&w.replica("a")).await);
+        let restarted = w.replica("a");
+        let guard = acquire(&restarted).await;
+        assert_eq!(guard.how, "takeover");
+        guard.release().await;
+        assert!(w.store.all_leases().is_empty());
+    }
+
+    #[tokio::test]
+    async fn errors_other_than_not_found_propagate() {
+        let w = World::new();
+        w.store.set_unavailable(true);
+        assert!(matches!(
+            w.replica("a").try_acquire(&fp()).await,
+            Err(ApiError::Unavailable(_))
+        ));
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_stays_bounded() {
+        let (i, m) = (Duration::from_millis(20), Duration::from_millis(500));
+        for attempt in 0..40 {
+            let d = backoff(attempt, i, m);
+            assert!(d <= m, "{d:?}");
+            assert!(d >= i.saturating_mul(1 << attempt.min(16)).min(m) / 2);
+        }
+    }
+}

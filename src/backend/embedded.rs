@@ -96,7 +96,10 @@ impl EmbeddedStore {
         }
     }
 
-    fn state(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+    /// Every call yields to the scheduler first, as a network round trip would, so concurrent
+    /// callers interleave in tests as they do against a real API server.
+    async fn state(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+        tokio::task::yield_now().await;
         if self.unavailable.load(Ordering::SeqCst) {
             return Err(ApiError::Unavailable("embedded store switched off".into()));
         }
@@ -162,7 +165,7 @@ impl Cluster for EmbeddedStore {
     }
 
     async fn list_requests(&self, namespace: &str, fingerprint: &str) -> Result<Vec<RemediationRequest>> {
-        let st = self.state()?;
+        let st = self.state().await?;
         Ok(st
             .requests
             .range(key(namespace, "")..)
@@ -173,7 +176,8 @@ impl Cluster for EmbeddedStore {
     }
 
     async fn get_request(&self, namespace: &str, name: &str) -> Result<RemediationRequest> {
-        self.state()?
+        self.state()
+            .await?
             .requests
             .get(&key(namespace, name))
             .cloned()
@@ -187,7 +191,7 @@ impl Cluster for EmbeddedStore {
             ));
         }
         let now = self.clock.now();
-        let mut st = self.state()?;
+        let mut st = self.state().await?;
         let mut new = rr.clone();
         let k = st.admit_new(&mut new.metadata, now)?;
         if st.requests.contains_key(&k) {
@@ -201,7 +205,7 @@ impl Cluster for EmbeddedStore {
     }
 
     async fn update_request_status(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
-        let mut st = self.state()?;
+        let mut st = self.state().await?;
         let k = key(
             rr.metadata.namespace.as_deref().unwrap_or_default(),
             rr.metadata.name.as_deref().unwrap_or_default(),
@@ -217,7 +221,7 @@ impl Cluster for EmbeddedStore {
 
     async fn create_lease(&self, lease: &Lease) -> Result<Lease> {
         let now = self.clock.now();
-        let mut st = self.state()?;
+        let mut st = self.state().await?;
         let mut new = lease.clone();
         let k = st.admit_new(&mut new.metadata, now)?;
         if st.leases.contains_key(&k) {
@@ -229,7 +233,8 @@ impl Cluster for EmbeddedStore {
     }
 
     async fn get_lease(&self, namespace: &str, name: &str) -> Result<Lease> {
-        self.state()?
+        self.state()
+            .await?
             .leases
             .get(&key(namespace, name))
             .cloned()
@@ -237,7 +242,7 @@ impl Cluster for EmbeddedStore {
     }
 
     async fn update_lease(&self, lease: &Lease) -> Result<Lease> {
-        let mut st = self.state()?;
+        let mut st = self.state().await?;
         let k = key(
             lease.metadata.namespace.as_deref().unwrap_or_default(),
             lease.metadata.name.as_deref().unwrap_or_default(),
@@ -255,7 +260,7 @@ impl Cluster for EmbeddedStore {
     }
 
     async fn delete_lease(&self, namespace: &str, name: &str, resource_version: &str) -> Result<()> {
-        let mut st = self.state()?;
+        let mut st = self.state().await?;
         let k = key(namespace, name);
         let stored = st.leases.get(&k).ok_or(ApiError::NotFound)?;
         if stored.metadata.resource_version.as_deref() != Some(resource_version) {
@@ -270,10 +275,15 @@ impl Cluster for EmbeddedStore {
     }
 
     async fn get_metadata(&self, object: &ObjectRef) -> Result<ObjectMeta> {
-        self.state()?.objects.get(object).cloned().ok_or(ApiError::NotFound)
+        self.state()
+            .await?
+            .objects
+            .get(object)
+            .cloned()
+            .ok_or(ApiError::NotFound)
     }
 
     async fn check_ready(&self, _namespace: &str) -> std::result::Result<(), String> {
-        self.state().map(|_| ()).map_err(|e| e.to_string())
+        self.state().await.map(|_| ()).map_err(|e| e.to_string())
     }
 }
