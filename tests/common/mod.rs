@@ -2,6 +2,8 @@
 //! payload builders and a poll-with-deadline helper. Nothing here sleeps to "wait for" things.
 #![allow(dead_code)]
 
+pub mod contract;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;

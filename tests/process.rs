@@ -1,0 +1,102 @@
+//! The binary as an operator runs it: embedded by default on a bare machine, strict config,
+//! graceful SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn unknown_config_keys_stop_startup_and_name_the_key() {
+    let dir = std::env::temp_dir().join(format!("sg-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, "lock:\n  leaseDurationSeconds: 30\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_signal-gateway"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("leaseDurationSeconds"), "{stderr}");
+}
+
+#[test]
+fn the_binary_serves_on_the_embedded_backend_and_drains_on_sigterm() {
+    let (port, admin) = (free_port(), free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_signal-gateway"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+        ])
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", std::env::temp_dir())
+        .env("POD_NAME", "gw-proc")
+        .env("POD_NAMESPACE", "signals")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = client.get(format!("http://127.0.0.1:{admin}/readyz")).send().await
+                && r.status().is_success()
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "gateway never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let body = serde_json::json!({"alerts": [{"status": "firing", "labels": {"alertname": "A", "namespace": "shop", "pod": "p"}}]});
+        let r = client.post(format!("http://127.0.0.1:{port}/api/v1/signals/prometheus")).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["remediationRequestNamespace"], "signals", "POD_NAMESPACE places the RR");
+    });
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "gateway did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "graceful exit: {exit:?}");
+    let log = lines.join().unwrap();
+    let started = log
+        .iter()
+        .find(|l| l.contains("signal-gateway started"))
+        .expect("start line");
+    let parsed: serde_json::Value = serde_json::from_str(started).expect("logs are JSON");
+    assert_eq!(parsed["backend"], "embedded");
+    assert!(
+        log.iter().any(|l| l.contains("\"trace_id\"")),
+        "signal logs carry trace ids"
+    );
+    assert!(log.iter().any(|l| l.contains("stopped")));
+}
