@@ -30,7 +30,7 @@ use crate::fingerprint::Fingerprint;
 use crate::lock::{Attempt, LeaseLock, LockGuard, backoff};
 use crate::metrics::Metrics;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
     #[default]

@@ -49,44 +49,72 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
 }
 
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+/// A registry that also remembers what was registered (name, type), for the docs check.
+struct Reg<'a> {
+    registry: &'a Registry,
+    catalogue: std::cell::RefCell<Vec<(String, &'static str)>>,
+}
+
+impl Reg<'_> {
+    fn register<C: prometheus::core::Collector + Clone + 'static>(
+        &self,
+        c: &C,
+        kind: &'static str,
+    ) -> prometheus::Result<()> {
+        for d in c.desc() {
+            self.catalogue.borrow_mut().push((d.fq_name.clone(), kind));
+        }
+        self.registry.register(Box::new(c.clone()))
+    }
+}
+
+fn counter_vec(r: &Reg, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(c.clone()))?;
+    r.register(&c, "counter")?;
     Ok(c)
 }
 
-fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+fn counter(r: &Reg, name: &str, help: &str) -> prometheus::Result<IntCounter> {
     let c = IntCounter::new(name, help)?;
-    r.register(Box::new(c.clone()))?;
+    r.register(&c, "counter")?;
     Ok(c)
 }
 
-fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> prometheus::Result<Histogram> {
+fn histogram(r: &Reg, name: &str, help: &str, buckets: &[f64]) -> prometheus::Result<Histogram> {
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
-    r.register(Box::new(h.clone()))?;
+    r.register(&h, "histogram")?;
     Ok(h)
 }
 
 fn histogram_vec(
-    r: &Registry,
+    r: &Reg,
     name: &str,
     help: &str,
     labels: &[&str],
     buckets: &[f64],
 ) -> prometheus::Result<HistogramVec> {
     let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)?;
-    r.register(Box::new(h.clone()))?;
+    r.register(&h, "histogram")?;
     Ok(h)
 }
 
-fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+fn gauge(r: &Reg, name: &str, help: &str) -> prometheus::Result<IntGauge> {
     let g = IntGauge::new(name, help)?;
-    r.register(Box::new(g.clone()))?;
+    r.register(&g, "gauge")?;
     Ok(g)
 }
 
 impl Metrics {
-    pub fn register(r: &Registry) -> prometheus::Result<Self> {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        Self::register_with_catalogue(registry).map(|(m, _)| m)
+    }
+
+    /// Registers every metric and returns (name, type) of each gateway metric registered.
+    pub fn register_with_catalogue(registry: &Registry) -> prometheus::Result<(Self, Vec<(String, &'static str)>)> {
+        let r = &Reg {
+            registry,
+            catalogue: Default::default(),
+        };
         let m = Metrics {
             signals_received: counter_vec(
                 r,
@@ -228,13 +256,13 @@ impl Metrics {
                     ),
                     &["version", "backend", "strategy"],
                 )?;
-                r.register(Box::new(g.clone()))?;
+                r.register(&g, "gauge")?;
                 g
             },
         };
         #[cfg(target_os = "linux")]
-        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
-        Ok(m)
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        Ok((m, r.catalogue.take()))
     }
 
     /// Prometheus text exposition of `registry`.
