@@ -58,6 +58,11 @@ impl Coalescer {
         })
     }
 
+    /// Signals waiting for a write of `fp` (not counting the batch being written).
+    pub fn queued(&self, fp: &Fingerprint) -> usize {
+        self.queues.lock().expect("queues poisoned").get(fp).map_or(0, Vec::len)
+    }
+
     /// Queues one signal and waits for the write that includes it.
     pub async fn submit(
         self: &Arc<Self>,
@@ -164,5 +169,101 @@ impl Drop for Cleanup<'_> {
                     w.tx.send(Err(DedupError::Internal("deduplication worker failed".into())));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::backend::embedded::EmbeddedStore;
+    use crate::backend::faults::{Fault, Faulty, Op};
+    use crate::clock::{SharedClock, SystemClock};
+    use crate::dedup::{Settings, Strategy};
+    use crate::lock::LeaseLock;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn signals_arriving_during_a_write_share_the_next_write_and_each_gets_its_own_count() {
+        let clock: SharedClock = Arc::new(SystemClock);
+        let store = Arc::new(EmbeddedStore::new(clock.clone()));
+        let gate = Arc::new(Semaphore::new(0));
+        let writes = Arc::new(AtomicUsize::new(0));
+        let (g, w) = (gate.clone(), writes.clone());
+        let cluster: Arc<dyn crate::cluster::Cluster> = Arc::new(Faulty::new(store.clone(), move |op| match op {
+            Op::CreateLease => Fault::Gate(g.clone()),
+            Op::UpdateRequestStatus => {
+                w.fetch_add(1, Ordering::SeqCst);
+                Fault::Pass
+            }
+            _ => Fault::Pass,
+        }));
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        let lock = LeaseLock::new(
+            cluster.clone(),
+            clock.clone(),
+            "ns".into(),
+            "a".into(),
+            Duration::from_secs(30),
+            metrics.clone(),
+        );
+        let settings = Settings {
+            namespace: "ns".into(),
+            strategy: Strategy::Optimistic,
+            backoff_initial: Duration::from_millis(5),
+            backoff_max: Duration::from_millis(50),
+        };
+        let dedup = Arc::new(Dedup::new(cluster, lock, clock, metrics.clone(), settings));
+        let coalescer = Coalescer::new(dedup, metrics, 1000);
+        let target = crate::crd::TargetResource {
+            kind: "Pod".into(),
+            name: "p".into(),
+            namespace: "n".into(),
+            api_version: String::new(),
+        };
+        let fp = Fingerprint::of("", &target);
+        let spec = RemediationRequestSpec {
+            signal_fingerprint: fp.to_string(),
+            signal_name: "A".into(),
+            target_resource: target,
+            ..Default::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+
+        let submit = |c: &Arc<Coalescer>| {
+            let (c, fp, spec) = (c.clone(), fp.clone(), spec.clone());
+            tokio::spawn(async move { c.submit(fp, spec, deadline).await })
+        };
+        let first = submit(&coalescer);
+        // The first signal's worker is now blocked creating the lock; 99 more queue behind it.
+        let rest: Vec<_> = (0..99).map(|_| submit(&coalescer)).collect();
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while coalescer.queued(&fp) < 99 {
+            assert!(std::time::Instant::now() < until, "signals never queued");
+            tokio::task::yield_now().await;
+        }
+        gate.add_permits(1000);
+
+        let first = first.await.unwrap().unwrap();
+        assert!(first.created);
+        assert_eq!(first.occurrence_count, 1);
+        let mut counts = Vec::new();
+        for r in rest {
+            let ack = r.await.unwrap().unwrap();
+            assert!(!ack.created);
+            counts.push(ack.occurrence_count);
+        }
+        counts.sort();
+        assert_eq!(counts, (2..=100).collect::<Vec<_>>());
+        assert_eq!(
+            writes.load(Ordering::SeqCst),
+            2,
+            "one write for the first signal, one for the 99 queued"
+        );
+        assert_eq!(store.all_requests().len(), 1);
+        let stored = store.all_requests().remove(0);
+        assert_eq!(stored.status.unwrap().deduplication.unwrap().occurrence_count, 100);
     }
 }

@@ -433,3 +433,196 @@ pub fn next_name(fp: &Fingerprint, existing: &[RemediationRequest]) -> String {
         .unwrap_or(0);
     format!("{prefix}{}", highest + 1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::embedded::EmbeddedStore;
+    use crate::backend::faults::{Fault, Faulty, Op};
+    use crate::clock::SystemClock;
+    use crate::crd::{RemediationRequestStatus, TargetResource};
+
+    fn fp() -> Fingerprint {
+        Fingerprint::of(
+            "",
+            &TargetResource {
+                kind: "Pod".into(),
+                name: "p".into(),
+                namespace: "n".into(),
+                api_version: String::new(),
+            },
+        )
+    }
+
+    fn spec() -> RemediationRequestSpec {
+        RemediationRequestSpec {
+            signal_fingerprint: fp().to_string(),
+            signal_name: "A".into(),
+            ..Default::default()
+        }
+    }
+
+    fn replica(cluster: Arc<dyn Cluster>, holder: &str) -> (Dedup, Metrics) {
+        let clock: SharedClock = Arc::new(SystemClock);
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        let lock = LeaseLock::new(
+            cluster.clone(),
+            clock.clone(),
+            "ns".into(),
+            holder.into(),
+            Duration::from_secs(30),
+            metrics.clone(),
+        );
+        let settings = Settings {
+            namespace: "ns".into(),
+            strategy: Strategy::Optimistic,
+            backoff_initial: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(10),
+        };
+        (Dedup::new(cluster, lock, clock, metrics.clone(), settings), metrics)
+    }
+
+    fn deadline() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
+    async fn seed(store: &EmbeddedStore, name: &str, phase: &str, count: i64) {
+        let rr = RemediationRequest {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            spec: spec(),
+            status: None,
+        };
+        let mut created = store.create_request(&rr).await.unwrap();
+        created.status = Some(RemediationRequestStatus {
+            deduplication: Some(Deduplication {
+                first_seen_at: "t".into(),
+                last_seen_at: "t".into(),
+                occurrence_count: count,
+            }),
+            overall_phase: phase.into(),
+        });
+        store.update_request_status(&created).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_creator_that_missed_an_existing_request_counts_into_it_via_already_exists() {
+        let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+        seed(&store, &format!("rr-{}-1", fp().short()), "", 3).await;
+        // Lists come back empty (as from a stale cache): only the deterministic name saves us.
+        let blind = Arc::new(Faulty::new(store.clone(), |op| {
+            if op == Op::ListRequests {
+                Fault::HideResults
+            } else {
+                Fault::Pass
+            }
+        }));
+        let (d, _) = replica(blind, "a");
+        let w = d.process(&fp(), 2, &spec(), deadline()).await.unwrap();
+        assert!(!w.created);
+        assert_eq!(w.before, 3);
+        assert_eq!(store.all_requests().len(), 1);
+        assert_eq!(
+            store.all_requests()[0]
+                .status
+                .as_ref()
+                .unwrap()
+                .deduplication
+                .as_ref()
+                .unwrap()
+                .occurrence_count,
+            5
+        );
+        assert!(store.all_leases().is_empty());
+    }
+
+    #[tokio::test]
+    async fn terminal_requests_are_never_counted_into_and_the_next_generation_is_created() {
+        let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+        for (i, phase) in crate::crd::TERMINAL_PHASES.iter().enumerate() {
+            seed(&store, &format!("rr-{}-{}", fp().short(), i + 1), phase, 7).await;
+        }
+        let (d, _) = replica(store.clone(), "a");
+        let w = d.process(&fp(), 1, &spec(), deadline()).await.unwrap();
+        assert!(w.created);
+        assert_eq!(w.rr.metadata.name.unwrap(), format!("rr-{}-6", fp().short()));
+        assert_eq!(store.all_requests().len(), 6);
+    }
+
+    #[tokio::test]
+    async fn a_stale_hint_costs_a_conflict_and_a_reread_never_a_lost_count() {
+        let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+        let (a, am) = replica(store.clone(), "a");
+        let (b, _) = replica(store.clone(), "b");
+        a.process(&fp(), 1, &spec(), deadline()).await.unwrap();
+        for _ in 0..5 {
+            b.process(&fp(), 1, &spec(), deadline()).await.unwrap();
+        }
+        let w = a.process(&fp(), 1, &spec(), deadline()).await.unwrap();
+        assert_eq!(w.before, 6);
+        assert_eq!(am.status_conflicts.get(), 1);
+        assert_eq!(
+            store.all_requests()[0]
+                .status
+                .as_ref()
+                .unwrap()
+                .deduplication
+                .as_ref()
+                .unwrap()
+                .occurrence_count,
+            7
+        );
+    }
+
+    #[tokio::test]
+    async fn errors_other_than_not_found_are_errors_not_absence() {
+        let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+        let forbidden = Arc::new(Faulty::new(store.clone(), |op| match op {
+            Op::ListRequests => Fault::Fail(ApiError::Forbidden("no list".into())),
+            _ => Fault::Pass,
+        }));
+        let (d, _) = replica(forbidden, "a");
+        let err = d.process(&fp(), 1, &spec(), deadline()).await.unwrap_err();
+        assert!(matches!(err, DedupError::Api(ApiError::Forbidden(_))), "{err:?}");
+        assert!(
+            store.all_requests().is_empty(),
+            "a failed lookup never leads to a create"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hung_api_call_ends_at_the_deadline() {
+        let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+        let hung = Arc::new(Faulty::new(store.clone(), |_| Fault::Hang));
+        let (d, _) = replica(hung, "a");
+        let err = d
+            .process(&fp(), 1, &spec(), Instant::now() + Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DedupError::DeadlineExceeded), "{err:?}");
+    }
+
+    #[test]
+    fn next_name_is_one_past_the_highest_generation() {
+        let named = |n: &str| RemediationRequest {
+            metadata: ObjectMeta {
+                name: Some(n.into()),
+                ..Default::default()
+            },
+            spec: spec(),
+            status: None,
+        };
+        let p = fp().short().to_owned();
+        assert_eq!(next_name(&fp(), &[]), format!("rr-{p}-1"));
+        assert_eq!(
+            next_name(
+                &fp(),
+                &[named(&format!("rr-{p}-2")), named(&format!("rr-{p}-9")), named("other")]
+            ),
+            format!("rr-{p}-10")
+        );
+    }
+}

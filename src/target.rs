@@ -120,3 +120,115 @@ fn default_api_version(kind: &str) -> &'static str {
         _ => "v1",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+    use super::*;
+    use crate::backend::embedded::EmbeddedStore;
+    use crate::backend::faults::{Fault, Faulty, Op};
+    use crate::clock::SystemClock;
+
+    fn owned_by(kind: &str, name: &str, api_version: &str) -> ObjectMeta {
+        ObjectMeta {
+            owner_references: Some(vec![OwnerReference {
+                api_version: api_version.into(),
+                kind: kind.into(),
+                name: name.into(),
+                controller: Some(true),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }
+    }
+
+    fn obj(kind: &str, name: &str, api_version: &str) -> ObjectRef {
+        ObjectRef {
+            api_version: api_version.into(),
+            kind: kind.into(),
+            namespace: "shop".into(),
+            name: name.into(),
+        }
+    }
+
+    fn pod(name: &str) -> TargetResource {
+        TargetResource {
+            kind: "Pod".into(),
+            name: name.into(),
+            namespace: "shop".into(),
+            api_version: "v1".into(),
+        }
+    }
+
+    fn store_with_deployment() -> Arc<EmbeddedStore> {
+        let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+        store.put_object(
+            obj("Pod", "api-7d9f-x1", "v1"),
+            owned_by("ReplicaSet", "api-7d9f", "apps/v1"),
+        );
+        store.put_object(
+            obj("ReplicaSet", "api-7d9f", "apps/v1"),
+            owned_by("Deployment", "api", "apps/v1"),
+        );
+        store.put_object(obj("Deployment", "api", "apps/v1"), ObjectMeta::default());
+        store
+    }
+
+    #[tokio::test]
+    async fn pods_resolve_through_their_replicaset_to_the_deployment_and_answers_are_cached() {
+        let store = store_with_deployment();
+        let reads = Arc::new(AtomicUsize::new(0));
+        let r = reads.clone();
+        let counting = Arc::new(Faulty::new(store, move |_| {
+            r.fetch_add(1, Ordering::SeqCst);
+            Fault::Pass
+        }));
+        let resolver = OwnerResolver::new(counting, true, 5, Duration::from_secs(30));
+        let top = resolver.resolve(pod("api-7d9f-x1")).await;
+        assert_eq!(
+            (top.kind.as_str(), top.name.as_str(), top.namespace.as_str()),
+            ("Deployment", "api", "shop")
+        );
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            2,
+            "Pod and ReplicaSet metadata; Deployments are not climbed"
+        );
+        resolver.resolve(pod("api-7d9f-x1")).await;
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            2,
+            "second resolution comes from the cache"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_pod_falls_back_to_the_labelled_pod() {
+        let store = store_with_deployment();
+        let forbidden = Arc::new(Faulty::new(store, |op| match op {
+            Op::GetMetadata => Fault::Fail(ApiError::Forbidden("pods is forbidden".into())),
+            _ => Fault::Pass,
+        }));
+        let resolver = OwnerResolver::new(forbidden, true, 5, Duration::from_secs(30));
+        assert_eq!(resolver.resolve(pod("api-7d9f-x1")).await, pod("api-7d9f-x1"));
+    }
+
+    #[tokio::test]
+    async fn missing_objects_and_disabled_resolution_keep_the_labelled_target() {
+        let store = store_with_deployment();
+        let resolver = OwnerResolver::new(store.clone(), true, 5, Duration::from_secs(30));
+        assert_eq!(resolver.resolve(pod("gone")).await, pod("gone"));
+        let off = OwnerResolver::new(store, false, 5, Duration::from_secs(30));
+        assert_eq!(off.resolve(pod("api-7d9f-x1")).await, pod("api-7d9f-x1"));
+    }
+
+    #[tokio::test]
+    async fn depth_is_bounded() {
+        let store = store_with_deployment();
+        let resolver = OwnerResolver::new(store, true, 1, Duration::from_secs(30));
+        assert_eq!(resolver.resolve(pod("api-7d9f-x1")).await.kind, "ReplicaSet");
+    }
+}

@@ -7,14 +7,14 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use common::{Gateway, count_of, eventually, pod_alert, test_config, webhook};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use reqwest::StatusCode;
 use signal_gateway::backend::embedded::EmbeddedStore;
+use signal_gateway::backend::faults::{Fault, Faulty, Op};
 use signal_gateway::clock::SystemClock;
-use signal_gateway::cluster::{Cluster, ObjectRef, Result};
+use signal_gateway::cluster::Cluster;
 use signal_gateway::config::Config;
 use signal_gateway::crd::{Deduplication, RemediationRequest};
 use signal_gateway::dedup::Strategy;
@@ -321,54 +321,20 @@ async fn a_backend_that_fails_every_call_yields_503_and_no_request() {
     gw.stop().await.unwrap();
 }
 
-/// Delegates to an embedded store but never finishes creating a RemediationRequest, so the
-/// creation lock stays held until shutdown.
-struct CreateHangs(Arc<EmbeddedStore>);
-
-#[async_trait]
-impl Cluster for CreateHangs {
-    fn backend_name(&self) -> &'static str {
-        "embedded"
-    }
-    async fn list_requests(&self, ns: &str, fp: &str) -> Result<Vec<RemediationRequest>> {
-        self.0.list_requests(ns, fp).await
-    }
-    async fn get_request(&self, ns: &str, name: &str) -> Result<RemediationRequest> {
-        self.0.get_request(ns, name).await
-    }
-    async fn create_request(&self, _rr: &RemediationRequest) -> Result<RemediationRequest> {
-        futures::future::pending().await
-    }
-    async fn update_request_status(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
-        self.0.update_request_status(rr).await
-    }
-    async fn create_lease(&self, l: &Lease) -> Result<Lease> {
-        self.0.create_lease(l).await
-    }
-    async fn get_lease(&self, ns: &str, name: &str) -> Result<Lease> {
-        self.0.get_lease(ns, name).await
-    }
-    async fn update_lease(&self, l: &Lease) -> Result<Lease> {
-        self.0.update_lease(l).await
-    }
-    async fn delete_lease(&self, ns: &str, name: &str, rv: &str) -> Result<()> {
-        self.0.delete_lease(ns, name, rv).await
-    }
-    async fn get_metadata(&self, o: &ObjectRef) -> Result<ObjectMeta> {
-        self.0.get_metadata(o).await
-    }
-    async fn check_ready(&self, ns: &str) -> std::result::Result<(), String> {
-        self.0.check_ready(ns).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_past_the_drain_deadline_still_releases_every_lease() {
     let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
     let mut c = test_config();
     c.server.shutdown_timeout = Duration::from_millis(200);
     c.server.request_timeout = Duration::from_secs(30);
-    let gw = Gateway::on(Arc::new(CreateHangs(store.clone())), Some(store.clone()), c).await;
+    let hangs = Faulty::new(store.clone(), |op| {
+        if op == Op::CreateRequest {
+            Fault::Hang
+        } else {
+            Fault::Pass
+        }
+    });
+    let gw = Gateway::on(Arc::new(hangs), Some(store.clone()), c).await;
     let client = gw.client.clone();
     let url = format!("{}/api/v1/signals/prometheus", gw.base);
     let _pending = tokio::spawn(async move {

@@ -2,5 +2,6 @@
 //! counts every call at the boundary.
 
 pub mod embedded;
+pub mod faults;
 pub mod kubernetes;
 pub mod metered;

@@ -1,0 +1,121 @@
+//! A `Cluster` wrapper that injects faults per operation: fail with a given error, hang, hide
+//! list results, or wait at a gate. For tests and demos of failure handling; never configured
+//! in production.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use tokio::sync::Semaphore;
+
+use crate::cluster::{ApiError, Cluster, ObjectRef, Result};
+use crate::crd::RemediationRequest;
+
+/// The operations of the port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    ListRequests,
+    GetRequest,
+    CreateRequest,
+    UpdateRequestStatus,
+    CreateLease,
+    GetLease,
+    UpdateLease,
+    DeleteLease,
+    GetMetadata,
+}
+
+/// What to do with one call.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    Pass,
+    Fail(ApiError),
+    /// Never answer (the caller's deadline must save it).
+    Hang,
+    /// Answer a list as empty (a stale cache would); other operations pass.
+    HideResults,
+    /// Wait for a permit of this gate, then pass.
+    Gate(Arc<Semaphore>),
+}
+
+type Hook = dyn Fn(Op) -> Fault + Send + Sync;
+
+pub struct Faulty {
+    inner: Arc<dyn Cluster>,
+    hook: Box<Hook>,
+}
+
+impl Faulty {
+    pub fn new(inner: Arc<dyn Cluster>, hook: impl Fn(Op) -> Fault + Send + Sync + 'static) -> Self {
+        Faulty {
+            inner,
+            hook: Box::new(hook),
+        }
+    }
+
+    async fn apply(&self, op: Op) -> Result<bool> {
+        match (self.hook)(op) {
+            Fault::Pass => Ok(false),
+            Fault::Fail(e) => Err(e),
+            Fault::Hang => futures::future::pending().await,
+            Fault::HideResults => Ok(true),
+            Fault::Gate(gate) => {
+                let permit = gate
+                    .acquire()
+                    .await
+                    .map_err(|_| ApiError::Unavailable("gate closed".into()))?;
+                permit.forget();
+                Ok(false)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Cluster for Faulty {
+    fn backend_name(&self) -> &'static str {
+        self.inner.backend_name()
+    }
+    async fn list_requests(&self, namespace: &str, fingerprint: &str) -> Result<Vec<RemediationRequest>> {
+        if self.apply(Op::ListRequests).await? {
+            return Ok(Vec::new());
+        }
+        self.inner.list_requests(namespace, fingerprint).await
+    }
+    async fn get_request(&self, namespace: &str, name: &str) -> Result<RemediationRequest> {
+        self.apply(Op::GetRequest).await?;
+        self.inner.get_request(namespace, name).await
+    }
+    async fn create_request(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
+        self.apply(Op::CreateRequest).await?;
+        self.inner.create_request(rr).await
+    }
+    async fn update_request_status(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
+        self.apply(Op::UpdateRequestStatus).await?;
+        self.inner.update_request_status(rr).await
+    }
+    async fn create_lease(&self, lease: &Lease) -> Result<Lease> {
+        self.apply(Op::CreateLease).await?;
+        self.inner.create_lease(lease).await
+    }
+    async fn get_lease(&self, namespace: &str, name: &str) -> Result<Lease> {
+        self.apply(Op::GetLease).await?;
+        self.inner.get_lease(namespace, name).await
+    }
+    async fn update_lease(&self, lease: &Lease) -> Result<Lease> {
+        self.apply(Op::UpdateLease).await?;
+        self.inner.update_lease(lease).await
+    }
+    async fn delete_lease(&self, namespace: &str, name: &str, resource_version: &str) -> Result<()> {
+        self.apply(Op::DeleteLease).await?;
+        self.inner.delete_lease(namespace, name, resource_version).await
+    }
+    async fn get_metadata(&self, object: &ObjectRef) -> Result<ObjectMeta> {
+        self.apply(Op::GetMetadata).await?;
+        self.inner.get_metadata(object).await
+    }
+    async fn check_ready(&self, namespace: &str) -> std::result::Result<(), String> {
+        self.inner.check_ready(namespace).await
+    }
+}
