@@ -33,7 +33,7 @@ pub const REQUIRED_PERMISSIONS: &[(&str, &str, &str)] = &[
 
 pub struct KubernetesCluster {
     client: Client,
-    /// When the last readiness check passed; permissions are re-checked at most this often.
+    /// Until when the last permission review holds; permissions are re-checked at most this often.
     ready_until: Mutex<Option<Instant>>,
 }
 
@@ -52,6 +52,14 @@ impl KubernetesCluster {
             client,
             ready_until: Mutex::new(None),
         })
+    }
+
+    /// Wraps an existing client (tests with a kubeconfig of their own).
+    pub fn from_client(client: Client) -> Self {
+        KubernetesCluster {
+            client,
+            ready_until: Mutex::new(None),
+        }
     }
 
     fn requests(&self, namespace: &str) -> Api<RemediationRequest> {
@@ -187,14 +195,8 @@ impl Cluster for KubernetesCluster {
     }
 
     async fn check_ready(&self, namespace: &str) -> std::result::Result<(), String> {
-        if self
-            .ready_until
-            .lock()
-            .expect("ready cache poisoned")
-            .is_some_and(|t| t > Instant::now())
-        {
-            return Ok(());
-        }
+        // Every probe reaches the API server (and proves the CRD is served); the permission
+        // review below is repeated at most every READY_CACHE.
         self.requests(namespace)
             .list(&ListParams::default().limit(1))
             .await
@@ -203,6 +205,14 @@ impl Cluster for KubernetesCluster {
                     "cannot list remediationrequests.{GROUP} in namespace {namespace:?} (is the CRD installed?): {e}"
                 )
             })?;
+        if self
+            .ready_until
+            .lock()
+            .expect("ready cache poisoned")
+            .is_some_and(|t| t > Instant::now())
+        {
+            return Ok(());
+        }
         let reviews: Api<SelfSubjectAccessReview> = Api::all(self.client.clone());
         let mut missing = Vec::new();
         for (group, resource, verb) in REQUIRED_PERMISSIONS {
