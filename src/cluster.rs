@@ -95,6 +95,7 @@ pub trait Cluster: Send + Sync + 'static {
     async fn create_lease(&self, lease: &Lease) -> Result<Lease>;
     async fn get_lease(&self, namespace: &str, name: &str) -> Result<Lease>;
     /// Replaces the lease; fails with Conflict unless `metadata.resourceVersion` is current.
+    /// Like the API server, an update of a lease that does not exist creates it.
     async fn update_lease(&self, lease: &Lease) -> Result<Lease>;
     /// Deletes the lease only if its resourceVersion is still `resource_version`.
     async fn delete_lease(&self, namespace: &str, name: &str, resource_version: &str) -> Result<()>;

@@ -322,7 +322,8 @@ impl Dedup {
         };
         Ok(match self.increment(fp, created, n, deadline).await? {
             Step::Done(mut w) => {
-                w.created = w.before == 0;
+                // This batch created the RR, even if a waiting replica's count landed first.
+                w.created = true;
                 Step::Done(w)
             }
             Step::Gone => Step::Gone,

@@ -166,7 +166,7 @@ pub async fn serve(
             config.owner_resolution.max_depth,
             config.owner_resolution.cache_ttl,
         ),
-        coalescer: coalesce::Coalescer::new(dedup, metrics.clone(), max_batch),
+        coalescer: coalesce::Coalescer::new(dedup, metrics.clone(), config.dedup.max_batch),
         clock: deps.clock.clone(),
         metrics: metrics.clone(),
         cluster_id: config.backend.cluster_id.clone(),

@@ -76,8 +76,17 @@ impl State {
     }
 }
 
-/// The resourceVersion precondition of an update: empty means unconditional, like the API server.
+/// The preconditions of an update, as the API server applies them: a uid, when sent, must match;
+/// the resourceVersion must match unless empty (unconditional update).
 fn check_rv(sent: &ObjectMeta, stored: &ObjectMeta, what: &str) -> Result<()> {
+    if let Some(uid) = sent.uid.as_deref().filter(|u| !u.is_empty())
+        && Some(uid) != stored.uid.as_deref()
+    {
+        return Err(ApiError::Conflict(format!(
+            "Operation cannot be fulfilled on {what}: Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+            stored.uid.as_deref().unwrap_or_default()
+        )));
+    }
     match sent.resource_version.as_deref() {
         None | Some("") => Ok(()),
         Some(rv) if Some(rv) == stored.resource_version.as_deref() => Ok(()),
@@ -242,19 +251,26 @@ impl Cluster for EmbeddedStore {
     }
 
     async fn update_lease(&self, lease: &Lease) -> Result<Lease> {
+        let now = self.clock.now();
         let mut st = self.state().await?;
         let k = key(
             lease.metadata.namespace.as_deref().unwrap_or_default(),
             lease.metadata.name.as_deref().unwrap_or_default(),
         );
-        let stored = st.leases.get(&k).ok_or(ApiError::NotFound)?;
+        let Some(stored) = st.leases.get(&k) else {
+            // Leases allow create-on-update: a PUT to a missing name creates it, whatever
+            // resourceVersion was sent (as the API server does).
+            let mut new = Lease { metadata: lease.metadata.clone(), spec: lease.spec.clone() };
+            new.metadata.resource_version = None;
+            new.metadata.uid = None;
+            st.admit_new(&mut new.metadata, now)?;
+            st.leases.insert(k, new.clone());
+            return Ok(new);
+        };
         check_rv(&lease.metadata, &stored.metadata, "leases.coordination.k8s.io")?;
         let mut meta = stored.metadata.clone();
         meta.resource_version = Some(st.next_rv());
-        let updated = Lease {
-            metadata: meta,
-            spec: lease.spec.clone(),
-        };
+        let updated = Lease { metadata: meta, spec: lease.spec.clone() };
         st.leases.insert(k, updated.clone());
         Ok(updated)
     }

@@ -157,9 +157,13 @@ async fn requests(c: &dyn Cluster, ns: &str, unique: &str) {
         matches!(c.update_request_status(&next).await.unwrap_err(), ApiError::Conflict(_)),
         "stale resourceVersion"
     );
-    let mut gone = next.clone();
-    gone.metadata.name = Some(format!("rr-missing-{unique}"));
+    let mut gone = rr(ns, &format!("rr-missing-{unique}"), &fa);
+    gone.metadata.resource_version = Some(rv(&updated));
     assert_eq!(c.update_request_status(&gone).await.unwrap_err(), ApiError::NotFound);
+    // A uid in the sent object is a precondition too: another object's uid is a Conflict.
+    let mut wrong_uid = c.get_request(ns, &a1).await.expect("get");
+    wrong_uid.metadata.uid = c.get_request(ns, &format!("rr-b1-{unique}")).await.expect("get b1").metadata.uid;
+    assert!(matches!(c.update_request_status(&wrong_uid).await.unwrap_err(), ApiError::Conflict(_)), "uid precondition");
 
     // A spec fingerprint that is not 64 hex characters is refused by validation.
     assert!(matches!(
@@ -208,9 +212,14 @@ async fn leases(c: &dyn Cluster, ns: &str, unique: &str) {
         c.delete_lease(ns, &name, &rv(&updated)).await.unwrap_err(),
         ApiError::NotFound
     );
-    let mut missing = updated.clone();
-    missing.metadata.name = Some(format!("gw-lock-missing-{unique}"));
-    assert_eq!(c.update_lease(&missing).await.unwrap_err(), ApiError::NotFound);
+    // Leases allow create-on-update: a PUT to a missing name creates it (the sent
+    // resourceVersion is ignored). The lock relies on nothing else, but the store must agree.
+    let missing_name = format!("gw-lock-missing-{unique}");
+    let mut missing = lease(ns, &missing_name, "a");
+    missing.metadata.resource_version = Some(rv(&updated));
+    let recreated = c.update_lease(&missing).await.expect("update of a missing lease creates it");
+    assert_eq!(recreated.spec.as_ref().unwrap().holder_identity.as_deref(), Some("a"));
+    c.delete_lease(ns, &missing_name, &rv(&recreated)).await.expect("clean up");
 }
 
 async fn metadata(c: &dyn Cluster, ns: &str) {

@@ -1,0 +1,215 @@
+//! Access to the real kube-apiserver + etcd started by `scripts/testenv`, and gateway replicas
+//! as separate OS processes using the gateway's own ServiceAccount identity (deploy/rbac only).
+//! If the testenv is not running, the first test starts it (`scripts/testenv up`); if that fails
+//! the tests fail — they never skip.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use kube::api::{Api, ListParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use signal_gateway::crd::RemediationRequest;
+
+pub struct TestEnv {
+    pub admin_kubeconfig: PathBuf,
+    pub gateway_kubeconfig: PathBuf,
+    pub namespace: String,
+    pub repo: PathBuf,
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `scripts/testenv <args>` and returns its stdout; panics with its output on failure.
+pub fn testenv_cmd(args: &[&str]) -> String {
+    let out = Command::new(repo().join("scripts/testenv"))
+        .args(args)
+        .output()
+        .expect("scripts/testenv runs");
+    assert!(
+        out.status.success(),
+        "scripts/testenv {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn testenv() -> &'static TestEnv {
+    static ENV: OnceLock<TestEnv> = OnceLock::new();
+    ENV.get_or_init(|| {
+        testenv_cmd(&["up"]);
+        let vars: HashMap<String, String> = testenv_cmd(&["env"])
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.trim_matches(|c| c == '"' || c == '\'').to_owned()))
+            .collect();
+        TestEnv {
+            admin_kubeconfig: vars["KUBECONFIG"].clone().into(),
+            gateway_kubeconfig: vars["GATEWAY_KUBECONFIG"].clone().into(),
+            namespace: vars["GATEWAY_NAMESPACE"].clone(),
+            repo: repo(),
+        }
+    })
+}
+
+pub async fn client_for(kubeconfig: &PathBuf) -> kube::Client {
+    let kc = Kubeconfig::read_from(kubeconfig).expect("kubeconfig readable");
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig valid");
+    kube::Client::try_from(config).expect("client")
+}
+
+pub async fn admin() -> kube::Client {
+    client_for(&testenv().admin_kubeconfig).await
+}
+
+/// RRs with this fingerprint, read fresh by the admin.
+pub async fn requests_for(client: &kube::Client, namespace: &str, fingerprint: &str) -> Vec<RemediationRequest> {
+    let api: Api<RemediationRequest> = Api::namespaced(client.clone(), namespace);
+    api.list(&ListParams::default().fields(&format!("spec.signalFingerprint={fingerprint}")))
+        .await
+        .expect("list")
+        .items
+}
+
+/// A short random suffix so tests sharing one API server never collide.
+pub fn unique() -> String {
+    format!("{:08x}", fastrand::u32(..))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One gateway replica: a separate process with its own POD_NAME.
+pub struct Replica {
+    pub name: String,
+    pub base: String,
+    pub admin: String,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Replica {
+    /// Starts `name` with `config_yaml` against the testenv as the gateway ServiceAccount.
+    pub fn start(name: &str, config_yaml: &str) -> Self {
+        Self::start_as(name, config_yaml, &testenv().gateway_kubeconfig, &testenv().namespace)
+    }
+
+    pub fn start_as(name: &str, config_yaml: &str, kubeconfig: &PathBuf, namespace: &str) -> Self {
+        let dir = repo().join("target/testenv/replicas");
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join(format!("{name}.yaml"));
+        std::fs::write(&config, config_yaml).unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let (port, admin) = (free_port(), free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_signal-gateway"))
+            .args(["serve", "--backend", "kubernetes", "--config"])
+            .arg(&config)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin}"),
+            ])
+            .env("KUBECONFIG", kubeconfig)
+            .env("POD_NAME", name)
+            .env("POD_NAMESPACE", namespace)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("gateway binary starts");
+        Replica {
+            name: name.to_owned(),
+            base: format!("http://127.0.0.1:{port}"),
+            admin: format!("http://127.0.0.1:{admin}"),
+            log,
+            child,
+        }
+    }
+
+    pub async fn readyz(&self, client: &reqwest::Client) -> Option<(u16, String)> {
+        let r = client.get(format!("{}/readyz", self.admin)).send().await.ok()?;
+        Some((r.status().as_u16(), r.text().await.unwrap_or_default()))
+    }
+
+    pub async fn wait_ready(&self, client: &reqwest::Client) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some((200, _)) = self.readyz(client).await {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "replica {} never became ready; log:\n{}",
+                self.name,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn metric(&self, client: &reqwest::Client, name: &str, labels: &[&str]) -> f64 {
+        let text = client
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        super::metric_sum(&text, name, labels)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a graceful exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replica {} ignored SIGTERM",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,535 @@
+//! The gateway's guarantees against a real kube-apiserver + etcd (scripts/testenv), with
+//! replicas as separate OS processes that have only the RBAC in deploy/rbac.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::testenv::{Replica, admin, client_for, requests_for, testenv, unique};
+use common::{count_of, eventually, pod_alert, webhook};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use reqwest::StatusCode;
+use serde_json::json;
+use signal_gateway::crd::{RemediationRequest, TargetResource};
+use signal_gateway::fingerprint::Fingerprint;
+
+const CONFIG: &str = "logging:\n  format: json\nserver:\n  requestTimeout: 20s\n";
+const ALWAYS_LOCK: &str = "logging:\n  format: json\nserver:\n  requestTimeout: 20s\ndedup:\n  strategy: always-lock\n";
+
+fn fp_of_pod(namespace: &str, pod: &str) -> String {
+    Fingerprint::of(
+        "",
+        &TargetResource {
+            kind: "Pod".into(),
+            name: pod.into(),
+            namespace: namespace.into(),
+            api_version: "v1".into(),
+        },
+    )
+    .to_string()
+}
+
+async fn start_replicas(prefix: &str, n: usize, config: &str) -> (Vec<Replica>, reqwest::Client) {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(200).build().unwrap();
+    let replicas: Vec<Replica> = (0..n)
+        .map(|i| Replica::start(&format!("{prefix}-{i}"), config))
+        .collect();
+    for r in &replicas {
+        r.wait_ready(&client).await;
+    }
+    (replicas, client)
+}
+
+/// Posts `count` copies of an alert for each pod, round-robin over the replicas, all at once.
+async fn storm(
+    replicas: &[Replica],
+    client: &reqwest::Client,
+    namespace: &str,
+    pods: &[String],
+    count: usize,
+) -> Vec<(StatusCode, serde_json::Value)> {
+    let mut tasks = Vec::new();
+    let mut i = 0;
+    for _ in 0..count {
+        for pod in pods {
+            let url = format!("{}/api/v1/signals/prometheus", replicas[i % replicas.len()].base);
+            i += 1;
+            let body = webhook(vec![pod_alert(namespace, pod)]).to_string();
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let r = client
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("request sent");
+                let status = r.status();
+                (status, r.json().await.unwrap_or(serde_json::Value::Null))
+            }));
+        }
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+async fn leases_for(client: &kube::Client, fingerprints: &[String]) -> Vec<String> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &testenv().namespace);
+    let wanted: BTreeSet<String> = fingerprints.iter().map(|f| format!("gw-lock-{}", &f[..16])).collect();
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|l| l.metadata.name)
+        .filter(|n| wanted.contains(n))
+        .collect()
+}
+
+async fn identical_signals_over_three_replicas(config: &str, tag: &str) {
+    let (replicas, client) = start_replicas(&format!("{tag}-{}", unique()), 3, config).await;
+    let ns = format!("shop-{}", unique());
+    let pod = "api-0".to_string();
+    let answers = storm(&replicas, &client, &ns, std::slice::from_ref(&pod), 300).await;
+    let failures: Vec<_> = answers.iter().filter(|(s, _)| !s.is_success()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of 300 not acknowledged, e.g. {:?}",
+        failures.len(),
+        failures.first()
+    );
+    let fp = fp_of_pod(&ns, &pod);
+    let admin = admin().await;
+    let rrs = requests_for(&admin, &testenv().namespace, &fp).await;
+    assert_eq!(rrs.len(), 1, "exactly one RR for one incident");
+    assert_eq!(count_of(&rrs[0]), 300, "the count equals the acknowledged signals");
+    assert_eq!(answers.iter().filter(|(s, _)| *s == StatusCode::CREATED).count(), 1);
+    assert!(leases_for(&admin, &[fp]).await.is_empty(), "no lease left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_never_create_two_requests_for_one_incident() {
+    identical_signals_over_three_replicas(CONFIG, "opt").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_never_create_two_requests_for_one_incident_always_lock() {
+    identical_signals_over_three_replicas(ALWAYS_LOCK, "lock").await;
+}
+
+async fn fifty_incidents_over_three_replicas(config: &str, tag: &str) {
+    let (replicas, client) = start_replicas(&format!("{tag}-{}", unique()), 3, config).await;
+    let ns = format!("shop-{}", unique());
+    let pods: Vec<String> = (0..50).map(|i| format!("pod-{i}")).collect();
+    let answers = storm(&replicas, &client, &ns, &pods, 20).await;
+    let failures = answers.iter().filter(|(s, _)| !s.is_success()).count();
+    assert_eq!(
+        failures,
+        0,
+        "all 1000 acknowledged, e.g. {:?}",
+        answers.iter().find(|(s, _)| !s.is_success())
+    );
+    let admin = admin().await;
+    let fps: Vec<String> = pods.iter().map(|p| fp_of_pod(&ns, p)).collect();
+    for (pod, fp) in pods.iter().zip(&fps) {
+        let rrs = requests_for(&admin, &testenv().namespace, fp).await;
+        assert_eq!(rrs.len(), 1, "{pod}: one RR");
+        assert_eq!(count_of(&rrs[0]), 20, "{pod}: count 20");
+    }
+    assert!(leases_for(&admin, &fps).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_fifty_fingerprints_times_twenty_make_fifty_requests_of_twenty() {
+    fifty_incidents_over_three_replicas(CONFIG, "opt50").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_fifty_fingerprints_times_twenty_make_fifty_requests_of_twenty_always_lock() {
+    fifty_incidents_over_three_replicas(ALWAYS_LOCK, "lock50").await;
+}
+
+fn lease(name: &str, holder: &str, renewed_ago: Duration) -> Lease {
+    let t = jiff::Timestamp::now() - jiff::SignedDuration::try_from(renewed_ago).unwrap();
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(testenv().namespace.clone()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(30),
+            acquire_time: Some(MicroTime(t)),
+            renew_time: Some(MicroTime(t)),
+            ..Default::default()
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holders_lease_is_taken_over_and_a_live_foreign_lease_delays_then_counts() {
+    let (replicas, client) = start_replicas(&format!("lease-{}", unique()), 1, CONFIG).await;
+    let admin = admin().await;
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), &testenv().namespace);
+    let ns = format!("shop-{}", unique());
+
+    // Dead holder: renewTime far in the past.
+    let fp = fp_of_pod(&ns, "dead");
+    leases
+        .create(
+            &PostParams::default(),
+            &lease(&format!("gw-lock-{}", &fp[..16]), "crashed", Duration::from_secs(120)),
+        )
+        .await
+        .unwrap();
+    let r = client
+        .post(format!("{}/api/v1/signals/prometheus", replicas[0].base))
+        .json(&webhook(vec![pod_alert(&ns, "dead")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(
+        replicas[0]
+            .metric(&client, "gateway_lock_acquisitions_total", &["outcome=\"takeover\""])
+            .await,
+        1.0
+    );
+    assert!(leases_for(&admin, std::slice::from_ref(&fp)).await.is_empty());
+
+    // Live foreign holder: the signal waits, then counts into the RR the holder creates.
+    let fp = fp_of_pod(&ns, "live");
+    let lock_name = format!("gw-lock-{}", &fp[..16]);
+    let held = leases
+        .create(
+            &PostParams::default(),
+            &lease(&lock_name, "replica-elsewhere", Duration::ZERO),
+        )
+        .await
+        .unwrap();
+    let url = format!("{}/api/v1/signals/prometheus", replicas[0].base);
+    let body = webhook(vec![pod_alert(&ns, "live")]);
+    let c2 = client.clone();
+    let pending = tokio::spawn(async move { c2.post(url).json(&body).send().await.unwrap() });
+    eventually(
+        Duration::from_secs(20),
+        "the replica meets the foreign lease",
+        || async {
+            (replicas[0]
+                .metric(&client, "gateway_lock_acquisitions_total", &["outcome=\"contended\""])
+                .await
+                >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(!pending.is_finished());
+    let rrs: Api<RemediationRequest> = Api::namespaced(admin.clone(), &testenv().namespace);
+    let mut theirs: RemediationRequest = serde_json::from_value(json!({
+        "apiVersion": "kubernaut.ai/v1alpha1", "kind": "RemediationRequest",
+        "metadata": {"name": format!("rr-{}-1", &fp[..16]), "namespace": testenv().namespace},
+        "spec": {"signalFingerprint": fp, "signalName": "KubePodCrashLooping", "severity": "critical", "signalType": "prometheus-alert",
+                 "signalSource": "elsewhere", "targetType": "kubernetes", "targetResource": {"kind": "Pod", "name": "live", "namespace": ns},
+                 "receivedTime": "2026-11-24T10:00:00Z"}
+    }))
+    .unwrap();
+    theirs = rrs.create(&PostParams::default(), &theirs).await.unwrap();
+    let status = json!({"status": {"deduplication": {"firstSeenAt": "t", "lastSeenAt": "t", "occurrenceCount": 1}}});
+    rrs.patch_status(
+        theirs.metadata.name.as_deref().unwrap(),
+        &PatchParams::default(),
+        &Patch::Merge(&status),
+    )
+    .await
+    .unwrap();
+    leases
+        .delete(
+            &lock_name,
+            &kube::api::DeleteParams {
+                preconditions: Some(kube::api::Preconditions {
+                    resource_version: held.metadata.resource_version.clone(),
+                    uid: None,
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let resp = pending.await.unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["occurrenceCount"], 2);
+    assert_eq!(requests_for(&admin, &testenv().namespace, &fp).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_while_holding_a_lock_blocks_only_until_the_lease_expires() {
+    let short = "logging:\n  format: json\nserver:\n  requestTimeout: 20s\nlock:\n  leaseDuration: 4s\n";
+    let (mut replicas, client) = start_replicas(&format!("kill-{}", unique()), 3, short).await;
+    let admin = admin().await;
+    let ns = format!("shop-{}", unique());
+    let victim_name = replicas[0].name.clone();
+    let pods: Vec<String> = (0..200).map(|i| format!("pod-{i}")).collect();
+    let fps: Vec<String> = pods.iter().map(|p| fp_of_pod(&ns, p)).collect();
+
+    // Keep replica 0 busy creating; kill it the moment it holds a lock.
+    let victim_url = format!("{}/api/v1/signals/prometheus", replicas[0].base);
+    let load = {
+        let (client, ns, pods) = (client.clone(), ns.clone(), pods.clone());
+        tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            for pod in pods {
+                let (client, url, body) = (client.clone(), victim_url.clone(), webhook(vec![pod_alert(&ns, &pod)]));
+                tasks.push(tokio::spawn(async move {
+                    client.post(url).json(&body).send().await.map(|r| r.status())
+                }));
+            }
+            futures::future::join_all(tasks).await
+        })
+    };
+    eventually(Duration::from_secs(30), "replica 0 holds a lock", || async {
+        (replicas[0].metric(&client, "gateway_locks_held", &[]).await >= 1.0).then_some(())
+    })
+    .await;
+    replicas[0].kill9();
+    let _ = load.await;
+
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), &testenv().namespace);
+    let orphaned: Vec<String> = leases
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(victim_name.as_str()))
+        .filter_map(|l| l.metadata.name)
+        .collect();
+    assert!(
+        !orphaned.is_empty(),
+        "the killed replica left a lease behind (otherwise the test proved nothing)"
+    );
+
+    // The survivors carry on, including for the fingerprints whose lock the dead replica held:
+    // those wait until the lease expires (4 s), then proceed.
+    let answers = storm(&replicas[1..], &client, &ns, &pods, 1).await;
+    assert!(
+        answers.iter().all(|(s, _)| s.is_success()),
+        "{:?}",
+        answers.iter().find(|(s, _)| !s.is_success())
+    );
+    for fp in &fps {
+        let rrs = requests_for(&admin, &testenv().namespace, fp).await;
+        assert_eq!(rrs.len(), 1, "no duplicate RR for {fp}");
+    }
+    assert!(
+        replicas[1]
+            .metric(&client, "gateway_lock_acquisitions_total", &["outcome=\"takeover\""])
+            .await
+            + replicas[2]
+                .metric(&client, "gateway_lock_acquisitions_total", &["outcome=\"takeover\""])
+                .await
+            >= 1.0,
+        "an orphaned lease was taken over after expiry"
+    );
+    assert!(
+        leases_for(&admin, &fps).await.is_empty(),
+        "no lease left once the survivors are done"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_completed_through_the_status_subresource_makes_the_next_signal_create_anew() {
+    let (replicas, client) = start_replicas(&format!("done-{}", unique()), 1, CONFIG).await;
+    let admin = admin().await;
+    let ns = format!("shop-{}", unique());
+    let url = format!("{}/api/v1/signals/prometheus", replicas[0].base);
+    let body = webhook(vec![pod_alert(&ns, "api")]);
+    let first: serde_json::Value = client
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let name = first["remediationRequestName"].as_str().unwrap();
+    let rrs: Api<RemediationRequest> = Api::namespaced(admin.clone(), &testenv().namespace);
+    rrs.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"status": {"overallPhase": "Completed"}})),
+    )
+    .await
+    .unwrap();
+    let r = client.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let second: serde_json::Value = r.json().await.unwrap();
+    assert_ne!(second["remediationRequestName"], first["remediationRequestName"]);
+    assert_eq!(
+        requests_for(&admin, &testenv().namespace, &fp_of_pod(&ns, "api"))
+            .await
+            .len(),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookups_use_the_server_side_field_selector_one_list_each() {
+    let (replicas, client) = start_replicas(&format!("sel-{}", unique()), 2, CONFIG).await;
+    let ns = format!("shop-{}", unique());
+    let body = webhook(vec![pod_alert(&ns, "api")]);
+    let r = client
+        .post(format!("{}/api/v1/signals/prometheus", replicas[0].base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let lists = |i: usize| {
+        replicas[i].metric(
+            &client,
+            "gateway_k8s_api_requests_total",
+            &["verb=\"list\"", "resource=\"remediationrequests\""],
+        )
+    };
+    assert_eq!(
+        lists(0).await,
+        2.0,
+        "create path: one lookup before and one under the lock"
+    );
+    let r = client
+        .post(format!("{}/api/v1/signals/prometheus", replicas[1].base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(lists(1).await, 1.0, "duplicate on a fresh replica: exactly one list");
+    let r = client
+        .post(format!("{}/api/v1/signals/prometheus", replicas[1].base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        lists(1).await,
+        1.0,
+        "next duplicate: the hint, verified by the conditional write, needs no list"
+    );
+    // The server honours the selector: a list for one fingerprint returns only its RR even with
+    // many RRs in the namespace (the contract suite checks this too).
+    let admin = admin().await;
+    let rrs = requests_for(&admin, &testenv().namespace, &fp_of_pod(&ns, "api")).await;
+    assert_eq!(rrs.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_api_server_honours_the_cluster_port_contract() {
+    let client = client_for(&testenv().gateway_kubeconfig).await;
+    let cluster = signal_gateway::backend::kubernetes::KubernetesCluster::from_client(client);
+    common::contract::run(Arc::new(cluster), &testenv().namespace, &unique()).await;
+}
+
+fn role_verbs() -> BTreeSet<(String, String, String)> {
+    let text = std::fs::read_to_string(testenv().repo.join("deploy/rbac/role.yaml")).unwrap();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
+    let role = docs.iter().find(|d| d["kind"] == "Role").expect("a Role");
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for g in rule["apiGroups"].as_array().unwrap() {
+            for r in rule["resources"].as_array().unwrap() {
+                for v in rule["verbs"].as_array().unwrap() {
+                    out.insert((
+                        g.as_str().unwrap().to_owned(),
+                        r.as_str().unwrap().to_owned(),
+                        v.as_str().unwrap().to_owned(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_role_grants_exactly_the_verbs_the_code_uses() {
+    let needed: BTreeSet<(String, String, String)> = signal_gateway::backend::kubernetes::REQUIRED_PERMISSIONS
+        .iter()
+        .map(|(g, r, v)| ((*g).to_owned(), (*r).to_owned(), (*v).to_owned()))
+        .collect();
+    assert_eq!(
+        role_verbs(),
+        needed,
+        "deploy/rbac/role.yaml must grant exactly REQUIRED_PERMISSIONS"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_lease_permission_signals_fail_503_and_readyz_names_the_gap() {
+    let admin = admin().await;
+    let ns = format!("sg-rbac-{}", unique());
+    // A namespace where the gateway identity has every permission but the lease ones.
+    let apply = |yaml: String| {
+        let admin = admin.clone();
+        async move {
+            let obj: kube::api::DynamicObject =
+                serde_json::from_value(serde_saphyr::from_str::<serde_json::Value>(&yaml).unwrap()).unwrap();
+            let gvk = kube::api::GroupVersionKind::try_from(obj.types.as_ref().unwrap()).unwrap();
+            let (ar, _) = kube::discovery::pinned_kind(&admin, &gvk).await.unwrap();
+            let api: Api<kube::api::DynamicObject> = match obj.metadata.namespace.as_deref() {
+                Some(n) => Api::namespaced_with(admin.clone(), n, &ar),
+                None => Api::all_with(admin.clone(), &ar),
+            };
+            api.create(&PostParams::default(), &obj).await.unwrap();
+        }
+    };
+    apply(format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n")).await;
+    apply(format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: no-leases\n  namespace: {ns}\nrules:\n- apiGroups: [kubernaut.ai]\n  resources: [remediationrequests]\n  verbs: [get, list, create]\n- apiGroups: [kubernaut.ai]\n  resources: [remediationrequests/status]\n  verbs: [update]\n"
+    ))
+    .await;
+    apply(format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: no-leases\n  namespace: {ns}\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: Role\n  name: no-leases\nsubjects:\n- kind: ServiceAccount\n  name: signal-gateway\n  namespace: {}\n",
+        testenv().namespace
+    ))
+    .await;
+    let replica = Replica::start_as(
+        &format!("rbac-{}", unique()),
+        CONFIG,
+        &testenv().gateway_kubeconfig,
+        &ns,
+    );
+    let client = reqwest::Client::new();
+    let (code, text) = eventually(Duration::from_secs(60), "readyz answers", || async {
+        replica.readyz(&client).await
+    })
+    .await;
+    assert_eq!(code, 503, "{text}");
+    assert!(
+        text.contains("create leases.coordination.k8s.io"),
+        "readyz names the missing permission: {text}"
+    );
+    let r = client
+        .post(format!("{}/api/v1/signals/prometheus", replica.base))
+        .json(&webhook(vec![pod_alert("shop", "api")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.headers().contains_key("retry-after"));
+    let log = replica.log_text();
+    assert!(
+        log.contains("forbidden") && log.contains("leases"),
+        "the log names the forbidden lease call:\n{log}"
+    );
+}

@@ -1,0 +1,108 @@
+//! An API-server outage against the real testenv (its own test binary: it stops the shared
+//! kube-apiserver, so nothing else may run meanwhile).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::testenv::{Replica, admin, requests_for, testenv, testenv_cmd, unique};
+use common::{count_of, eventually, pod_alert, webhook};
+use reqwest::StatusCode;
+use signal_gateway::crd::TargetResource;
+use signal_gateway::fingerprint::Fingerprint;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_down_means_fast_503s_and_unready_then_recovery_without_restart_and_no_lost_ack() {
+    let config = "logging:\n  format: json\nserver:\n  requestTimeout: 3s\nbackend:\n  apiTimeout: 1s\n";
+    let replicas: Vec<Replica> = (0..3)
+        .map(|i| Replica::start(&format!("outage-{}-{i}", unique()), config))
+        .collect();
+    let client = reqwest::Client::new();
+    for r in &replicas {
+        r.wait_ready(&client).await;
+    }
+    let ns = format!("shop-{}", unique());
+    let pods = ["a", "b", "c", "d"];
+    let mut acked = 0usize;
+    let send = |i: usize| {
+        let (client, url) = (
+            client.clone(),
+            format!("{}/api/v1/signals/prometheus", replicas[i % 3].base),
+        );
+        let body = webhook(vec![pod_alert(&ns, pods[i % pods.len()])]);
+        async move { client.post(url).json(&body).send().await.unwrap() }
+    };
+    for i in 0..12 {
+        assert!(send(i).await.status().is_success());
+        acked += 1;
+    }
+
+    testenv_cmd(&["stop-apiserver"]);
+    let guard = RestartOnDrop;
+    let started = Instant::now();
+    let answers = futures::future::join_all((0..12).map(send)).await;
+    for r in &answers {
+        assert_eq!(
+            r.status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no 2xx while the API server is down"
+        );
+        assert!(r.headers().contains_key("retry-after"));
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "answered within the deadline, no hang: {:?}",
+        started.elapsed()
+    );
+    for r in &replicas {
+        eventually(Duration::from_secs(10), "readyz turns false", || async {
+            (r.readyz(&client).await?.0 == 503).then_some(())
+        })
+        .await;
+    }
+
+    testenv_cmd(&["start-apiserver"]);
+    drop(guard);
+    for r in &replicas {
+        eventually(Duration::from_secs(60), "readyz recovers", || async {
+            (r.readyz(&client).await?.0 == 200).then_some(())
+        })
+        .await;
+    }
+    for i in 0..12 {
+        let r = send(i).await;
+        assert!(r.status().is_success(), "after recovery: {}", r.status());
+        acked += 1;
+    }
+    let admin = admin().await;
+    let mut stored = 0;
+    for pod in pods {
+        let fp = Fingerprint::of(
+            "",
+            &TargetResource {
+                kind: "Pod".into(),
+                name: pod.into(),
+                namespace: ns.clone(),
+                api_version: "v1".into(),
+            },
+        );
+        let rrs = requests_for(&admin, &testenv().namespace, fp.as_str()).await;
+        assert_eq!(rrs.len(), 1, "{pod}");
+        stored += count_of(&rrs[0]);
+    }
+    assert_eq!(stored as usize, acked, "sum of counts == number of 2xx answers");
+}
+
+/// Brings the API server back even if an assertion fails mid-outage.
+struct RestartOnDrop;
+
+impl Drop for RestartOnDrop {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testenv"))
+                .arg("start-apiserver")
+                .status();
+        }
+    }
+}
