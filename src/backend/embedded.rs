@@ -260,7 +260,10 @@ impl Cluster for EmbeddedStore {
         let Some(stored) = st.leases.get(&k) else {
             // Leases allow create-on-update: a PUT to a missing name creates it, whatever
             // resourceVersion was sent (as the API server does).
-            let mut new = Lease { metadata: lease.metadata.clone(), spec: lease.spec.clone() };
+            let mut new = Lease {
+                metadata: lease.metadata.clone(),
+                spec: lease.spec.clone(),
+            };
             new.metadata.resource_version = None;
             new.metadata.uid = None;
             st.admit_new(&mut new.metadata, now)?;
@@ -270,7 +273,10 @@ impl Cluster for EmbeddedStore {
         check_rv(&lease.metadata, &stored.metadata, "leases.coordination.k8s.io")?;
         let mut meta = stored.metadata.clone();
         meta.resource_version = Some(st.next_rv());
-        let updated = Lease { metadata: meta, spec: lease.spec.clone() };
+        let updated = Lease {
+            metadata: meta,
+            spec: lease.spec.clone(),
+        };
         st.leases.insert(k, updated.clone());
         Ok(updated)
     }

@@ -162,8 +162,19 @@ async fn requests(c: &dyn Cluster, ns: &str, unique: &str) {
     assert_eq!(c.update_request_status(&gone).await.unwrap_err(), ApiError::NotFound);
     // A uid in the sent object is a precondition too: another object's uid is a Conflict.
     let mut wrong_uid = c.get_request(ns, &a1).await.expect("get");
-    wrong_uid.metadata.uid = c.get_request(ns, &format!("rr-b1-{unique}")).await.expect("get b1").metadata.uid;
-    assert!(matches!(c.update_request_status(&wrong_uid).await.unwrap_err(), ApiError::Conflict(_)), "uid precondition");
+    wrong_uid.metadata.uid = c
+        .get_request(ns, &format!("rr-b1-{unique}"))
+        .await
+        .expect("get b1")
+        .metadata
+        .uid;
+    assert!(
+        matches!(
+            c.update_request_status(&wrong_uid).await.unwrap_err(),
+            ApiError::Conflict(_)
+        ),
+        "uid precondition"
+    );
 
     // A spec fingerprint that is not 64 hex characters is refused by validation.
     assert!(matches!(
@@ -217,9 +228,14 @@ async fn leases(c: &dyn Cluster, ns: &str, unique: &str) {
     let missing_name = format!("gw-lock-missing-{unique}");
     let mut missing = lease(ns, &missing_name, "a");
     missing.metadata.resource_version = Some(rv(&updated));
-    let recreated = c.update_lease(&missing).await.expect("update of a missing lease creates it");
+    let recreated = c
+        .update_lease(&missing)
+        .await
+        .expect("update of a missing lease creates it");
     assert_eq!(recreated.spec.as_ref().unwrap().holder_identity.as_deref(), Some("a"));
-    c.delete_lease(ns, &missing_name, &rv(&recreated)).await.expect("clean up");
+    c.delete_lease(ns, &missing_name, &rv(&recreated))
+        .await
+        .expect("clean up");
 }
 
 async fn metadata(c: &dyn Cluster, ns: &str) {
