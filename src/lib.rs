@@ -154,11 +154,6 @@ pub async fn serve(
             backoff_max: config.lock.backoff_max,
         },
     ));
-    let max_batch = if config.dedup.strategy == dedup::Strategy::AlwaysLock {
-        1
-    } else {
-        config.dedup.max_batch
-    };
     let pipeline = pipeline::Pipeline {
         resolver: target::OwnerResolver::new(
             cluster.clone(),
