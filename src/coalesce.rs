@@ -191,9 +191,13 @@ mod tests {
         let store = Arc::new(EmbeddedStore::new(clock.clone()));
         let gate = Arc::new(Semaphore::new(0));
         let writes = Arc::new(AtomicUsize::new(0));
-        let (g, w) = (gate.clone(), writes.clone());
+        let at_gate = Arc::new(AtomicUsize::new(0));
+        let (g, w, a) = (gate.clone(), writes.clone(), at_gate.clone());
         let cluster: Arc<dyn crate::cluster::Cluster> = Arc::new(Faulty::new(store.clone(), move |op| match op {
-            Op::CreateLease => Fault::Gate(g.clone()),
+            Op::CreateLease => {
+                a.fetch_add(1, Ordering::SeqCst);
+                Fault::Gate(g.clone())
+            }
             Op::UpdateRequestStatus => {
                 w.fetch_add(1, Ordering::SeqCst);
                 Fault::Pass
@@ -237,9 +241,13 @@ mod tests {
             tokio::spawn(async move { c.submit(fp, spec, deadline).await })
         };
         let first = submit(&coalescer);
-        // The first signal's worker is now blocked creating the lock; 99 more queue behind it.
-        let rest: Vec<_> = (0..99).map(|_| submit(&coalescer)).collect();
+        // Wait until the first signal's write is blocked creating the lock, then queue 99 more.
         let until = std::time::Instant::now() + Duration::from_secs(10);
+        while at_gate.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < until, "first write never started");
+            tokio::task::yield_now().await;
+        }
+        let rest: Vec<_> = (0..99).map(|_| submit(&coalescer)).collect();
         while coalescer.queued(&fp) < 99 {
             assert!(std::time::Instant::now() < until, "signals never queued");
             tokio::task::yield_now().await;
