@@ -47,13 +47,7 @@ impl Gateway {
 
     /// A gateway on `cluster` (a wrapper around an embedded store, for fault injection).
     pub async fn on(cluster: Arc<dyn Cluster>, store: Option<Arc<EmbeddedStore>>, config: Config) -> Self {
-        let deps = Deps {
-            cluster,
-            embedded: store,
-            clock: Arc::new(SystemClock),
-            registry: prometheus::Registry::new(),
-        };
-        Self::start(deps, config).await
+        Self::start(Deps::on(cluster, store, Arc::new(SystemClock)), config).await
     }
 
     pub async fn start(deps: Deps, config: Config) -> Self {
@@ -179,10 +173,7 @@ pub fn webhook(alerts: Vec<Value>) -> Value {
 
 pub fn fixture(name: &str) -> String {
     let local = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-    let shared = format!(
-        "{}/../shared/fixtures/alertmanager-0.25/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let shared = format!("{}/tests/fixtures/alertmanager-0.25/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read_to_string(&local)
         .or_else(|_| std::fs::read_to_string(&shared))
         .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
