@@ -83,6 +83,12 @@ pub trait Cluster: Send + Sync + 'static {
     /// `embedded` or `kubernetes`.
     fn backend_name(&self) -> &'static str;
 
+    /// True when the adapter records API request metrics itself (the kube client layer);
+    /// otherwise the port decorator records one request per call.
+    fn counts_own_requests(&self) -> bool {
+        false
+    }
+
     /// RemediationRequests in `namespace` whose `spec.signalFingerprint` equals `fingerprint`,
     /// read fresh (server-side field selector, no cache).
     async fn list_requests(&self, namespace: &str, fingerprint: &str) -> Result<Vec<RemediationRequest>>;

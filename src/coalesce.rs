@@ -34,6 +34,8 @@ pub struct Ack {
 
 struct Waiter {
     spec: RemediationRequestSpec,
+    /// The signal's span: the batch span is its child (first waiter) or linked to it.
+    span: tracing::Span,
     deadline: Instant,
     tx: oneshot::Sender<Result<Ack, DedupError>>,
 }
@@ -73,11 +75,21 @@ impl Coalescer {
         let (tx, rx) = oneshot::channel();
         let start_worker = match self.queues.lock().expect("queues poisoned").entry(fp.clone()) {
             Entry::Occupied(mut e) => {
-                e.get_mut().push(Waiter { spec, deadline, tx });
+                e.get_mut().push(Waiter {
+                    spec,
+                    span: tracing::Span::current(),
+                    deadline,
+                    tx,
+                });
                 false
             }
             Entry::Vacant(e) => {
-                e.insert(vec![Waiter { spec, deadline, tx }]);
+                e.insert(vec![Waiter {
+                    spec,
+                    span: tracing::Span::current(),
+                    deadline,
+                    tx,
+                }]);
                 true
             }
         };
@@ -121,7 +133,12 @@ impl Coalescer {
             let deadline = live.iter().map(|w| w.deadline).min().unwrap_or(first.deadline);
             let n = live.len();
             self.metrics.coalesced_batch.observe(n as f64);
-            let (result, calls) = tallied(self.dedup.process(&fp, n as u32, &first.spec, deadline)).await;
+            let batch_span = tracing::info_span!(parent: &first.span, "dedup.batch", size = n);
+            for w in &live[1..] {
+                batch_span.follows_from(&w.span);
+            }
+            let write = self.dedup.process(&fp, n as u32, &first.spec, deadline);
+            let (result, calls) = tallied(tracing::Instrument::instrument(write, batch_span)).await;
             let per_signal = f64::from(calls) / n as f64;
             match result {
                 Ok(written) => {

@@ -18,6 +18,7 @@ pub struct Config {
     pub dedup: Dedup,
     pub owner_resolution: OwnerResolution,
     pub logging: Logging,
+    pub tracing: Tracing,
     /// Who this replica is and where its objects live; from the environment, not the file.
     #[serde(skip)]
     pub identity: Identity,
@@ -112,6 +113,13 @@ pub struct Logging {
     pub level: String,
 }
 
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct Tracing {
+    /// OTLP/HTTP base URL (`/v1/traces` is appended); empty: off unless OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    pub otlp_endpoint: String,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Identity {
     /// Lease holder identity (POD_NAME).
@@ -191,6 +199,7 @@ impl Default for Config {
             dedup: Dedup::default(),
             owner_resolution: OwnerResolution::default(),
             logging: Logging::default(),
+            tracing: Tracing::default(),
             identity: Identity {
                 pod_name: "signal-gateway".into(),
                 pod_namespace: "default".into(),

@@ -189,11 +189,13 @@ impl Dedup {
                 if let Step::Done(w) = self.increment(fp, active, n, deadline).await? {
                     return Ok(*w);
                 }
+                self.metrics.retries.with_label_values(&["gone"]).inc();
                 continue;
             }
             if let Step::Done(w) = self.create_locked(fp, n, spec, deadline, true).await? {
                 return Ok(*w);
             }
+            self.metrics.retries.with_label_values(&["gone"]).inc();
         }
     }
 
@@ -208,6 +210,7 @@ impl Dedup {
             if let Step::Done(w) = self.create_locked(fp, n, spec, deadline, false).await? {
                 return Ok(*w);
             }
+            self.metrics.retries.with_label_values(&["gone"]).inc();
         }
     }
 
@@ -240,6 +243,7 @@ impl Dedup {
                 Ok(Attempt::Held { holder, expires_in }) => {
                     let pause = backoff(attempt, self.settings.backoff_initial, self.settings.backoff_max);
                     attempt += 1;
+                    self.metrics.retries.with_label_values(&["lock_contended"]).inc();
                     if Instant::now() + pause >= deadline {
                         self.lock_failed(started, "timeout");
                         return Err(DedupError::LockTimeout { holder, expires_in });
@@ -307,11 +311,18 @@ impl Dedup {
         };
         let created = match within(deadline, self.cluster.create_request(&rr)).await {
             Ok(created) => {
-                self.metrics.crds_created.with_label_values(&[&spec.signal_type]).inc();
+                // Labelled by ingestion source like the other signal metrics ("prometheus", not the
+                // spec's "prometheus-alert").
+                let source = match spec.signal_type.as_str() {
+                    "prometheus-alert" => "prometheus",
+                    other => other,
+                };
+                self.metrics.crds_created.with_label_values(&[source]).inc();
                 created
             }
             // Someone created it first (e.g. our lease expired under a paused process): count into it.
             Err(DedupError::Api(ApiError::AlreadyExists)) => {
+                self.metrics.retries.with_label_values(&["already_exists"]).inc();
                 match within(deadline, self.cluster.get_request(&self.settings.namespace, &name)).await {
                     Ok(theirs) => return self.increment(fp, theirs, n, deadline).await,
                     Err(DedupError::Api(ApiError::NotFound)) => return Ok(Step::Gone),
@@ -373,6 +384,7 @@ impl Dedup {
                 }
                 Err(DedupError::Api(ApiError::Conflict(_))) => {
                     self.metrics.status_conflicts.inc();
+                    self.metrics.retries.with_label_values(&["conflict"]).inc();
                     rr = match within(deadline, self.cluster.get_request(&self.settings.namespace, &name)).await {
                         Ok(fresh) => fresh,
                         Err(DedupError::Api(ApiError::NotFound)) => return Ok(Step::Gone),

@@ -62,17 +62,26 @@ pub struct Deps {
     pub embedded: Option<Arc<EmbeddedStore>>,
     pub clock: SharedClock,
     pub registry: prometheus::Registry,
+    pub metrics: metrics::Metrics,
 }
 
 impl Deps {
     /// An embedded store on `clock`.
     pub fn embedded(clock: SharedClock) -> Self {
         let store = Arc::new(EmbeddedStore::new(clock.clone()));
+        Self::on(store.clone(), Some(store), clock)
+    }
+
+    /// Any cluster adapter (tests wrap an embedded store to inject faults).
+    pub fn on(cluster: Arc<dyn Cluster>, embedded: Option<Arc<EmbeddedStore>>, clock: SharedClock) -> Self {
+        let registry = prometheus::Registry::new();
+        let metrics = metrics::Metrics::register(&registry).expect("metrics register once on a new registry");
         Deps {
-            cluster: store.clone(),
-            embedded: Some(store),
+            cluster,
+            embedded,
             clock,
-            registry: prometheus::Registry::new(),
+            registry,
+            metrics,
         }
     }
 
@@ -90,14 +99,17 @@ impl Deps {
             );
             return Ok(Deps::embedded(clock));
         }
-        let cluster = KubernetesCluster::connect(config.backend.api_timeout)
+        let registry = prometheus::Registry::new();
+        let metrics = metrics::Metrics::register(&registry)?;
+        let cluster = KubernetesCluster::connect(config.backend.api_timeout, metrics.clone())
             .await
             .context("connecting to the Kubernetes API server")?;
         Ok(Deps {
             cluster: Arc::new(cluster),
             embedded: None,
             clock,
-            registry: prometheus::Registry::new(),
+            registry,
+            metrics,
         })
     }
 }
@@ -127,7 +139,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let metrics = metrics::Metrics::register(&deps.registry)?;
+    let metrics = deps.metrics.clone();
     metrics
         .build_info
         .with_label_values(&[VERSION, deps.cluster.backend_name(), config.dedup.strategy.as_str()])

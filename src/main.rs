@@ -143,19 +143,26 @@ fn main() -> anyhow::Result<()> {
     }
     let (identity, warnings) = identity();
     config.identity = identity;
-    signal_gateway::telemetry::init(config.logging.format, &config.logging.level);
+    let telemetry = signal_gateway::telemetry::init(
+        config.logging.format,
+        &config.logging.level,
+        &config.tracing.otlp_endpoint,
+    )?;
     for w in warnings {
         tracing::warn!("{w}");
     }
     config.validate()?;
+    tracing::info!(enabled = telemetry.tracing_enabled(), "OTLP trace export");
 
-    tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
         .block_on(async move {
             let listeners = signal_gateway::Listeners::bind(&config).await?;
             signal_gateway::run(config, listeners, shutdown_signal()).await
-        })
+        });
+    telemetry.shutdown();
+    result
 }
 
 /// SIGTERM or SIGINT.

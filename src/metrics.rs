@@ -42,6 +42,7 @@ pub struct Metrics {
     pub api_calls_per_signal: Histogram,
 
     pub status_conflicts: IntCounter,
+    pub retries: IntCounterVec,
     pub occurrences: IntCounter,
     pub coalesced_batch: Histogram,
     pub hint_lookups: IntCounterVec,
@@ -230,6 +231,12 @@ impl Metrics {
                 "gateway_dedup_status_update_conflicts_total",
                 "Conditional status updates rejected with 409 Conflict (then retried).",
             )?,
+            retries: counter_vec(
+                r,
+                "gateway_dedup_retries_total",
+                "Retried deduplication steps: conflict (409 on the status update), already_exists (create lost a race), gone (RR turned terminal or vanished mid-decision), lock_contended (lease held by another replica).",
+                &["reason"],
+            )?,
             occurrences: counter(
                 r,
                 "gateway_dedup_occurrences_total",
@@ -260,9 +267,36 @@ impl Metrics {
                 g
             },
         };
+        m.initialise_known_series();
         #[cfg(target_os = "linux")]
         registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok((m, r.catalogue.take()))
+    }
+
+    /// Exports every series with a closed label set at zero from the start, so rates, ratios and
+    /// alerts see "0" rather than "no data" before the first event of a kind.
+    fn initialise_known_series(&self) {
+        let closed: [(&IntCounterVec, &[&str]); 7] = [
+            (
+                &self.dedup_decisions,
+                &["created", "duplicate", "ignored", "rejected", "failed"],
+            ),
+            (&self.lock_acquisitions, &["acquired", "contended", "takeover", "error"]),
+            (&self.lock_failures, &["timeout", "api_error"]),
+            (&self.lock_renewals, &["renewed", "lost", "error"]),
+            (&self.lock_releases, &["released", "gone", "lost", "error"]),
+            (&self.hint_lookups, &["hit", "stale", "miss"]),
+            (&self.retries, &["conflict", "already_exists", "gone", "lock_contended"]),
+        ];
+        for (vec, values) in closed {
+            for v in values {
+                vec.with_label_values(&[v]);
+            }
+        }
+        for source in ["prometheus", "kubernetes-event"] {
+            self.signals_deduplicated.with_label_values(&[source]);
+            self.crds_created.with_label_values(&[source]);
+        }
     }
 
     /// Prometheus text exposition of `registry`.

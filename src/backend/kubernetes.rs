@@ -15,8 +15,10 @@ use kube::api::{
 use kube::{Client, Config};
 use tokio::time::Instant;
 
+use crate::backend::metered::ApiMetricsLayer;
 use crate::cluster::{ApiError, Cluster, ObjectRef, Result};
 use crate::crd::{FINGERPRINT_FIELD, GROUP, RemediationRequest};
+use crate::metrics::Metrics;
 
 /// The permissions the gateway uses in its own namespace: (group, resource, verb).
 /// deploy/ grants exactly these; `/readyz` reports any that is missing.
@@ -33,6 +35,8 @@ pub const REQUIRED_PERMISSIONS: &[(&str, &str, &str)] = &[
 
 pub struct KubernetesCluster {
     client: Client,
+    /// The client carries the [`ApiMetricsLayer`] (false for clients built elsewhere).
+    counts_requests: bool,
     /// Until when the last permission review holds; permissions are re-checked at most this often.
     ready_until: Mutex<Option<Instant>>,
 }
@@ -42,14 +46,17 @@ const READY_CACHE: Duration = Duration::from_secs(30);
 impl KubernetesCluster {
     /// Connects the standard way (in-cluster, then `KUBECONFIG` / ~/.kube/config), with request
     /// timeouts so a hung API server turns into errors, not hung signals.
-    pub async fn connect(api_timeout: Duration) -> anyhow::Result<Self> {
+    pub async fn connect(api_timeout: Duration, metrics: Metrics) -> anyhow::Result<Self> {
         let mut config = Config::infer().await?;
         config.connect_timeout = Some(api_timeout.min(Duration::from_secs(5)));
         config.read_timeout = Some(api_timeout);
         config.write_timeout = Some(api_timeout);
-        let client = Client::try_from(config)?;
+        let client = kube::client::ClientBuilder::try_from(config)?
+            .with_layer(&ApiMetricsLayer::new(metrics))
+            .build();
         Ok(KubernetesCluster {
             client,
+            counts_requests: true,
             ready_until: Mutex::new(None),
         })
     }
@@ -58,6 +65,7 @@ impl KubernetesCluster {
     pub fn from_client(client: Client) -> Self {
         KubernetesCluster {
             client,
+            counts_requests: false,
             ready_until: Mutex::new(None),
         }
     }
@@ -121,6 +129,10 @@ fn api_resource(object: &ObjectRef) -> ApiResource {
 impl Cluster for KubernetesCluster {
     fn backend_name(&self) -> &'static str {
         "kubernetes"
+    }
+
+    fn counts_own_requests(&self) -> bool {
+        self.counts_requests
     }
 
     async fn list_requests(&self, namespace: &str, fingerprint: &str) -> Result<Vec<RemediationRequest>> {

@@ -1,17 +1,22 @@
-//! Counts and times every call that crosses the [`Cluster`] port (one call = one API request),
-//! labelled like the API server's own metrics (verb, resource, code). A drop guard records calls
-//! abandoned mid-flight (deadline, cancellation) with code `<cancelled>`, so no request escapes.
-//!
-//! It also feeds a per-task tally ([`tallied`]) so the pipeline can report API calls per signal.
+//! Observes every call that crosses the [`Cluster`] port (one call = one API request): a
+//! `k8s.request` span per call and the per-task tally behind "API calls per signal" ([`tallied`]).
+//! Request counters and latency (verb, resource, code, like the API server's own metrics) are
+//! recorded here for the embedded backend; the kubernetes backend records them in a tower layer
+//! inside the kube client ([`ApiMetricsLayer`]), so requests that bypass the port (readiness,
+//! permission reviews) are counted too. A drop guard records calls abandoned mid-flight
+//! (deadline, cancellation) with code `<cancelled>`, so no request escapes.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use async_trait::async_trait;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use tracing::Instrument;
 
 use crate::cluster::{
     Cluster, LEASE_RESOURCE, ObjectRef, RR_RESOURCE, RR_STATUS_RESOURCE, Result, resource_of_kind, verb,
@@ -30,13 +35,56 @@ pub async fn tallied<F: Future>(fut: F) -> (F::Output, u32) {
     (out, tally.load(Ordering::Relaxed))
 }
 
+/// Records one API request when dropped: counter by verb/resource/code and latency by verb/resource.
+pub struct ApiCallTimer {
+    metrics: Metrics,
+    verb: &'static str,
+    resource: String,
+    start: Instant,
+    /// Set when the answer arrives; still `None` on drop means the call was abandoned.
+    pub code: Option<String>,
+}
+
+impl ApiCallTimer {
+    pub fn start(metrics: &Metrics, verb: &'static str, resource: impl Into<String>) -> Self {
+        ApiCallTimer {
+            metrics: metrics.clone(),
+            verb,
+            resource: resource.into(),
+            start: Instant::now(),
+            code: None,
+        }
+    }
+
+    /// Records the call with the answer's code.
+    pub fn finish(mut self, code: impl Into<String>) {
+        self.code = Some(code.into());
+    }
+}
+
+impl Drop for ApiCallTimer {
+    fn drop(&mut self) {
+        let code = self.code.as_deref().unwrap_or("<cancelled>");
+        self.metrics
+            .api_requests
+            .with_label_values(&[self.verb, &self.resource, code])
+            .inc();
+        self.metrics
+            .api_duration
+            .with_label_values(&[self.verb, &self.resource])
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
 pub struct Metered {
     inner: Arc<dyn Cluster>,
-    metrics: Metrics,
+    /// None when the backend records its own requests.
+    metrics: Option<Metrics>,
 }
 
 impl Metered {
     pub fn new(inner: Arc<dyn Cluster>, metrics: Metrics) -> Self {
+        let metrics = (!inner.counts_own_requests()).then_some(metrics);
         Metered { inner, metrics }
     }
 
@@ -47,46 +95,23 @@ impl Metered {
         fut: impl Future<Output = Result<T>>,
     ) -> Result<T> {
         let _ = TALLY.try_with(|t| t.fetch_add(1, Ordering::Relaxed));
-        let mut timer = CallTimer {
-            metrics: &self.metrics,
-            verb,
-            resource,
-            start: Instant::now(),
-            code: None,
-        };
-        let out = fut.await;
-        timer.code = Some(match &out {
+        let span = tracing::info_span!("k8s.request", verb, resource, code = tracing::field::Empty);
+        let timer = self.metrics.as_ref().map(|m| ApiCallTimer::start(m, verb, resource));
+        let out = fut.instrument(span.clone()).await;
+        let code = match &out {
             Ok(_) => success_code(verb),
             Err(e) => e.code(),
-        });
+        };
+        span.record("code", code);
+        if let Some(t) = timer {
+            t.finish(code);
+        }
         out
     }
 }
 
 fn success_code(verb: &str) -> &'static str {
     if verb == verb::CREATE { "201" } else { "200" }
-}
-
-struct CallTimer<'a> {
-    metrics: &'a Metrics,
-    verb: &'static str,
-    resource: &'static str,
-    start: Instant,
-    code: Option<&'static str>,
-}
-
-impl Drop for CallTimer<'_> {
-    fn drop(&mut self) {
-        let code = self.code.unwrap_or("<cancelled>");
-        self.metrics
-            .api_requests
-            .with_label_values(&[self.verb, self.resource, code])
-            .inc();
-        self.metrics
-            .api_duration
-            .with_label_values(&[self.verb, self.resource])
-            .observe(self.start.elapsed().as_secs_f64());
-    }
 }
 
 #[async_trait]
@@ -144,5 +169,134 @@ impl Cluster for Metered {
     }
     async fn check_ready(&self, namespace: &str) -> std::result::Result<(), String> {
         self.inner.check_ready(namespace).await
+    }
+}
+
+/// Tower layer for the kube client: counts and times every HTTP request it sends.
+#[derive(Clone)]
+pub struct ApiMetricsLayer {
+    metrics: Metrics,
+}
+
+impl ApiMetricsLayer {
+    pub fn new(metrics: Metrics) -> Self {
+        ApiMetricsLayer { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for ApiMetricsLayer {
+    type Service = ApiMetricsService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        ApiMetricsService {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ApiMetricsService<S> {
+    inner: S,
+    metrics: Metrics,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for ApiMetricsService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = std::result::Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let verb = verb_of(&req);
+        let resource = resource_of_path(req.uri().path());
+        let timer = ApiCallTimer::start(&self.metrics, verb, resource);
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let out = fut.await;
+            timer.finish(match &out {
+                Ok(resp) => resp.status().as_u16().to_string(),
+                Err(_) => "<error>".to_owned(),
+            });
+            out
+        })
+    }
+}
+
+/// The API server's verb for a kube-rs request (kube tags each request with its operation).
+fn verb_of<B>(req: &http::Request<B>) -> &'static str {
+    let op = req.extensions().get::<&'static str>().copied().unwrap_or("");
+    match op {
+        "list" | "list_metadata" => verb::LIST,
+        "watch" | "watch_metadata" => "watch",
+        "delete_collection" => "deletecollection",
+        "delete" => verb::DELETE,
+        o if o.starts_with("create") => verb::CREATE,
+        o if o.starts_with("replace") => verb::UPDATE,
+        o if o.starts_with("patch") => "patch",
+        o if o.starts_with("get") => verb::GET,
+        _ => match *req.method() {
+            http::Method::POST => verb::CREATE,
+            http::Method::PUT => verb::UPDATE,
+            http::Method::PATCH => "patch",
+            http::Method::DELETE => verb::DELETE,
+            _ => verb::GET,
+        },
+    }
+}
+
+/// `resource` or `resource/subresource` from an API path such as
+/// `/apis/kubernaut.ai/v1alpha1/namespaces/ns/remediationrequests/name/status`.
+pub fn resource_of_path(path: &str) -> String {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let rest: &[&str] = match parts.first() {
+        Some(&"api") => parts.get(2..).unwrap_or(&[]),
+        Some(&"apis") => parts.get(3..).unwrap_or(&[]),
+        _ => return "other".into(),
+    };
+    let rest = if rest.first() == Some(&"namespaces") && rest.len() >= 3 {
+        &rest[2..]
+    } else {
+        rest
+    };
+    match rest {
+        [] => "other".into(),
+        [resource] | [resource, _] => (*resource).into(),
+        [resource, _, sub, ..] => format!("{resource}/{sub}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resource_of_path;
+
+    #[test]
+    fn resources_are_named_like_the_api_server_names_them() {
+        for (path, want) in [
+            (
+                "/apis/kubernaut.ai/v1alpha1/namespaces/sg/remediationrequests",
+                "remediationrequests",
+            ),
+            (
+                "/apis/kubernaut.ai/v1alpha1/namespaces/sg/remediationrequests/rr-1/status",
+                "remediationrequests/status",
+            ),
+            ("/apis/coordination.k8s.io/v1/namespaces/sg/leases/gw-lock-1", "leases"),
+            ("/api/v1/namespaces/shop/pods/p", "pods"),
+            (
+                "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                "selfsubjectaccessreviews",
+            ),
+            ("/api/v1/namespaces", "namespaces"),
+            ("/version", "other"),
+        ] {
+            assert_eq!(resource_of_path(path), want, "{path}");
+        }
     }
 }

@@ -5,9 +5,11 @@ pub mod admin;
 pub mod ingest;
 pub mod problem;
 
+use opentelemetry::trace::TraceContextExt as _;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
@@ -90,15 +92,33 @@ pub fn trace_id_from(traceparent: Option<&str>) -> String {
 /// Per request: trace id (header, span field), latency histogram by endpoint and code.
 async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let trace_id = trace_id_from(req.headers().get("traceparent").and_then(|v| v.to_str().ok()));
     let endpoint = req
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_owned();
     let method = req.method().as_str().to_owned();
+    let span = tracing::info_span!(
+        "http_request",
+        trace_id = tracing::field::Empty,
+        endpoint = %endpoint,
+        method = %method
+    );
+    // With OTLP export on, the span continues the caller's W3C trace (or starts one) and its
+    // OpenTelemetry trace id is the one we answer with; without it, the id comes from the
+    // traceparent header or is generated.
+    let parent = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&crate::telemetry::HeaderExtractor(req.headers()))
+    });
+    let _ = span.set_parent(parent);
+    let otel_trace = span.context().span().span_context().trace_id();
+    let trace_id = if otel_trace == opentelemetry::trace::TraceId::INVALID {
+        trace_id_from(req.headers().get("traceparent").and_then(|v| v.to_str().ok()))
+    } else {
+        otel_trace.to_string()
+    };
+    span.record("trace_id", trace_id.as_str());
     req.extensions_mut().insert(TraceId(trace_id.clone()));
-    let span = tracing::info_span!("http_request", trace_id = %trace_id, endpoint = %endpoint, method = %method);
     let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
     if let Ok(v) = HeaderValue::from_str(&trace_id) {
         resp.headers_mut().insert(TRACE_ID_HEADER, v);
