@@ -100,6 +100,8 @@ pub trait Cluster: Send + Sync + 'static {
 
     async fn create_lease(&self, lease: &Lease) -> Result<Lease>;
     async fn get_lease(&self, namespace: &str, name: &str) -> Result<Lease>;
+    /// Leases in `namespace` carrying the label `key=value` (for the sweep of orphaned locks).
+    async fn list_leases(&self, namespace: &str, label: (&str, &str)) -> Result<Vec<Lease>>;
     /// Replaces the lease; fails with Conflict unless `metadata.resourceVersion` is current.
     /// Like the API server, an update of a lease that does not exist creates it.
     async fn update_lease(&self, lease: &Lease) -> Result<Lease>;

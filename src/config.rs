@@ -63,6 +63,9 @@ pub struct Backend {
     /// Per-request timeout of Kubernetes API calls.
     #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
     pub api_timeout: Duration,
+    /// Most Kubernetes API requests in flight per replica; more wait in the replica. The kube
+    /// client speaks HTTP/1.1, so this also bounds its connections to the API server.
+    pub max_concurrent_requests: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -148,6 +151,7 @@ impl Default for Backend {
             namespace: None,
             cluster_id: String::new(),
             api_timeout: Duration::from_secs(4),
+            max_concurrent_requests: 32,
         }
     }
 }

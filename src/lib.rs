@@ -101,9 +101,13 @@ impl Deps {
         }
         let registry = prometheus::Registry::new();
         let metrics = metrics::Metrics::register(&registry)?;
-        let cluster = KubernetesCluster::connect(config.backend.api_timeout, metrics.clone())
-            .await
-            .context("connecting to the Kubernetes API server")?;
+        let cluster = KubernetesCluster::connect(
+            config.backend.api_timeout,
+            config.backend.max_concurrent_requests,
+            metrics.clone(),
+        )
+        .await
+        .context("connecting to the Kubernetes API server")?;
         Ok(Deps {
             cluster: Arc::new(cluster),
             embedded: None,
@@ -216,6 +220,9 @@ pub async fn serve(
         "signal-gateway started"
     );
 
+    let (stop_sweep, sweep_stopped) = watch::channel(false);
+    let sweeper = tokio::spawn(lock.clone().sweep_loop(sweep_stopped));
+
     let mut server_failed = None;
     tokio::select! {
         _ = shutdown => tracing::info!("shutdown requested; draining in-flight signals"),
@@ -232,6 +239,8 @@ pub async fn serve(
             }
         }
     }
+    let _ = stop_sweep.send(true);
+    let _ = sweeper.await;
     let released = lock.release_all().await;
     if released > 0 {
         tracing::info!(released, "released leases still held at shutdown");

@@ -23,6 +23,9 @@ use crate::cluster::{ApiError, Cluster, Result};
 use crate::fingerprint::Fingerprint;
 use crate::metrics::Metrics;
 
+/// Label on every lock Lease, so the sweep lists only ours.
+pub const LEASE_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "signal-gateway");
+
 /// Name of the lock Lease for a fingerprint.
 pub fn lease_name(fp: &Fingerprint) -> String {
     format!("gw-lock-{}", fp.short())
@@ -122,6 +125,7 @@ impl LeaseLock {
                 metadata: ObjectMeta {
                     name: Some(name.to_owned()),
                     namespace: Some(ns.clone()),
+                    labels: Some([(LEASE_LABEL.0.to_owned(), LEASE_LABEL.1.to_owned())].into()),
                     ..ObjectMeta::default()
                 },
                 spec: Some(self.spec(now, 0)),
@@ -283,6 +287,61 @@ impl LeaseLock {
             self.release_lease(name, &rv).await;
         }
         held.len()
+    }
+
+    /// Deletes lock Leases that expired more than one lease duration ago and that this replica
+    /// does not hold: the locks of a replica that crashed after creating its RR, which no signal
+    /// would ever need to take over. Each delete is conditioned on the resourceVersion read, so a
+    /// lease renewed or taken over in between is left alone. Returns how many were deleted.
+    pub async fn sweep_expired(&self) -> Result<usize> {
+        let c = &self.inner.cluster;
+        let ns = &self.inner.namespace;
+        let now = self.inner.clock.now();
+        let mut swept = 0;
+        for lease in c.list_leases(ns, LEASE_LABEL).await? {
+            let Some(name) = lease.metadata.name.clone() else {
+                continue;
+            };
+            if self.inner.held.lock().expect("held locks poisoned").contains_key(&name) {
+                continue;
+            }
+            let spec = lease.spec.clone().unwrap_or_default();
+            let Some(last) = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) else {
+                continue;
+            };
+            let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64);
+            if add(last.0, duration + self.inner.duration) > now {
+                continue;
+            }
+            let rv = lease.metadata.resource_version.clone().unwrap_or_default();
+            match c.delete_lease(ns, &name, &rv).await {
+                Ok(()) => {
+                    swept += 1;
+                    self.inner.metrics.lock_releases.with_label_values(&["swept"]).inc();
+                    tracing::info!(lease = %name, holder = spec.holder_identity.as_deref().unwrap_or_default(), "deleted orphaned lease");
+                }
+                Err(ApiError::NotFound | ApiError::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(swept)
+    }
+
+    /// Runs [`Self::sweep_expired`] every lease duration (first run after a random part of one,
+    /// so replicas spread out) until `stop` turns true.
+    pub async fn sweep_loop(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let period = self.inner.duration.max(Duration::from_secs(1));
+        let mut next = period.mul_f64(fastrand::f64());
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(next) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if let Err(e) = self.sweep_expired().await {
+                tracing::warn!(error = %e, "sweep of orphaned leases failed; retrying next period");
+            }
+            next = period;
+        }
     }
 
     /// Number of leases this replica holds now.
@@ -452,6 +511,49 @@ mod tests {
             }
             Attempt::Acquired(_) => panic!("b must not get a's live lock"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_deletes_only_our_leases_expired_for_over_a_lease_duration() {
+        let w = World::new();
+        let now = w.clock.now();
+        let orphan = |name: &str, labelled: bool| Lease {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                labels: labelled.then(|| [(LEASE_LABEL.0.to_owned(), LEASE_LABEL.1.to_owned())].into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some("crashed".into()),
+                lease_duration_seconds: Some(30),
+                renew_time: Some(MicroTime(now)),
+                ..LeaseSpec::default()
+            }),
+        };
+        w.store.create_lease(&orphan("gw-lock-orphan", true)).await.unwrap();
+        w.store.create_lease(&orphan("someone-elses", false)).await.unwrap();
+        let live = acquire(&w.replica("b")).await;
+        let sweeper = w.replica("c");
+        let names = || {
+            let mut n: Vec<String> = w
+                .store
+                .all_leases()
+                .into_iter()
+                .filter_map(|l| l.metadata.name)
+                .collect();
+            n.sort();
+            n
+        };
+
+        // Expired, but not yet for a whole lease duration: a slow holder may still be finishing.
+        tokio::time::advance(LEASE + Duration::from_secs(1)).await;
+        assert_eq!(sweeper.sweep_expired().await.unwrap(), 0);
+        tokio::time::advance(LEASE).await;
+        assert_eq!(sweeper.sweep_expired().await.unwrap(), 1);
+        // The live (renewed) lease and the lease without our label stay.
+        assert_eq!(names(), [lease_name(&fp()), "someone-elses".to_owned()]);
+        live.release().await;
     }
 
     #[tokio::test(start_paused = true)]

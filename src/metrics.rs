@@ -284,7 +284,7 @@ impl Metrics {
             (&self.lock_acquisitions, &["acquired", "contended", "takeover", "error"]),
             (&self.lock_failures, &["timeout", "api_error"]),
             (&self.lock_renewals, &["renewed", "lost", "error"]),
-            (&self.lock_releases, &["released", "gone", "lost", "error"]),
+            (&self.lock_releases, &["released", "gone", "lost", "error", "swept"]),
             (&self.hint_lookups, &["hit", "stale", "miss"]),
             (&self.retries, &["conflict", "already_exists", "gone", "lock_contended"]),
         ];

@@ -250,6 +250,23 @@ impl Cluster for EmbeddedStore {
             .ok_or(ApiError::NotFound)
     }
 
+    async fn list_leases(&self, namespace: &str, label: (&str, &str)) -> Result<Vec<Lease>> {
+        let st = self.state().await?;
+        Ok(st
+            .leases
+            .values()
+            .filter(|l| l.metadata.namespace.as_deref() == Some(namespace))
+            .filter(|l| {
+                l.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|m| m.get(label.0))
+                    .is_some_and(|v| v == label.1)
+            })
+            .cloned()
+            .collect())
+    }
+
     async fn update_lease(&self, lease: &Lease) -> Result<Lease> {
         let now = self.clock.now();
         let mut st = self.state().await?;

@@ -21,6 +21,7 @@ pub enum Op {
     UpdateRequestStatus,
     CreateLease,
     GetLease,
+    ListLeases,
     UpdateLease,
     DeleteLease,
     GetMetadata,
@@ -102,6 +103,10 @@ impl Cluster for Faulty {
     async fn get_lease(&self, namespace: &str, name: &str) -> Result<Lease> {
         self.apply(Op::GetLease).await?;
         self.inner.get_lease(namespace, name).await
+    }
+    async fn list_leases(&self, namespace: &str, label: (&str, &str)) -> Result<Vec<Lease>> {
+        self.apply(Op::ListLeases).await?;
+        self.inner.list_leases(namespace, label).await
     }
     async fn update_lease(&self, lease: &Lease) -> Result<Lease> {
         self.apply(Op::UpdateLease).await?;

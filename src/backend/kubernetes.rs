@@ -29,6 +29,7 @@ pub const REQUIRED_PERMISSIONS: &[(&str, &str, &str)] = &[
     (GROUP, "remediationrequests/status", "update"),
     ("coordination.k8s.io", "leases", "create"),
     ("coordination.k8s.io", "leases", "get"),
+    ("coordination.k8s.io", "leases", "list"),
     ("coordination.k8s.io", "leases", "update"),
     ("coordination.k8s.io", "leases", "delete"),
 ];
@@ -46,13 +47,16 @@ const READY_CACHE: Duration = Duration::from_secs(30);
 impl KubernetesCluster {
     /// Connects the standard way (in-cluster, then `KUBECONFIG` / ~/.kube/config), with request
     /// timeouts so a hung API server turns into errors, not hung signals.
-    pub async fn connect(api_timeout: Duration, metrics: Metrics) -> anyhow::Result<Self> {
+    pub async fn connect(api_timeout: Duration, max_in_flight: usize, metrics: Metrics) -> anyhow::Result<Self> {
         let mut config = Config::infer().await?;
         config.connect_timeout = Some(api_timeout.min(Duration::from_secs(5)));
         config.read_timeout = Some(api_timeout);
         config.write_timeout = Some(api_timeout);
         let client = kube::client::ClientBuilder::try_from(config)?
+            // Innermost: metrics see each request as the API server does (queueing excluded).
             .with_layer(&ApiMetricsLayer::new(metrics))
+            // A storm queues here instead of opening hundreds of TLS connections (HTTP/1.1).
+            .with_layer(&tower::limit::ConcurrencyLimitLayer::new(max_in_flight.max(1)))
             .build();
         Ok(KubernetesCluster {
             client,
@@ -104,7 +108,14 @@ pub fn map_error(e: kube::Error) -> ApiError {
             }
         }
         other => {
-            let text = other.to_string();
+            // The transport's own reason is in the source chain ("connection reset", ...).
+            let mut text = other.to_string();
+            let mut source = std::error::Error::source(&other);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
             if text.to_ascii_lowercase().contains("timed out") || text.to_ascii_lowercase().contains("timeout") {
                 ApiError::Timeout
             } else {
@@ -171,6 +182,15 @@ impl Cluster for KubernetesCluster {
 
     async fn get_lease(&self, namespace: &str, name: &str) -> Result<Lease> {
         self.leases(namespace).get(name).await.map_err(map_error)
+    }
+
+    async fn list_leases(&self, namespace: &str, label: (&str, &str)) -> Result<Vec<Lease>> {
+        let lp = ListParams::default().labels(&format!("{}={}", label.0, label.1));
+        self.leases(namespace)
+            .list(&lp)
+            .await
+            .map(|l| l.items)
+            .map_err(map_error)
     }
 
     async fn update_lease(&self, lease: &Lease) -> Result<Lease> {

@@ -147,6 +147,10 @@ impl Cluster for Metered {
         self.call(verb::GET, LEASE_RESOURCE, self.inner.get_lease(namespace, name))
             .await
     }
+    async fn list_leases(&self, namespace: &str, label: (&str, &str)) -> Result<Vec<Lease>> {
+        self.call(verb::LIST, LEASE_RESOURCE, self.inner.list_leases(namespace, label))
+            .await
+    }
     async fn update_lease(&self, lease: &Lease) -> Result<Lease> {
         self.call(verb::UPDATE, LEASE_RESOURCE, self.inner.update_lease(lease))
             .await
