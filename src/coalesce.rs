@@ -97,8 +97,12 @@ impl Coalescer {
             let this = self.clone();
             tokio::spawn(async move { this.drain(fp).await });
         }
-        // The worker answers by the deadline; the margin only guards against a stuck worker.
-        match tokio::time::timeout_at(deadline + Duration::from_secs(1), rx).await {
+        // The worker always answers: by the deadline, plus the grace of a write in flight, plus
+        // the lease release after a create (a delete, and a get + delete when our last renewal
+        // raced it, each bounded by the same API timeout). Giving up earlier would answer 503
+        // for a signal that is stored; this bound only guards against a stuck worker.
+        let margin = self.dedup.write_grace() * 4 + Duration::from_secs(1);
+        match tokio::time::timeout_at(deadline + margin, rx).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(DedupError::Internal("deduplication worker stopped".into())),
             Err(_) => Err(DedupError::DeadlineExceeded),
@@ -235,6 +239,7 @@ mod tests {
             strategy: Strategy::Optimistic,
             backoff_initial: Duration::from_millis(5),
             backoff_max: Duration::from_millis(50),
+            write_grace: Duration::from_millis(100),
         };
         let dedup = Arc::new(Dedup::new(cluster, lock, clock, metrics.clone(), settings));
         let coalescer = Coalescer::new(dedup, metrics, 1000);

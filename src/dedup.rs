@@ -109,6 +109,11 @@ pub struct Settings {
     pub strategy: Strategy,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// How long a create or status update already sent may run past the signal's deadline.
+    /// Abandoning a write in flight would answer 503 for a signal that may still be stored (and
+    /// then counted again when the sender retries); waiting for its real outcome, bounded by
+    /// the API request timeout, keeps "2xx if and only if stored" true.
+    pub write_grace: Duration,
 }
 
 pub struct Dedup {
@@ -309,7 +314,7 @@ impl Dedup {
             spec: spec.clone(),
             status: None,
         };
-        let created = match within(deadline, self.cluster.create_request(&rr)).await {
+        let created = match self.write(deadline, self.cluster.create_request(&rr)).await {
             Ok(created) => {
                 // Labelled by ingestion source like the other signal metrics ("prometheus", not the
                 // spec's "prometheus-alert").
@@ -368,7 +373,7 @@ impl Dedup {
                 last_seen_at: now,
                 occurrence_count: before + i64::from(n),
             });
-            match within(deadline, self.cluster.update_request_status(&next)).await {
+            match self.write(deadline, self.cluster.update_request_status(&next)).await {
                 Ok(updated) => {
                     self.metrics.occurrences.inc_by(u64::from(n));
                     let mut hints = self.hints.lock().expect("hints poisoned");
@@ -405,6 +410,22 @@ impl Dedup {
             }
         }
         unreachable!("the retry loop only ends by returning")
+    }
+}
+
+impl Dedup {
+    /// Upper bound on how long past its deadline a batch may take (see `Settings::write_grace`).
+    pub fn write_grace(&self) -> Duration {
+        self.settings.write_grace
+    }
+
+    /// Sends a write only while the deadline has not passed, then waits for its outcome up to
+    /// `write_grace` beyond the deadline instead of abandoning it mid-flight.
+    async fn write<T>(&self, deadline: Instant, fut: impl Future<Output = Result<T, ApiError>>) -> Result<T> {
+        if Instant::now() >= deadline {
+            return Err(DedupError::DeadlineExceeded);
+        }
+        within(deadline + self.settings.write_grace, fut).await
     }
 }
 
@@ -491,6 +512,7 @@ mod tests {
             strategy: Strategy::Optimistic,
             backoff_initial: Duration::from_millis(1),
             backoff_max: Duration::from_millis(10),
+            write_grace: Duration::from_millis(100),
         };
         (Dedup::new(cluster, lock, clock, metrics.clone(), settings), metrics)
     }

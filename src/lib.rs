@@ -168,6 +168,7 @@ pub async fn serve(
             strategy: config.dedup.strategy,
             backoff_initial: config.lock.backoff_initial,
             backoff_max: config.lock.backoff_max,
+            write_grace: config.backend.api_timeout,
         },
     ));
     let pipeline = pipeline::Pipeline {
