@@ -47,7 +47,16 @@ const READY_CACHE: Duration = Duration::from_secs(30);
 impl KubernetesCluster {
     /// Connects the standard way (in-cluster, then `KUBECONFIG` / ~/.kube/config), with request
     /// timeouts so a hung API server turns into errors, not hung signals.
+    /// Selects rustls' ring provider for the process. rustls picks one by itself only when
+    /// exactly one provider feature is compiled in, and feature unification (e.g. building with
+    /// the load-test crate, whose HTTP client brings aws-lc-rs) can compile in both.
+    pub fn install_crypto_provider() {
+        // Err means a provider is already installed, which is all we need.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+
     pub async fn connect(api_timeout: Duration, max_in_flight: usize, metrics: Metrics) -> anyhow::Result<Self> {
+        Self::install_crypto_provider();
         let mut config = Config::infer().await?;
         config.connect_timeout = Some(api_timeout.min(Duration::from_secs(5)));
         config.read_timeout = Some(api_timeout);

@@ -63,6 +63,7 @@ pub async fn client_for(kubeconfig: &PathBuf) -> kube::Client {
     let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .expect("kubeconfig valid");
+    signal_gateway::backend::kubernetes::KubernetesCluster::install_crypto_provider();
     kube::Client::try_from(config).expect("client")
 }
 
