@@ -26,6 +26,9 @@ struct State {
     last_rv: u64,
     last_uid: u64,
     requests: BTreeMap<Key, RemediationRequest>,
+    /// (namespace, fingerprint) -> RR names: the field-selected list without a scan (an API
+    /// server's cost grows with the namespace; the embedded store should not slow down with it).
+    by_fingerprint: HashMap<Key, Vec<String>>,
     leases: BTreeMap<Key, Lease>,
     objects: HashMap<ObjectRef, ObjectMeta>,
 }
@@ -175,12 +178,16 @@ impl Cluster for EmbeddedStore {
 
     async fn list_requests(&self, namespace: &str, fingerprint: &str) -> Result<Vec<RemediationRequest>> {
         let st = self.state().await?;
-        Ok(st
-            .requests
-            .range(key(namespace, "")..)
-            .take_while(|((ns, _), _)| ns == namespace)
-            .filter(|(_, rr)| rr.spec.signal_fingerprint == fingerprint)
-            .map(|(_, rr)| rr.clone())
+        let Some(names) = st.by_fingerprint.get(&key(namespace, fingerprint)) else {
+            return Ok(Vec::new());
+        };
+        let mut names = names.clone();
+        names.sort();
+        Ok(names
+            .iter()
+            .filter_map(|n| st.requests.get(&key(namespace, n)))
+            .filter(|rr| rr.spec.signal_fingerprint == fingerprint)
+            .cloned()
             .collect())
     }
 
@@ -209,6 +216,10 @@ impl Cluster for EmbeddedStore {
         }
         // Status is a subresource: a create never sets it.
         new.status = None;
+        st.by_fingerprint
+            .entry(key(&k.0, &new.spec.signal_fingerprint))
+            .or_default()
+            .push(k.1.clone());
         st.requests.insert(k, new.clone());
         Ok(new)
     }
