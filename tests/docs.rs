@@ -108,3 +108,68 @@ async fn every_metric_served_on_metrics_is_documented() {
     assert!(served >= 15, "only {served} gateway metrics served:\n{text}");
     gw.stop().await.unwrap();
 }
+
+/// Markdown files of the repository (not build output or dependencies).
+fn markdown_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if path.is_dir() {
+            if !name.starts_with('.') && !["target", "results", "node_modules"].contains(&name.as_str()) {
+                markdown_files(&path, out);
+            }
+        } else if name.ends_with(".md") {
+            out.push(path);
+        }
+    }
+}
+
+/// Targets of inline links `[text](target)` outside code blocks and code spans.
+fn link_targets(markdown: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut in_block = false;
+    for line in markdown.lines() {
+        if line.trim_start().starts_with("```") {
+            in_block = !in_block;
+            continue;
+        }
+        if in_block {
+            continue;
+        }
+        // Drop code spans so `a[i](x)`-like code is not read as a link.
+        let text: String = line.split('`').step_by(2).collect::<Vec<_>>().join(" ");
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("](") {
+            let after = &rest[i + 2..];
+            let Some(end) = after.find(')') else { break };
+            out.push(after[..end].trim().to_owned());
+            rest = &after[end..];
+        }
+    }
+    out
+}
+
+#[test]
+fn every_relative_link_in_docs_runbooks_and_readmes_resolves() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    markdown_files(&root, &mut files);
+    assert!(files.len() > 20, "markdown files found: {}", files.len());
+    let mut broken = Vec::new();
+    let mut checked = 0;
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for target in link_targets(&text) {
+            if target.contains("://") || target.starts_with('#') || target.starts_with("mailto:") {
+                continue;
+            }
+            let path = target.split('#').next().unwrap();
+            checked += 1;
+            if !file.parent().unwrap().join(path).exists() {
+                broken.push(format!("{}: {target}", file.strip_prefix(&root).unwrap().display()));
+            }
+        }
+    }
+    assert!(checked > 30, "relative links checked: {checked}");
+    assert!(broken.is_empty(), "broken relative links:\n{}", broken.join("\n"));
+}
