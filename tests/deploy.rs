@@ -141,3 +141,36 @@ fn the_production_overlay_runs_three_spread_replicas_that_keep_two_through_disru
     assert_eq!(pdb["spec"]["minAvailable"], 2);
     assert!(pdb["spec"].get("maxUnavailable").is_none());
 }
+
+#[test]
+fn the_monitoring_kustomization_renders_and_its_servicemonitor_selects_the_metrics_service() {
+    let env = testenv();
+    let out = Command::new(env.repo.join("target/testenv/bin/kubectl"))
+        .arg("kustomize")
+        .arg(env.repo.join("deploy/monitoring"))
+        .output()
+        .expect("kubectl runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for kind in ["kind: ServiceMonitor", "kind: PrometheusRule", "kind: ConfigMap"] {
+        assert!(text.contains(kind), "deploy/monitoring lacks {kind}");
+    }
+    // The ServiceMonitor's selector matches the labels of the metrics Service in the base.
+    let monitor: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(env.repo.join("deploy/monitoring/servicemonitor.yaml")).unwrap(),
+    )
+    .unwrap();
+    let items = dry_run("dev");
+    let service = find(&items, "Service", "signal-gateway-metrics");
+    for (k, v) in monitor["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(&service["metadata"]["labels"][k], v, "label {k}");
+    }
+    let port = monitor["spec"]["endpoints"][0]["port"].as_str().unwrap();
+    assert!(
+        service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == port)
+    );
+}
