@@ -73,23 +73,19 @@ impl Coalescer {
         deadline: Instant,
     ) -> Result<Ack, DedupError> {
         let (tx, rx) = oneshot::channel();
+        let waiter = Waiter {
+            spec,
+            span: tracing::Span::current(),
+            deadline,
+            tx,
+        };
         let start_worker = match self.queues.lock().expect("queues poisoned").entry(fp.clone()) {
             Entry::Occupied(mut e) => {
-                e.get_mut().push(Waiter {
-                    spec,
-                    span: tracing::Span::current(),
-                    deadline,
-                    tx,
-                });
+                e.get_mut().push(waiter);
                 false
             }
             Entry::Vacant(e) => {
-                e.insert(vec![Waiter {
-                    spec,
-                    span: tracing::Span::current(),
-                    deadline,
-                    tx,
-                }]);
+                e.insert(vec![waiter]);
                 true
             }
         };

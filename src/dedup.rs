@@ -29,6 +29,7 @@ use crate::crd::{Deduplication, RemediationRequest, RemediationRequestSpec, phas
 use crate::fingerprint::Fingerprint;
 use crate::lock::{Attempt, LeaseLock, LockGuard, backoff};
 use crate::metrics::Metrics;
+use crate::signal::Source;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -318,10 +319,8 @@ impl Dedup {
             Ok(created) => {
                 // Labelled by ingestion source like the other signal metrics ("prometheus", not the
                 // spec's "prometheus-alert").
-                let source = match spec.signal_type.as_str() {
-                    "prometheus-alert" => "prometheus",
-                    other => other,
-                };
+                let source =
+                    Source::from_signal_type(&spec.signal_type).map_or(spec.signal_type.as_str(), |s| s.as_str());
                 self.metrics.crds_created.with_label_values(&[source]).inc();
                 created
             }

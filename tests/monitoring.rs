@@ -322,6 +322,33 @@ async fn wait_ready(client: &reqwest::Client, url: &str, proc: &Proc) {
     }
 }
 
+/// Starts a Prometheus-family `tool` on `127.0.0.1:port` with `<dir>/<tool>.yml` (prometheus.yml,
+/// alertmanager.yml) and `extra` flags, logging to `<dir>/<tool>.log`; returns once `/-/ready`.
+async fn start_tool(
+    client: &reqwest::Client,
+    tool_name: &str,
+    dir: &Path,
+    port: u16,
+    extra: &[String],
+) -> (Proc, String) {
+    let short = tool_name.trim_start_matches("prometheus-");
+    let log = dir.join(format!("{short}.log"));
+    let proc = Proc(
+        Command::new(tool(tool_name))
+            .arg(format!("--config.file={}", dir.join(format!("{short}.yml")).display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{tool_name} starts: {e}")),
+        log,
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    wait_ready(client, &format!("{url}/-/ready"), &proc).await;
+    (proc, url)
+}
+
 async fn instant_query(client: &reqwest::Client, prometheus: &str, expr: &str) -> Result<Vec<f64>, String> {
     let resp = client
         .get(format!("{prometheus}/api/v1/query"))
@@ -396,20 +423,14 @@ scrape_configs:
     run(Command::new(tool("promtool"))
         .args(["check", "config"])
         .arg(dir.join("prometheus.yml")));
-    let log = dir.join("prometheus.log");
-    let prometheus = Proc(
-        Command::new(tool("prometheus"))
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("prometheus starts"),
-        log,
-    );
-    let prom = format!("http://127.0.0.1:{port}");
-    wait_ready(&client, &format!("{prom}/-/ready"), &prometheus).await;
+    let (prometheus, prom) = start_tool(
+        &client,
+        "prometheus",
+        &dir,
+        port,
+        &[format!("--storage.tsdb.path={}", dir.join("data").display())],
+    )
+    .await;
 
     // Traffic for as long as the queries are evaluated: a new incident, duplicates of a standing
     // one and an Alertmanager batch each round, so every rate and quantile has samples.
@@ -528,22 +549,18 @@ receivers:
         base = gw.base
     );
     std::fs::write(dir.join("alertmanager.yml"), config).unwrap();
-    let log = dir.join("alertmanager.log");
-    let am = Proc(
-        Command::new(tool("prometheus-alertmanager"))
-            .arg(format!("--config.file={}", dir.join("alertmanager.yml").display()))
-            .arg(format!("--storage.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg(format!("--cluster.listen-address=127.0.0.1:{cluster}"))
-            .arg("--log.level=debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("alertmanager starts"),
-        log,
-    );
-    let am_url = format!("http://127.0.0.1:{port}");
-    wait_ready(&client, &format!("{am_url}/-/ready"), &am).await;
+    let (am, am_url) = start_tool(
+        &client,
+        "prometheus-alertmanager",
+        &dir,
+        port,
+        &[
+            format!("--storage.path={}", dir.join("data").display()),
+            format!("--cluster.listen-address=127.0.0.1:{cluster}"),
+            "--log.level=debug".to_owned(),
+        ],
+    )
+    .await;
 
     let alert = |pod: &str, resolved: bool| {
         let now = jiff::Timestamp::now();

@@ -42,7 +42,7 @@ pub struct ApiCallTimer {
     resource: String,
     start: Instant,
     /// Set when the answer arrives; still `None` on drop means the call was abandoned.
-    pub code: Option<String>,
+    code: Option<String>,
 }
 
 impl ApiCallTimer {

@@ -26,6 +26,13 @@ impl Source {
         }
     }
 
+    /// The source whose `spec.signalType` is `signal_type`.
+    pub fn from_signal_type(signal_type: &str) -> Option<Self> {
+        [Source::Prometheus, Source::KubernetesEvent]
+            .into_iter()
+            .find(|s| s.signal_type() == signal_type)
+    }
+
     /// The `spec.signalType` value Kubernaut uses.
     pub fn signal_type(self) -> &'static str {
         match self {
@@ -133,6 +140,14 @@ pub fn validate_target(target: &TargetResource, cluster_scoped: bool) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_source_is_found_again_from_its_signal_type() {
+        for source in [Source::Prometheus, Source::KubernetesEvent] {
+            assert_eq!(Source::from_signal_type(source.signal_type()), Some(source));
+        }
+        assert_eq!(Source::from_signal_type("webhook"), None);
+    }
 
     #[test]
     fn truncate_respects_char_boundaries() {
