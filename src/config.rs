@@ -19,6 +19,9 @@ pub struct Config {
     pub owner_resolution: OwnerResolution,
     pub logging: Logging,
     pub tracing: Tracing,
+    pub auth: Auth,
+    pub scope: Scope,
+    pub freshness: Freshness,
     /// Who this replica is and where its objects live; from the environment, not the file.
     #[serde(skip)]
     pub identity: Identity,
@@ -39,6 +42,160 @@ pub struct Server {
     /// Drain deadline after SIGTERM; keep it below the pod's terminationGracePeriodSeconds.
     #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
     pub shutdown_timeout: Duration,
+    /// Largest request head (request line plus headers); larger ones are refused (431).
+    pub max_header_bytes: usize,
+    /// Most header fields in one request.
+    pub max_headers: usize,
+    /// Time a client has to send a request head (also the idle keep-alive limit); slower
+    /// connections are closed.
+    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    pub header_read_timeout: Duration,
+    /// Time a client has to send the whole request body; past it the answer is 408.
+    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    pub body_read_timeout: Duration,
+    /// TLS for both ports when set (PEM files, re-read when they change).
+    pub tls: Option<Tls>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Tls {
+    /// Certificate chain, PEM (leaf first).
+    pub cert_file: std::path::PathBuf,
+    /// Private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: std::path::PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Bearer tokens checked with TokenReview and authorized with a SubjectAccessReview.
+    #[default]
+    Kubernetes,
+    /// Bearer tokens listed in `auth.tokensFile`.
+    Static,
+    /// No authentication: anyone who reaches the port may create RemediationRequests.
+    None,
+}
+
+impl AuthMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Kubernetes => "kubernetes",
+            AuthMode::Static => "static",
+            AuthMode::None => "none",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct Auth {
+    pub mode: AuthMode,
+    /// `static`: file with one token per line (`#` comments); re-read when it changes.
+    pub tokens_file: Option<std::path::PathBuf>,
+    /// `kubernetes`: how long an allowed or denied token is remembered (keyed by its SHA-256).
+    #[serde(
+        rename = "cacheTTL",
+        deserialize_with = "duration",
+        serialize_with = "format_duration"
+    )]
+    pub cache_ttl: Duration,
+    /// `kubernetes`: how long an unknown (unauthenticated) token is remembered.
+    #[serde(
+        rename = "negativeCacheTTL",
+        deserialize_with = "duration",
+        serialize_with = "format_duration"
+    )]
+    pub negative_cache_ttl: Duration,
+    /// `kubernetes`: TokenReview audiences (empty: the API server's).
+    pub audiences: Vec<String>,
+    /// `kubernetes`: the permission a sender needs (SubjectAccessReview resource attributes).
+    pub authorization: AccessAttributes,
+}
+
+/// SubjectAccessReview resource attributes. The default (create on the Service
+/// `signal-gateway` in the gateway's namespace) follows Kubernaut's gateway.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct AccessAttributes {
+    pub verb: String,
+    pub group: String,
+    pub resource: String,
+    pub subresource: String,
+    pub name: String,
+    /// Empty: the gateway's namespace.
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct Scope {
+    /// Only act on targets opted in with the label `kubernaut.ai/managed=true` (on the target
+    /// or its namespace; `kubernaut.ai/managed=false` on the target opts it out).
+    pub require_managed_label: bool,
+    /// How long a label read is remembered.
+    #[serde(
+        rename = "cacheTTL",
+        deserialize_with = "duration",
+        serialize_with = "format_duration"
+    )]
+    pub cache_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct Freshness {
+    /// Signals timestamped further than this in the future are rejected (`future_timestamp`).
+    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    pub max_future_skew: Duration,
+    /// Signals older than this are rejected (`stale_signal`); `0s` turns the check off.
+    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    pub max_age: Duration,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            mode: AuthMode::Kubernetes,
+            tokens_file: None,
+            cache_ttl: Duration::from_secs(30),
+            negative_cache_ttl: Duration::from_secs(5),
+            audiences: Vec::new(),
+            authorization: AccessAttributes::default(),
+        }
+    }
+}
+
+impl Default for AccessAttributes {
+    fn default() -> Self {
+        AccessAttributes {
+            verb: "create".into(),
+            group: String::new(),
+            resource: "services".into(),
+            subresource: String::new(),
+            name: "signal-gateway".into(),
+            namespace: String::new(),
+        }
+    }
+}
+
+impl Default for Scope {
+    fn default() -> Self {
+        Scope {
+            require_managed_label: false,
+            cache_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for Freshness {
+    fn default() -> Self {
+        Freshness {
+            max_future_skew: Duration::from_secs(300),
+            max_age: Duration::ZERO,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -140,6 +297,11 @@ impl Default for Server {
             max_in_flight: 4096,
             request_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(20),
+            max_header_bytes: 16 * 1024,
+            max_headers: 64,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -204,6 +366,9 @@ impl Default for Config {
             owner_resolution: OwnerResolution::default(),
             logging: Logging::default(),
             tracing: Tracing::default(),
+            auth: Auth::default(),
+            scope: Scope::default(),
+            freshness: Freshness::default(),
             identity: Identity {
                 pod_name: "signal-gateway".into(),
                 pod_namespace: "default".into(),
@@ -254,6 +419,25 @@ impl Config {
             "namespace {:?} is not a valid namespace name",
             self.namespace()
         );
+        anyhow::ensure!(
+            self.server.max_header_bytes >= 1024 && self.server.max_headers >= 8,
+            "server.maxHeaderBytes must be at least 1024 and server.maxHeaders at least 8"
+        );
+        anyhow::ensure!(
+            self.server.header_read_timeout > Duration::ZERO && self.server.body_read_timeout > Duration::ZERO,
+            "server.headerReadTimeout and server.bodyReadTimeout must be positive"
+        );
+        match self.auth.mode {
+            AuthMode::Static => anyhow::ensure!(
+                self.auth.tokens_file.is_some(),
+                "auth.mode static needs auth.tokensFile"
+            ),
+            AuthMode::Kubernetes => anyhow::ensure!(
+                !self.auth.authorization.verb.is_empty() && !self.auth.authorization.resource.is_empty(),
+                "auth.authorization needs a verb and a resource"
+            ),
+            AuthMode::None => {}
+        }
         anyhow::ensure!(
             !self.identity.pod_name.is_empty(),
             "the pod name (POD_NAME) must not be empty"

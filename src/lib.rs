@@ -4,6 +4,8 @@
 //! through the [`cluster::Cluster`] port.
 #![forbid(unsafe_code)]
 
+pub mod admission;
+pub mod auth;
 pub mod backend;
 pub mod clock;
 pub mod cluster;
@@ -63,6 +65,8 @@ pub struct Deps {
     pub clock: SharedClock,
     pub registry: prometheus::Registry,
     pub metrics: metrics::Metrics,
+    /// TokenReview/SubjectAccessReview for `auth.mode: kubernetes` (set on the kubernetes backend).
+    pub reviewer: Option<Arc<dyn auth::Reviewer>>,
 }
 
 impl Deps {
@@ -82,6 +86,7 @@ impl Deps {
             clock,
             registry,
             metrics,
+            reviewer: None,
         }
     }
 
@@ -108,12 +113,14 @@ impl Deps {
         )
         .await
         .context("connecting to the Kubernetes API server")?;
+        let reviewer: Arc<dyn auth::Reviewer> = Arc::new(backend::review::KubeReviewer::new(cluster.client()));
         Ok(Deps {
             cluster: Arc::new(cluster),
             embedded: None,
             clock,
             registry,
             metrics,
+            reviewer: Some(reviewer),
         })
     }
 }
@@ -150,6 +157,14 @@ pub async fn serve(
         .set(1);
     let cluster: Arc<dyn Cluster> = Arc::new(Metered::new(deps.cluster.clone(), metrics.clone()));
     let namespace = config.namespace().to_owned();
+    let authenticator = Arc::new(auth::Authenticator::new(
+        &config.auth,
+        &namespace,
+        deps.reviewer.clone(),
+        metrics.clone(),
+    )?);
+    authenticator.watch_files();
+    let transport = http::server::Transport::from_config(&config.server, &metrics)?;
     let lock = lock::LeaseLock::new(
         cluster.clone(),
         deps.clock.clone(),
@@ -172,6 +187,8 @@ pub async fn serve(
         },
     ));
     let pipeline = pipeline::Pipeline {
+        freshness: admission::Freshness::new(&config.freshness),
+        scope: admission::Scope::new(cluster.clone(), &config.scope),
         resolver: target::OwnerResolver::new(
             cluster.clone(),
             config.owner_resolution.enabled,
@@ -191,7 +208,10 @@ pub async fn serve(
         embedded: deps.embedded.clone(),
         namespace: namespace.clone(),
         max_body_bytes: config.server.max_body_bytes,
+        body_read_timeout: config.server.body_read_timeout,
         request_timeout: config.server.request_timeout,
+        auth: authenticator,
+        tls: transport.is_tls(),
         in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
         max_in_flight: config.server.max_in_flight,
         shutting_down: AtomicBool::new(false),
@@ -201,23 +221,27 @@ pub async fn serve(
     let (stop_admin, mut admin_stopped) = watch::channel(false);
     let signals_addr = listeners.signals.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
-    let mut signals_server = tokio::spawn(
-        axum::serve(listeners.signals, http::signals_router(state.clone()))
-            .with_graceful_shutdown(async move {
-                let _ = signals_stopped.wait_for(|s| *s).await;
-            })
-            .into_future(),
-    );
-    let admin_server = tokio::spawn(
-        axum::serve(listeners.admin, http::admin::admin_router(state.clone()))
-            .with_graceful_shutdown(async move {
-                let _ = admin_stopped.wait_for(|s| *s).await;
-            })
-            .into_future(),
-    );
+    let mut signals_server = tokio::spawn(http::server::serve(
+        listeners.signals,
+        http::signals_router(state.clone()),
+        transport.clone(),
+        async move {
+            let _ = signals_stopped.wait_for(|s| *s).await;
+        },
+    ));
+    let admin_server = tokio::spawn(http::server::serve(
+        listeners.admin,
+        http::admin::admin_router(state.clone())
+            .layer(axum::middleware::from_fn_with_state(state.clone(), http::harden)),
+        transport.clone(),
+        async move {
+            let _ = admin_stopped.wait_for(|s| *s).await;
+        },
+    ));
     tracing::info!(
         signals = %signals_addr, admin = %admin_addr, backend = deps.cluster.backend_name(),
         namespace = %namespace, holder = %config.identity.pod_name, strategy = config.dedup.strategy.as_str(),
+        auth = config.auth.mode.as_str(), tls = transport.is_tls(),
         "signal-gateway started"
     );
 

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use signal_gateway::config::{BackendKind, Config, Identity, LogFormat, parse_duration};
+use signal_gateway::config::{AuthMode, BackendKind, Config, Identity, LogFormat, parse_duration};
 use signal_gateway::dedup::Strategy;
 
 #[derive(Parser)]
@@ -40,6 +40,10 @@ struct Cli {
     /// json or text.
     #[arg(long, global = true, value_parser = parse_log_format)]
     log_format: Option<LogFormat>,
+    /// Who may send signals: kubernetes (TokenReview + SubjectAccessReview, the default),
+    /// static (auth.tokensFile) or none (anyone; for a local trial).
+    #[arg(long, global = true, value_parser = parse_auth_mode)]
+    auth_mode: Option<AuthMode>,
 }
 
 #[derive(Subcommand)]
@@ -64,6 +68,15 @@ fn parse_strategy(s: &str) -> Result<Strategy, String> {
         "optimistic" => Ok(Strategy::Optimistic),
         "always-lock" => Ok(Strategy::AlwaysLock),
         _ => Err("expected optimistic or always-lock".into()),
+    }
+}
+
+fn parse_auth_mode(s: &str) -> Result<AuthMode, String> {
+    match s {
+        "kubernetes" => Ok(AuthMode::Kubernetes),
+        "static" => Ok(AuthMode::Static),
+        "none" => Ok(AuthMode::None),
+        _ => Err("expected kubernetes, static or none".into()),
     }
 }
 
@@ -140,6 +153,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(f) = cli.log_format {
         config.logging.format = f;
+    }
+    if let Some(m) = cli.auth_mode {
+        config.auth.mode = m;
     }
     let (identity, warnings) = identity();
     config.identity = identity;

@@ -29,6 +29,12 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     pub batch_size: Histogram,
 
+    pub auth_requests: IntCounterVec,
+    pub auth_cache: IntCounterVec,
+    pub signals_rejected: IntCounterVec,
+    pub scope_decisions: IntCounterVec,
+    pub file_reloads: IntCounterVec,
+
     pub lock_acquisitions: IntCounterVec,
     pub lock_failures: IntCounterVec,
     pub lock_wait: Histogram,
@@ -168,6 +174,37 @@ impl Metrics {
                 SIZE_BUCKETS,
             )?,
 
+            auth_requests: counter_vec(
+                r,
+                "gateway_auth_requests_total",
+                "Signals API requests by authentication mode and result: allowed, unauthenticated (401), forbidden (403), error (503, the review API failed).",
+                &["mode", "result"],
+            )?,
+            auth_cache: counter_vec(
+                r,
+                "gateway_auth_cache_lookups_total",
+                "TokenReview/SubjectAccessReview cache lookups: hit (no API call) or miss.",
+                &["result"],
+            )?,
+            signals_rejected: counter_vec(
+                r,
+                "gateway_signals_rejected_total",
+                "Signals answered rejected by the admission checks, by reason: future_timestamp, stale_signal, invalid_timestamp, unmanaged_resource.",
+                &["reason"],
+            )?,
+            scope_decisions: counter_vec(
+                r,
+                "gateway_scope_decisions_total",
+                "Scope checks (scope.requireManagedLabel): managed, unmanaged, error (label read failed; answered 503).",
+                &["result"],
+            )?,
+            file_reloads: counter_vec(
+                r,
+                "gateway_file_reloads_total",
+                "Re-reads of changed files (tls_certificate, auth_tokens) by result: ok, error (the old contents stay in use).",
+                &["file", "result"],
+            )?,
+
             lock_acquisitions: counter_vec(
                 r,
                 "gateway_lock_acquisitions_total",
@@ -276,7 +313,7 @@ impl Metrics {
     /// Exports every series with a closed label set at zero from the start, so rates, ratios and
     /// alerts see "0" rather than "no data" before the first event of a kind.
     fn initialise_known_series(&self) {
-        let closed: [(&IntCounterVec, &[&str]); 7] = [
+        let closed: [(&IntCounterVec, &[&str]); 10] = [
             (
                 &self.dedup_decisions,
                 &["created", "duplicate", "ignored", "rejected", "failed"],
@@ -287,10 +324,26 @@ impl Metrics {
             (&self.lock_releases, &["released", "gone", "lost", "error", "swept"]),
             (&self.hint_lookups, &["hit", "stale", "miss"]),
             (&self.retries, &["conflict", "already_exists", "gone", "lock_contended"]),
+            (&self.auth_cache, &["hit", "miss"]),
+            (
+                &self.signals_rejected,
+                &[
+                    "future_timestamp",
+                    "stale_signal",
+                    "invalid_timestamp",
+                    "unmanaged_resource",
+                ],
+            ),
+            (&self.scope_decisions, &["managed", "unmanaged", "error"]),
         ];
         for (vec, values) in closed {
             for v in values {
                 vec.with_label_values(&[v]);
+            }
+        }
+        for file in ["tls_certificate", "auth_tokens"] {
+            for result in ["ok", "error"] {
+                self.file_reloads.with_label_values(&[file, result]);
             }
         }
         for source in ["prometheus", "kubernetes-event"] {

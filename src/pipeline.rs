@@ -6,6 +6,7 @@ use std::time::Instant as StdInstant;
 
 use tokio::time::Instant;
 
+use crate::admission::{Freshness, Scope, UNMANAGED_RESOURCE};
 use crate::backend::metered::tallied;
 use crate::clock::{SharedClock, rfc3339};
 use crate::coalesce::{Ack, Coalescer};
@@ -44,6 +45,8 @@ impl Outcome {
 
 pub struct Pipeline {
     pub resolver: OwnerResolver,
+    pub freshness: Freshness,
+    pub scope: Scope,
     pub coalescer: Arc<Coalescer>,
     pub clock: SharedClock,
     pub metrics: Metrics,
@@ -67,20 +70,58 @@ impl Pipeline {
         Outcome::Skipped(skip)
     }
 
+    /// Records a signal the admission checks (freshness, scope) rejected.
+    fn rejected(&self, source: Source, severity: &str, skip: Skip) -> Outcome {
+        self.metrics.signals_rejected.with_label_values(&[skip.reason()]).inc();
+        self.skipped(source, severity, skip)
+    }
+
     #[tracing::instrument(name = "signal", skip_all, fields(
         source = signal.source.as_str(), signal_name = %signal.name, fingerprint = tracing::field::Empty,
         outcome = tracing::field::Empty, rr_name = tracing::field::Empty, api_calls = tracing::field::Empty))]
     pub async fn process(&self, signal: Signal, deadline: Instant) -> Outcome {
         let started = StdInstant::now();
+        if let Err(skip) = self.freshness.check(&signal, self.clock.now()) {
+            tracing::Span::current().record("outcome", skip.status());
+            return self.rejected(signal.source, &signal.severity, skip);
+        }
         let m = &self.metrics;
         m.signals_received
             .with_label_values(&[signal.source.as_str(), &signal.severity])
             .inc();
         m.signals_in_flight.inc();
-        let (target, owner_calls) = tallied(self.resolver.resolve(signal.target.clone())).await;
+        let (target, mut owner_calls) = tallied(self.resolver.resolve(signal.target.clone())).await;
         let fingerprint = Fingerprint::of(&self.cluster_id, &target);
         let span = tracing::Span::current();
         span.record("fingerprint", fingerprint.as_str());
+        if self.scope.enabled() {
+            let (managed, scope_calls) = tallied(self.scope.is_managed(&target)).await;
+            // Label reads count with the owner reads: both happen before the dedup write.
+            owner_calls += scope_calls;
+            let calls = f64::from(owner_calls);
+            let outcome = match managed {
+                Ok(true) => {
+                    m.scope_decisions.with_label_values(&["managed"]).inc();
+                    None
+                }
+                Ok(false) => {
+                    m.scope_decisions.with_label_values(&["unmanaged"]).inc();
+                    m.signals_rejected.with_label_values(&[UNMANAGED_RESOURCE]).inc();
+                    Some(Outcome::Skipped(Skip::Rejected(UNMANAGED_RESOURCE.into())))
+                }
+                Err(e) => {
+                    m.scope_decisions.with_label_values(&["error"]).inc();
+                    tracing::warn!(error = %e, "could not read the managed label; answering 503");
+                    Some(Outcome::Failed {
+                        fingerprint: Some(fingerprint.clone()),
+                        error: DedupError::Api(e),
+                    })
+                }
+            };
+            if let Some(outcome) = outcome {
+                return self.finish(outcome, calls, started);
+            }
+        }
         let spec = RemediationRequestSpec {
             signal_fingerprint: fingerprint.to_string(),
             signal_name: signal.name,
@@ -119,6 +160,13 @@ impl Pipeline {
                 )
             }
         };
+        self.finish(outcome, calls, started)
+    }
+
+    /// Metrics, span fields and log line of a processed signal.
+    fn finish(&self, outcome: Outcome, calls: f64, started: StdInstant) -> Outcome {
+        let m = &self.metrics;
+        let span = tracing::Span::current();
         let label = outcome.label();
         span.record("outcome", label);
         span.record("api_calls", calls);
@@ -128,7 +176,10 @@ impl Pipeline {
             .with_label_values(&[label])
             .observe(started.elapsed().as_secs_f64());
         m.signals_in_flight.dec();
-        tracing::info!(outcome = label, "signal processed");
+        match &outcome {
+            Outcome::Skipped(skip) => tracing::info!(outcome = label, reason = skip.reason(), "signal processed"),
+            _ => tracing::info!(outcome = label, "signal processed"),
+        }
         outcome
     }
 }

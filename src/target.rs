@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::cluster::{ApiError, Cluster, ObjectRef};
 use crate::crd::TargetResource;
+use crate::signal::{is_valid_api_version, is_valid_object_name};
 
 /// Kinds whose controller owner we follow, and the owner kinds we accept.
 const FOLLOW: &[(&str, &[&str])] = &[
@@ -92,11 +93,17 @@ impl OwnerResolver {
                     .map(|(_, o)| *o)
                     .unwrap_or(&[]);
                 meta.owner_references.unwrap_or_default().into_iter().find_map(|o| {
-                    (o.controller == Some(true) && accepted.contains(&o.kind.as_str())).then(|| TargetResource {
-                        kind: o.kind,
-                        name: o.name,
-                        namespace: obj.namespace.clone(),
-                        api_version: o.api_version,
+                    // Found by fuzzing: an ownerReference's name and apiVersion are only required
+                    // to be non-empty, and they become the target's identity and an API URL path.
+                    let usable = is_valid_object_name(&o.name)
+                        && (o.api_version.is_empty() || is_valid_api_version(&o.api_version));
+                    (o.controller == Some(true) && accepted.contains(&o.kind.as_str()) && usable).then(|| {
+                        TargetResource {
+                            kind: o.kind,
+                            name: o.name,
+                            namespace: obj.namespace.clone(),
+                            api_version: o.api_version,
+                        }
                     })
                 })
             }
@@ -113,7 +120,7 @@ impl OwnerResolver {
     }
 }
 
-fn default_api_version(kind: &str) -> &'static str {
+pub(crate) fn default_api_version(kind: &str) -> &'static str {
     match kind {
         "ReplicaSet" | "Deployment" | "StatefulSet" | "DaemonSet" => "apps/v1",
         "Job" | "CronJob" => "batch/v1",

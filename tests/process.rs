@@ -36,6 +36,8 @@ fn the_binary_serves_on_the_embedded_backend_and_drains_on_sigterm() {
             &format!("127.0.0.1:{port}"),
             "--admin-listen",
             &format!("127.0.0.1:{admin}"),
+            "--auth-mode",
+            "none",
         ])
         .env_remove("KUBECONFIG")
         .env_remove("KUBERNETES_SERVICE_HOST")
@@ -94,9 +96,41 @@ fn the_binary_serves_on_the_embedded_backend_and_drains_on_sigterm() {
         .expect("start line");
     let parsed: serde_json::Value = serde_json::from_str(started).expect("logs are JSON");
     assert_eq!(parsed["backend"], "embedded");
+    assert_eq!(parsed["auth"], "none");
+    assert!(
+        log.iter()
+            .any(|l| l.contains("WARN") && l.contains("auth.mode is none")),
+        "running without authentication is announced as a warning"
+    );
     assert!(
         log.iter().any(|l| l.contains("\"trace_id\"")),
         "signal logs carry trace ids"
     );
     assert!(log.iter().any(|l| l.contains("stopped")));
+}
+
+#[test]
+fn authentication_is_never_off_unless_configured_so() {
+    // Default auth.mode is kubernetes, which the embedded backend cannot serve: refuse to start
+    // and say how to run without authentication, instead of silently letting everyone in.
+    let out = Command::new(env!("CARGO_BIN_EXE_signal-gateway"))
+        .args([
+            "serve",
+            "--backend",
+            "embedded",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env("POD_NAME", "gw-proc")
+        .env("POD_NAMESPACE", "signals")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "must not start without an authentication decision"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("auth.mode") && stderr.contains("none"), "{stderr}");
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::testenv::{Replica, admin, requests_for, testenv, testenv_cmd, unique};
+use common::testenv::{Replica, admin, requests_for, sender, testenv, testenv_cmd, unique};
 use common::{count_of, eventually, pod_alert, webhook};
 use reqwest::StatusCode;
 use signal_gateway::crd::TargetResource;
@@ -17,10 +17,27 @@ async fn api_server_down_means_fast_503s_and_unready_then_recovery_without_resta
     let replicas: Vec<Replica> = (0..3)
         .map(|i| Replica::start(&format!("outage-{}-{i}", unique()), config))
         .collect();
+    // One more replica authenticating senders with TokenReview (auth.mode: kubernetes).
+    let authenticating = Replica::start(
+        &format!("outage-auth-{}", unique()),
+        &format!(
+            "auth:\n  mode: kubernetes\n{}",
+            config.replace("logging:\n  format: json\n", "")
+        ),
+    );
     let client = reqwest::Client::new();
-    for r in &replicas {
+    for r in replicas.iter().chain([&authenticating]) {
         r.wait_ready(&client).await;
     }
+    let token = sender(true);
+    let authenticated = |ns: &str| {
+        client
+            .post(format!("{}/api/v1/signals/prometheus", authenticating.base))
+            .bearer_auth(&token)
+            .json(&webhook(vec![pod_alert(ns, "web")]))
+            .send()
+    };
+    let auth_ns = format!("shop-auth-{}", unique());
     let ns = format!("shop-{}", unique());
     let pods = ["a", "b", "c", "d"];
     let mut acked = 0usize;
@@ -39,6 +56,11 @@ async fn api_server_down_means_fast_503s_and_unready_then_recovery_without_resta
 
     testenv_cmd(&["stop-apiserver"]);
     let guard = RestartOnDrop;
+    // The token was never reviewed: with the review API down the answer is 503, not 401.
+    let r = authenticated(&auth_ns).await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "TokenReview unreachable");
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
     let started = Instant::now();
     let answers = futures::future::join_all((0..12).map(send)).await;
     for r in &answers {
@@ -75,6 +97,18 @@ async fn api_server_down_means_fast_503s_and_unready_then_recovery_without_resta
         assert!(r.status().is_success(), "after recovery: {}", r.status());
         acked += 1;
     }
+    eventually(
+        Duration::from_secs(10),
+        "the token is accepted after recovery",
+        || async { authenticated(&auth_ns).await.ok()?.status().is_success().then_some(()) },
+    )
+    .await;
+    assert!(
+        authenticating
+            .metric(&client, "gateway_auth_requests_total", &["result=\"error\""])
+            .await
+            >= 1.0
+    );
     let admin = admin().await;
     let mut stored = 0;
     for pod in pods {

@@ -105,6 +105,8 @@ async fn created_and_duplicate_signals_each_export_a_complete_span_tree() {
             &format!("127.0.0.1:{port}"),
             "--admin-listen",
             &format!("127.0.0.1:{admin}"),
+            "--auth-mode",
+            "none",
         ])
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp)
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")

@@ -83,6 +83,11 @@ impl KubernetesCluster {
         }
     }
 
+    /// The client (with its metrics layer), for the token and access reviews.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     fn requests(&self, namespace: &str) -> Api<RemediationRequest> {
         Api::namespaced(self.client.clone(), namespace)
     }
@@ -227,8 +232,12 @@ impl Cluster for KubernetesCluster {
     }
 
     async fn get_metadata(&self, object: &ObjectRef) -> Result<ObjectMeta> {
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(self.client.clone(), &object.namespace, &api_resource(object));
+        // Cluster-scoped objects (Namespaces, for the scope check) have no namespace.
+        let api: Api<DynamicObject> = if object.namespace.is_empty() {
+            Api::all_with(self.client.clone(), &api_resource(object))
+        } else {
+            Api::namespaced_with(self.client.clone(), &object.namespace, &api_resource(object))
+        };
         api.get_metadata(&object.name)
             .await
             .map(|m| m.metadata)

@@ -5,3 +5,4 @@ pub mod embedded;
 pub mod faults;
 pub mod kubernetes;
 pub mod metered;
+pub mod review;

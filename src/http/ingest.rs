@@ -132,7 +132,19 @@ async fn read_json_body(state: &AppState, req: Request) -> Result<Bytes, Problem
         return Err(Problem::too_large(limit, &path));
     }
     let body: Body = req.into_body();
-    match Limited::new(body, limit).collect().await {
+    let read = tokio::time::timeout(state.body_read_timeout, Limited::new(body, limit).collect());
+    let Ok(collected) = read.await else {
+        // A body that stalls may be network trouble: transient, so the sender retries.
+        return Err(Problem::unavailable(
+            format!(
+                "the request body did not arrive within {} s",
+                state.body_read_timeout.as_secs_f64()
+            ),
+            Duration::from_secs(1),
+            &path,
+        ));
+    };
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             Err(Problem::too_large(limit, &path))

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod ingest;
 pub mod problem;
+pub mod server;
 
 use opentelemetry::trace::TraceContextExt as _;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use tokio::sync::Semaphore;
 
+use crate::auth::{Authenticator, Verdict};
 use crate::backend::embedded::EmbeddedStore;
 use crate::cluster::Cluster;
 use crate::metrics::Metrics;
@@ -26,6 +28,7 @@ use crate::pipeline::Pipeline;
 use problem::Problem;
 
 pub const TRACE_ID_HEADER: &str = "x-trace-id";
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Shared by every handler.
 pub struct AppState {
@@ -36,7 +39,12 @@ pub struct AppState {
     pub embedded: Option<Arc<EmbeddedStore>>,
     pub namespace: String,
     pub max_body_bytes: usize,
+    /// Time a client has to send the body (408 beyond).
+    pub body_read_timeout: Duration,
     pub request_timeout: Duration,
+    pub auth: Arc<Authenticator>,
+    /// Both ports serve TLS (adds Strict-Transport-Security).
+    pub tls: bool,
     /// One permit per signal being processed.
     pub in_flight: Arc<Semaphore>,
     pub max_in_flight: usize,
@@ -53,9 +61,83 @@ pub fn signals_router(state: Arc<AppState>) -> Router {
             "/api/v1/signals/kubernetes-event",
             post(ingest::kubernetes_event).fallback(method_not_allowed),
         )
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), harden))
         .with_state(state)
+}
+
+/// Lets the request through only with credentials `auth.mode` accepts; 401/403 otherwise, 503
+/// when the review API cannot answer. Runs before the body is read.
+async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_owned();
+    match state.auth.check(req.headers()).await {
+        Ok(Verdict::Allowed { user }) => {
+            tracing::Span::current().record("user", user.as_str());
+            next.run(req).await
+        }
+        Ok(Verdict::Unauthenticated(why)) => {
+            tracing::info!(reason = why, "request refused: not authenticated");
+            let mut resp = Problem::unauthorized(why, &path).into_response();
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"signal-gateway\""),
+            );
+            resp
+        }
+        Ok(Verdict::Forbidden { user, reason }) => {
+            tracing::info!(user = %user, reason = %reason, "request refused: not authorized");
+            Problem::forbidden(format!("{user} may not send signals: {reason}"), &path).into_response()
+        }
+        Err(e) => Problem::unavailable(e.to_string(), Duration::from_secs(1), &path).into_response(),
+    }
+}
+
+/// Headers every response of both ports carries: no sniffing, framing, caching or referrers;
+/// HSTS on TLS. Also echoes a well-formed `X-Request-Id` or generates one.
+pub async fn harden(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let request_id = req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| valid_request_id(v))
+        .map_or_else(
+            || format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+            str::to_owned,
+        );
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        req.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    let span = tracing::info_span!("request", request_id = %request_id);
+    let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        h.insert(REQUEST_ID_HEADER, v);
+    }
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+    );
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    h.entry(axum::http::header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    if state.tls {
+        h.insert(
+            "strict-transport-security",
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
+    resp
+}
+
+/// 1-128 characters of `[A-Za-z0-9._:-]` (anything else is replaced, never echoed).
+fn valid_request_id(v: &str) -> bool {
+    (1..=128).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 async fn not_found(req: Request) -> Response {
@@ -101,6 +183,7 @@ async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Nex
     let span = tracing::info_span!(
         "http_request",
         trace_id = tracing::field::Empty,
+        user = tracing::field::Empty,
         endpoint = %endpoint,
         method = %method
     );

@@ -76,6 +76,20 @@ impl Problem {
         )
     }
 
+    pub fn unauthorized(detail: impl Into<String>, instance: &str) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Authentication required",
+            detail,
+            instance,
+        )
+    }
+
+    pub fn forbidden(detail: impl Into<String>, instance: &str) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail, instance)
+    }
+
     pub fn not_found(instance: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{ParseError, Signal, Skip, Source, truncate, validate_target};
+use super::{ParseError, Signal, Skip, Source, is_valid_api_version, truncate, validate_target};
 use crate::crd::{ORIGINAL_PAYLOAD_MAX, TargetResource};
 
 #[derive(Debug, Deserialize)]
@@ -36,6 +36,11 @@ struct Event {
     #[serde(default)]
     event_time: Option<String>,
     #[serde(default)]
+    last_timestamp: Option<String>,
+    /// events.k8s.io/v1 and core/v1 event series (repeated events).
+    #[serde(default)]
+    series: Option<EventSeries>,
+    #[serde(default)]
     metadata: Option<Metadata>,
 }
 
@@ -50,6 +55,13 @@ struct ObjectReference {
     namespace: String,
     #[serde(default)]
     api_version: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EventSeries {
+    #[serde(default)]
+    last_observed_time: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,6 +110,10 @@ pub fn parse(body: &[u8]) -> Result<Result<Signal, Skip>, ParseError> {
     if !object.kind.bytes().all(|b| b.is_ascii_alphanumeric()) || object.kind.len() > 63 {
         return Ok(Err(Skip::Rejected("invalid_target_kind".into())));
     }
+    // Found by fuzzing: any string passed, and owner resolution builds an API URL from it.
+    if !object.api_version.is_empty() && !is_valid_api_version(&object.api_version) {
+        return Ok(Err(Skip::Rejected("invalid_target_api_version".into())));
+    }
     let cluster_scoped = CLUSTER_SCOPED.contains(&object.kind.as_str());
     let target = TargetResource {
         namespace: if cluster_scoped {
@@ -131,6 +147,12 @@ pub fn parse(body: &[u8]) -> Result<Result<Signal, Skip>, ParseError> {
         target,
         labels,
         annotations,
+        observed_at: ev
+            .series
+            .and_then(|s| s.last_observed_time)
+            .or(ev.last_timestamp)
+            .or_else(|| ev.event_time.clone())
+            .or_else(|| ev.first_timestamp.clone()),
         firing_time: ev.first_timestamp.or(ev.event_time),
         payload: truncate(String::from_utf8_lossy(body).into_owned(), ORIGINAL_PAYLOAD_MAX),
     }))

@@ -56,6 +56,9 @@ pub struct Signal {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub firing_time: Option<String>,
+    /// When the sender last saw the condition (alert `startsAt`; the event's last occurrence),
+    /// as sent; the freshness check parses it.
+    pub observed_at: Option<String>,
     /// The sender's JSON for this one signal, already bounded.
     pub payload: String,
 }
@@ -118,6 +121,15 @@ pub fn is_valid_object_name(name: &str) -> bool {
 /// Namespaces: DNS-1123 label (<= 63, no dots).
 pub fn is_valid_namespace(ns: &str) -> bool {
     ns.len() <= 63 && !ns.contains('.') && is_valid_object_name(ns)
+}
+
+/// An `apiVersion`: `version` or `group/version`, the group a DNS-1123 subdomain and the version a
+/// DNS-1123 label. Owner resolution puts it into an API URL path, so nothing else may pass.
+pub fn is_valid_api_version(v: &str) -> bool {
+    let (group, version) = v.split_once('/').unwrap_or(("", v));
+    (group.is_empty() || (group.len() <= 253 && group.split('.').all(is_valid_namespace)))
+        && is_valid_namespace(version)
+        && !v.starts_with('/')
 }
 
 /// Checks a target's names; `Err` carries the `rejected` reason.

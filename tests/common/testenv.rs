@@ -112,6 +112,12 @@ impl Replica {
         let dir = repo().join("target/testenv/replicas");
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join(format!("{name}.yaml"));
+        // Authentication has its own tests; a config that does not mention it lets anyone send.
+        let config_yaml = if config_yaml.lines().any(|l| l.starts_with("auth:")) {
+            config_yaml.to_owned()
+        } else {
+            format!("auth:\n  mode: none\n{config_yaml}")
+        };
         std::fs::write(&config, config_yaml).unwrap();
         let log = dir.join(format!("{name}.log"));
         let (port, admin) = (free_port(), free_port());
@@ -213,4 +219,43 @@ impl Drop for Replica {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `kubectl` as the testenv admin; panics with its stderr on failure.
+pub fn kubectl(args: &[&str]) -> String {
+    let env = testenv();
+    let out = Command::new(env.repo.join("target/testenv/bin/kubectl"))
+        .arg("--kubeconfig")
+        .arg(&env.admin_kubeconfig)
+        .args(args)
+        .output()
+        .expect("kubectl runs");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A signal sender for `auth.mode: kubernetes`: a ServiceAccount in a fresh namespace and a token for it; `allowed` binds the sender Role of
+/// deploy/rbac/auth.yaml to it.
+pub fn sender(allowed: bool) -> String {
+    let ns = format!("senders-{}", unique());
+    kubectl(&["create", "namespace", &ns]);
+    kubectl(&["-n", &ns, "create", "serviceaccount", "alertmanager"]);
+    if allowed {
+        kubectl(&[
+            "-n",
+            &testenv().namespace,
+            "create",
+            "rolebinding",
+            &format!("{ns}-sends"),
+            "--role",
+            "signal-gateway-sender",
+            "--serviceaccount",
+            &format!("{ns}:alertmanager"),
+        ]);
+    }
+    kubectl(&["-n", &ns, "create", "token", "alertmanager", "--duration", "1h"])
 }

@@ -1,0 +1,607 @@
+//! Who may send signals. Every signals API request passes [`Authenticator::check`] before its body
+//! is read:
+//!
+//! - `kubernetes`: the bearer token is checked with a TokenReview and the user it names is
+//!   authorized with a SubjectAccessReview (configurable resource attributes). Verdicts are
+//!   remembered for a short TTL keyed by the token's SHA-256 (the token itself is never stored or
+//!   logged), and concurrent requests with one token share one review, so a storm costs one
+//!   review pair per TTL, not two API calls per request. A failed review (API server down) is
+//!   remembered for one second, so an outage does not turn every request into a slow API call.
+//! - `static`: the token must be one of those in a file (compared as SHA-256 digests in constant
+//!   time); the file is re-read when it changes.
+//! - `none`: everyone is let in (a startup warning says so).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::http::{HeaderMap, header};
+use sha2::{Digest, Sha256};
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+use crate::cluster::ApiError;
+use crate::config::{AccessAttributes, Auth, AuthMode};
+use crate::metrics::Metrics;
+
+/// Who a TokenReview says the token belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UserInfo {
+    pub username: String,
+    pub uid: String,
+    pub groups: Vec<String>,
+    pub extra: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// The two review APIs of the Kubernetes API server.
+#[async_trait]
+pub trait Reviewer: Send + Sync + 'static {
+    /// TokenReview: the user when the token is authenticated, `None` when it is not.
+    async fn review_token(&self, token: &str, audiences: &[String]) -> Result<Option<UserInfo>, ApiError>;
+    /// SubjectAccessReview: `Ok(())` when allowed, `Err(reason)` when not.
+    async fn review_access(
+        &self,
+        user: &UserInfo,
+        attributes: &AccessAttributes,
+    ) -> Result<Result<(), String>, ApiError>;
+}
+
+/// The answer for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed {
+        user: String,
+    },
+    /// 401: no, malformed or unknown credentials.
+    Unauthenticated(&'static str),
+    /// 403: a known user without the permission.
+    Forbidden {
+        user: String,
+        reason: String,
+    },
+}
+
+impl Verdict {
+    fn result_label(&self) -> &'static str {
+        match self {
+            Verdict::Allowed { .. } => "allowed",
+            Verdict::Unauthenticated(_) => "unauthenticated",
+            Verdict::Forbidden { .. } => "forbidden",
+        }
+    }
+}
+
+/// The review API could not answer: the request is answered 503, the sender retries.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("authentication is unavailable: {0}")]
+pub struct Unavailable(pub String);
+
+pub struct Authenticator {
+    mode: AuthMode,
+    metrics: Metrics,
+    inner: Inner,
+}
+
+enum Inner {
+    None,
+    Static(Arc<StaticTokens>),
+    Kubernetes(Box<KubernetesAuth>),
+}
+
+impl Authenticator {
+    /// Builds the authenticator `config` asks for. `reviewer` is required for `kubernetes`.
+    pub fn new(
+        config: &Auth,
+        namespace: &str,
+        reviewer: Option<Arc<dyn Reviewer>>,
+        metrics: Metrics,
+    ) -> anyhow::Result<Self> {
+        for result in ["allowed", "unauthenticated", "forbidden", "error"] {
+            metrics.auth_requests.with_label_values(&[config.mode.as_str(), result]);
+        }
+        let inner = match config.mode {
+            AuthMode::None => {
+                tracing::warn!(
+                    "auth.mode is none: anyone who can reach the signals port can create RemediationRequests"
+                );
+                Inner::None
+            }
+            AuthMode::Static => {
+                let path = config
+                    .tokens_file
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("auth.mode static needs auth.tokensFile"))?;
+                Inner::Static(Arc::new(StaticTokens::load(path, metrics.clone())?))
+            }
+            AuthMode::Kubernetes => {
+                let reviewer = reviewer.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "auth.mode kubernetes needs the kubernetes backend (TokenReview); \
+                         for a local trial on the embedded backend set auth.mode: none (--auth-mode none)"
+                    )
+                })?;
+                let mut attributes = config.authorization.clone();
+                if attributes.namespace.is_empty() {
+                    attributes.namespace = namespace.to_owned();
+                }
+                Inner::Kubernetes(Box::new(KubernetesAuth {
+                    reviewer,
+                    attributes,
+                    audiences: config.audiences.clone(),
+                    ttl: config.cache_ttl,
+                    negative_ttl: config.negative_cache_ttl,
+                    cache: Mutex::default(),
+                }))
+            }
+        };
+        Ok(Authenticator {
+            mode: config.mode,
+            metrics,
+            inner,
+        })
+    }
+
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    /// Starts re-reading the tokens file when it changes (static mode); the task ends with the
+    /// authenticator.
+    pub fn watch_files(self: &Arc<Self>) {
+        if let Inner::Static(tokens) = &self.inner {
+            let weak = Arc::downgrade(tokens);
+            let path = tokens.path.clone();
+            tokio::spawn(watch_file(path, move || match weak.upgrade() {
+                Some(t) => {
+                    t.reload();
+                    true
+                }
+                None => false,
+            }));
+        }
+    }
+
+    /// The verdict for a request with these headers.
+    pub async fn check(&self, headers: &HeaderMap) -> Result<Verdict, Unavailable> {
+        let result = match &self.inner {
+            Inner::None => Ok(Verdict::Allowed {
+                user: "anonymous".into(),
+            }),
+            Inner::Static(tokens) => Ok(match bearer_token(headers) {
+                Err(why) => Verdict::Unauthenticated(why),
+                Ok(token) => tokens.verdict(token),
+            }),
+            Inner::Kubernetes(k) => match bearer_token(headers) {
+                Err(why) => Ok(Verdict::Unauthenticated(why)),
+                Ok(token) => k.verdict(token, &self.metrics).await,
+            },
+        };
+        let label = match &result {
+            Ok(v) => v.result_label(),
+            Err(_) => "error",
+        };
+        self.metrics
+            .auth_requests
+            .with_label_values(&[self.mode.as_str(), label])
+            .inc();
+        result
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header, or why there is none.
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, &'static str> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next().ok_or("missing bearer token")?;
+    if values.next().is_some() {
+        return Err("more than one Authorization header");
+    }
+    let text = value.to_str().map_err(|_| "malformed Authorization header")?;
+    let (scheme, token) = text.split_once(' ').ok_or("malformed Authorization header")?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err("the Authorization scheme must be Bearer");
+    }
+    let token = token.trim();
+    if token.is_empty() || token.len() > 8192 || token.bytes().any(|b| b.is_ascii_whitespace()) {
+        return Err("malformed bearer token");
+    }
+    Ok(token)
+}
+
+type Digest32 = [u8; 32];
+
+fn digest(token: &str) -> Digest32 {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Equality of two digests without an early exit.
+fn digests_equal(a: &Digest32, b: &Digest32) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Tokens from a file, one per line; blank lines and `#` comments ignored.
+pub struct StaticTokens {
+    path: PathBuf,
+    digests: RwLock<Vec<Digest32>>,
+    metrics: Metrics,
+}
+
+impl StaticTokens {
+    pub fn load(path: PathBuf, metrics: Metrics) -> anyhow::Result<Self> {
+        let digests = read_tokens(&path)?;
+        tracing::info!(path = %path.display(), tokens = digests.len(), "loaded static tokens");
+        Ok(StaticTokens {
+            path,
+            digests: RwLock::new(digests),
+            metrics,
+        })
+    }
+
+    /// Re-reads the file; a file that cannot be read or holds no token keeps the old tokens.
+    pub fn reload(&self) {
+        match read_tokens(&self.path) {
+            Ok(d) => {
+                tracing::info!(path = %self.path.display(), tokens = d.len(), "reloaded static tokens");
+                *self.digests.write().expect("tokens lock poisoned") = d;
+                self.metrics
+                    .file_reloads
+                    .with_label_values(&["auth_tokens", "ok"])
+                    .inc();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not reload the tokens file; keeping the previous tokens");
+                self.metrics
+                    .file_reloads
+                    .with_label_values(&["auth_tokens", "error"])
+                    .inc();
+            }
+        }
+    }
+
+    fn verdict(&self, token: &str) -> Verdict {
+        let presented = digest(token);
+        let digests = self.digests.read().expect("tokens lock poisoned");
+        // Compare with every token, without stopping at a match.
+        let mut matched: Option<usize> = None;
+        for (i, d) in digests.iter().enumerate() {
+            if digests_equal(d, &presented) {
+                matched = Some(i);
+            }
+        }
+        match matched {
+            Some(i) => Verdict::Allowed {
+                user: format!("static-token-{}", i + 1),
+            },
+            None => Verdict::Unauthenticated("unknown bearer token"),
+        }
+    }
+}
+
+fn read_tokens(path: &Path) -> anyhow::Result<Vec<Digest32>> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let digests: Vec<Digest32> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(digest)
+        .collect();
+    anyhow::ensure!(!digests.is_empty(), "{} holds no token", path.display());
+    Ok(digests)
+}
+
+/// Calls `changed` whenever the file's modification time or length changes (checked every
+/// second); stops when `changed` returns false.
+pub async fn watch_file(path: PathBuf, mut changed: impl FnMut() -> bool + Send + 'static) {
+    let stamp = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.modified().ok(), m.len()));
+    let mut last = stamp(&path);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = stamp(&path);
+        if now != last {
+            last = now;
+            if !changed() {
+                return;
+            }
+        }
+    }
+}
+
+/// A remembered review outcome; failures are remembered briefly too.
+type Cached = (Result<Verdict, Unavailable>, Instant);
+
+struct KubernetesAuth {
+    reviewer: Arc<dyn Reviewer>,
+    attributes: AccessAttributes,
+    audiences: Vec<String>,
+    ttl: Duration,
+    negative_ttl: Duration,
+    /// Token digest -> the (possibly pending) outcome of its review.
+    cache: Mutex<HashMap<Digest32, Arc<OnceCell<Cached>>>>,
+}
+
+const AUTH_CACHE_MAX: usize = 10_000;
+const FAILURE_TTL: Duration = Duration::from_secs(1);
+
+impl KubernetesAuth {
+    async fn verdict(&self, token: &str, metrics: &Metrics) -> Result<Verdict, Unavailable> {
+        let key = digest(token);
+        let cell = {
+            let mut cache = self.cache.lock().expect("auth cache poisoned");
+            let now = Instant::now();
+            let fresh = cache
+                .get(&key)
+                .filter(|c| c.get().is_none_or(|(_, expires)| *expires > now))
+                .cloned();
+            match fresh {
+                Some(cell) => cell,
+                None => {
+                    if cache.len() >= AUTH_CACHE_MAX {
+                        cache.retain(|_, c| c.get().is_none_or(|(_, expires)| *expires > now));
+                        if cache.len() >= AUTH_CACHE_MAX {
+                            cache.clear();
+                        }
+                    }
+                    let cell = Arc::new(OnceCell::new());
+                    cache.insert(key, cell.clone());
+                    cell
+                }
+            }
+        };
+        let mut reviewed = false;
+        let (result, _) = cell
+            .get_or_init(|| {
+                reviewed = true;
+                self.review(token)
+            })
+            .await;
+        metrics
+            .auth_cache
+            .with_label_values(&[if reviewed { "miss" } else { "hit" }])
+            .inc();
+        result.clone()
+    }
+
+    async fn review(&self, token: &str) -> Cached {
+        let outcome = async {
+            let Some(user) = self.reviewer.review_token(token, &self.audiences).await? else {
+                return Ok(Verdict::Unauthenticated("the API server does not accept this token"));
+            };
+            Ok(match self.reviewer.review_access(&user, &self.attributes).await? {
+                Ok(()) => Verdict::Allowed { user: user.username },
+                Err(reason) => Verdict::Forbidden {
+                    user: user.username,
+                    reason,
+                },
+            })
+        }
+        .await;
+        let now = Instant::now();
+        match outcome {
+            Ok(v @ Verdict::Unauthenticated(_)) => (Ok(v), now + self.negative_ttl),
+            Ok(v) => (Ok(v), now + self.ttl),
+            Err(e) => {
+                let e: ApiError = e;
+                tracing::warn!(error = %e, "token or access review failed; answering 503");
+                (Err(Unavailable(e.to_string())), now + FAILURE_TTL)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts reviews; knows one good token, one token of a user without permission.
+    #[derive(Default)]
+    struct Counting {
+        tokens: AtomicUsize,
+        access: AtomicUsize,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl Reviewer for Counting {
+        async fn review_token(&self, token: &str, _: &[String]) -> Result<Option<UserInfo>, ApiError> {
+            self.tokens.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            if self.down.load(Ordering::SeqCst) {
+                return Err(ApiError::Unavailable("connection refused".into()));
+            }
+            Ok(match token {
+                "good" => Some(UserInfo {
+                    username: "system:serviceaccount:monitoring:alertmanager".into(),
+                    ..UserInfo::default()
+                }),
+                "weak" => Some(UserInfo {
+                    username: "system:serviceaccount:default:nobody".into(),
+                    ..UserInfo::default()
+                }),
+                _ => None,
+            })
+        }
+        async fn review_access(&self, user: &UserInfo, a: &AccessAttributes) -> Result<Result<(), String>, ApiError> {
+            self.access.fetch_add(1, Ordering::SeqCst);
+            assert_eq!((a.verb.as_str(), a.resource.as_str()), ("create", "services"));
+            assert_eq!(a.namespace, "gw", "an empty namespace means the gateway's own");
+            Ok(if user.username.ends_with("alertmanager") {
+                Ok(())
+            } else {
+                Err("no RBAC rule".into())
+            })
+        }
+    }
+
+    fn headers(auth: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(a) = auth {
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(a).unwrap());
+        }
+        h
+    }
+
+    fn kubernetes(reviewer: Arc<Counting>) -> (Authenticator, Metrics) {
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        let auth = Authenticator::new(&Auth::default(), "gw", Some(reviewer), metrics.clone()).unwrap();
+        (auth, metrics)
+    }
+
+    #[test]
+    fn bearer_tokens_are_parsed_strictly() {
+        assert_eq!(bearer_token(&headers(Some("Bearer abc"))), Ok("abc"));
+        assert_eq!(bearer_token(&headers(Some("bearer abc"))), Ok("abc"));
+        assert!(bearer_token(&headers(None)).is_err());
+        assert!(bearer_token(&headers(Some("Basic YTpi"))).is_err());
+        assert!(bearer_token(&headers(Some("Bearer "))).is_err());
+        assert!(bearer_token(&headers(Some("Bearer a b"))).is_err());
+        let mut two = headers(Some("Bearer a"));
+        two.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer b"));
+        assert!(bearer_token(&two).is_err(), "two Authorization headers are ambiguous");
+    }
+
+    #[tokio::test]
+    async fn kubernetes_mode_allows_denies_and_rejects() {
+        let reviewer = Arc::new(Counting::default());
+        let (auth, _) = kubernetes(reviewer.clone());
+        assert!(matches!(
+            auth.check(&headers(Some("Bearer good"))).await.unwrap(),
+            Verdict::Allowed { .. }
+        ));
+        assert!(matches!(
+            auth.check(&headers(Some("Bearer weak"))).await.unwrap(),
+            Verdict::Forbidden { .. }
+        ));
+        assert!(matches!(
+            auth.check(&headers(Some("Bearer bogus"))).await.unwrap(),
+            Verdict::Unauthenticated(_)
+        ));
+        assert!(matches!(
+            auth.check(&headers(None)).await.unwrap(),
+            Verdict::Unauthenticated(_)
+        ));
+        assert_eq!(reviewer.tokens.load(Ordering::SeqCst), 3, "no review without a token");
+        assert_eq!(
+            reviewer.access.load(Ordering::SeqCst),
+            2,
+            "no access review for an unknown token"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_storm_with_one_token_costs_one_review_per_ttl() {
+        let reviewer = Arc::new(Counting::default());
+        let (auth, metrics) = kubernetes(reviewer.clone());
+        let auth = Arc::new(auth);
+        let storm = || {
+            futures::future::join_all((0..200).map(|_| {
+                let auth = auth.clone();
+                async move { auth.check(&headers(Some("Bearer good"))).await.unwrap() }
+            }))
+        };
+        for v in storm().await {
+            assert!(matches!(v, Verdict::Allowed { .. }));
+        }
+        assert_eq!(
+            reviewer.tokens.load(Ordering::SeqCst),
+            1,
+            "concurrent requests share one review"
+        );
+        assert_eq!(reviewer.access.load(Ordering::SeqCst), 1);
+        assert_eq!(metrics.auth_cache.with_label_values(&["hit"]).get(), 199);
+        tokio::time::advance(Duration::from_secs(29)).await;
+        storm().await;
+        assert_eq!(reviewer.tokens.load(Ordering::SeqCst), 1, "still within the TTL");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        storm().await;
+        assert_eq!(
+            reviewer.tokens.load(Ordering::SeqCst),
+            2,
+            "reviewed again once the TTL passed"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn review_api_down_is_unavailable_remembered_briefly_then_retried() {
+        let reviewer = Arc::new(Counting::default());
+        reviewer.down.store(true, Ordering::SeqCst);
+        let (auth, metrics) = kubernetes(reviewer.clone());
+        let auth = Arc::new(auth);
+        let answers = futures::future::join_all((0..50).map(|_| {
+            let auth = auth.clone();
+            async move { auth.check(&headers(Some("Bearer good"))).await }
+        }))
+        .await;
+        assert!(answers.iter().all(Result::is_err), "no verdict while the API is down");
+        assert_eq!(
+            reviewer.tokens.load(Ordering::SeqCst),
+            1,
+            "an outage is not a review per request"
+        );
+        assert_eq!(
+            metrics.auth_requests.with_label_values(&["kubernetes", "error"]).get(),
+            50
+        );
+        reviewer.down.store(false, Ordering::SeqCst);
+        tokio::time::advance(FAILURE_TTL + Duration::from_millis(1)).await;
+        assert!(matches!(
+            auth.check(&headers(Some("Bearer good"))).await.unwrap(),
+            Verdict::Allowed { .. }
+        ));
+    }
+
+    #[test]
+    fn kubernetes_mode_needs_a_reviewer() {
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        let err = Authenticator::new(&Auth::default(), "gw", None, metrics)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("auth.mode: none"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn static_tokens_match_exactly_and_reload() {
+        let dir = std::env::temp_dir().join(format!("sg-tokens-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokens");
+        std::fs::write(&path, "# senders\nalpha-token\n\n  beta-token  \n").unwrap();
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        let config = Auth {
+            mode: AuthMode::Static,
+            tokens_file: Some(path.clone()),
+            ..Auth::default()
+        };
+        let auth = Authenticator::new(&config, "gw", None, metrics.clone()).unwrap();
+        let ok = |v: Verdict| matches!(v, Verdict::Allowed { .. });
+        assert!(ok(auth.check(&headers(Some("Bearer alpha-token"))).await.unwrap()));
+        assert!(ok(auth.check(&headers(Some("Bearer beta-token"))).await.unwrap()));
+        assert!(!ok(auth.check(&headers(Some("Bearer alpha-toke"))).await.unwrap()));
+        assert!(!ok(auth.check(&headers(Some("Bearer alpha-tokenx"))).await.unwrap()));
+        assert!(!ok(auth.check(&headers(Some("Bearer # senders"))).await.unwrap()));
+        assert!(!ok(auth.check(&headers(None)).await.unwrap()));
+
+        let Inner::Static(tokens) = &auth.inner else {
+            unreachable!()
+        };
+        std::fs::write(&path, "gamma-token\n").unwrap();
+        tokens.reload();
+        assert!(ok(auth.check(&headers(Some("Bearer gamma-token"))).await.unwrap()));
+        assert!(!ok(auth.check(&headers(Some("Bearer alpha-token"))).await.unwrap()));
+        std::fs::write(&path, "# emptied by mistake\n").unwrap();
+        tokens.reload();
+        assert!(
+            ok(auth.check(&headers(Some("Bearer gamma-token"))).await.unwrap()),
+            "a file without tokens keeps the previous ones"
+        );
+        assert_eq!(
+            metrics.file_reloads.with_label_values(&["auth_tokens", "error"]).get(),
+            1
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,114 @@
+//! `auth.mode: kubernetes` against the real kube-apiserver: ServiceAccount tokens checked with
+//! TokenReview, permission with SubjectAccessReview (deploy/rbac/auth.yaml), the verdict cached
+//! so a storm with one token costs one review pair. (The review API down -> 503 is in
+//! tests/testenv_outage.rs, which owns stopping the API server.)
+
+mod common;
+
+use common::testenv::{Replica, sender, unique};
+use common::{pod_alert, webhook};
+use reqwest::StatusCode;
+
+const CONFIG: &str = "auth:\n  mode: kubernetes\n  cacheTTL: 60s\nbackend:\n  apiTimeout: 15s\n";
+
+async fn send(client: &reqwest::Client, replica: &Replica, token: Option<&str>) -> reqwest::Response {
+    send_about(client, replica, token, "auth-tests").await
+}
+
+async fn send_about(client: &reqwest::Client, replica: &Replica, token: Option<&str>, ns: &str) -> reqwest::Response {
+    let mut req = client
+        .post(format!("{}/api/v1/signals/prometheus", replica.base))
+        .json(&webhook(vec![pod_alert(ns, "web-1")]));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    req.send().await.unwrap()
+}
+
+async fn assert_problem(resp: reqwest::Response, status: StatusCode) {
+    assert_eq!(resp.status(), status);
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_account_tokens_are_reviewed_and_authorized_by_the_api_server() {
+    let replica = Replica::start(&format!("auth-{}", unique()), CONFIG);
+    let client = reqwest::Client::new();
+    replica.wait_ready(&client).await;
+    let (allowed, denied) = (sender(true), sender(false));
+
+    let ok = send_about(&client, &replica, Some(&allowed), &format!("auth-{}", unique())).await;
+    assert_eq!(ok.status(), StatusCode::CREATED);
+    assert_problem(send(&client, &replica, None).await, StatusCode::UNAUTHORIZED).await;
+    assert_problem(
+        send(&client, &replica, Some("not-a-token")).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    // A real token whose signature the API server cannot verify.
+    let forged = format!("{}x", &allowed[..allowed.len() - 1]);
+    assert_problem(send(&client, &replica, Some(&forged)).await, StatusCode::UNAUTHORIZED).await;
+    let forbidden = send(&client, &replica, Some(&denied)).await;
+    assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
+    let body: serde_json::Value = forbidden.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains(":alertmanager"),
+        "names the user it refused: {body}"
+    );
+    for (result, n) in [("allowed", 1.0), ("unauthenticated", 3.0), ("forbidden", 1.0)] {
+        assert_eq!(
+            replica
+                .metric(
+                    &client,
+                    "gateway_auth_requests_total",
+                    &[&format!("result=\"{result}\"")]
+                )
+                .await,
+            n,
+            "{result}"
+        );
+    }
+    let log = replica.log_text();
+    assert!(
+        !log.contains(&allowed) && !log.contains(&denied),
+        "tokens are never logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_with_one_token_costs_one_token_review_per_ttl() {
+    let replica = Replica::start(&format!("auth-storm-{}", unique()), CONFIG);
+    let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
+    replica.wait_ready(&client).await;
+    let token = sender(true);
+    let reviews = |resource: &'static str| {
+        let (client, replica) = (&client, &replica);
+        async move {
+            replica
+                .metric(
+                    client,
+                    "gateway_k8s_api_requests_total",
+                    &["verb=\"create\"", &format!("resource=\"{resource}\"")],
+                )
+                .await
+        }
+    };
+    let (tokens_before, access_before) = (reviews("tokenreviews").await, reviews("subjectaccessreviews").await);
+    let ns = format!("auth-storm-{}", unique());
+    let answers = futures::future::join_all((0..200).map(|_| send_about(&client, &replica, Some(&token), &ns))).await;
+    for a in &answers {
+        assert!(a.status().is_success(), "{}", a.status());
+    }
+    assert_eq!(
+        reviews("tokenreviews").await - tokens_before,
+        1.0,
+        "200 requests with one token: one TokenReview"
+    );
+    assert_eq!(reviews("subjectaccessreviews").await - access_before, 1.0);
+    assert!(
+        replica
+            .metric(&client, "gateway_auth_cache_lookups_total", &["result=\"hit\""])
+            .await
+            >= 199.0
+    );
+}
