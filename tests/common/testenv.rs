@@ -214,3 +214,10 @@ impl Drop for Replica {
         let _ = self.child.wait();
     }
 }
+
+impl Replica {
+    /// The exit status if the process has ended (without waiting); None while it runs.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait on the replica process")
+    }
+}
