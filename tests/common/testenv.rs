@@ -238,8 +238,8 @@ pub fn kubectl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// A signal sender for `auth.mode: kubernetes`: a ServiceAccount in a fresh namespace and a token for it; `allowed` binds the sender Role of
-/// deploy/rbac/auth.yaml to it.
+/// A signal sender for `auth.mode: kubernetes`: a ServiceAccount in a fresh namespace and a token
+/// for it; `allowed` binds the sender Role of deploy/rbac/auth.yaml to it.
 pub fn sender(allowed: bool) -> String {
     let ns = format!("senders-{}", unique());
     kubectl(&["create", "namespace", &ns]);
@@ -258,4 +258,11 @@ pub fn sender(allowed: bool) -> String {
         ]);
     }
     kubectl(&["-n", &ns, "create", "token", "alertmanager", "--duration", "1h"])
+}
+
+impl Replica {
+    /// The exit status if the process has ended (without waiting); None while it runs.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait on the replica process")
+    }
 }
