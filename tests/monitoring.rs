@@ -529,9 +529,16 @@ scrape_configs:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alertmanager_delivers_firing_alerts_as_counted_requests_and_resolved_ones_create_nothing() {
-    let gw = Gateway::embedded(test_config()).await;
-    let client = reqwest::Client::new();
+    // As deployed outside the cluster: the gateway takes static tokens, Alertmanager sends one
+    // from a file (http_config.authorization.credentials_file).
     let dir = scratch("alertmanager");
+    std::fs::write(dir.join("gateway-tokens"), "# alertmanager\nam-e2e-token-7f3c\n").unwrap();
+    std::fs::write(dir.join("am-token"), "am-e2e-token-7f3c").unwrap();
+    let mut gw_config = test_config();
+    gw_config.auth.mode = signal_gateway::config::AuthMode::Static;
+    gw_config.auth.tokens_file = Some(dir.join("gateway-tokens"));
+    let gw = Gateway::embedded(gw_config).await;
+    let client = reqwest::Client::new();
     let (port, cluster) = (free_port(), free_port());
     let config = format!(
         r#"route:
@@ -545,8 +552,13 @@ receivers:
     webhook_configs:
       - url: {base}/api/v1/signals/prometheus
         send_resolved: true
+        http_config:
+          authorization:
+            type: Bearer
+            credentials_file: {token}
 "#,
-        base = gw.base
+        base = gw.base,
+        token = dir.join("am-token").display()
     );
     std::fs::write(dir.join("alertmanager.yml"), config).unwrap();
     let (am, am_url) = start_tool(
@@ -643,6 +655,12 @@ receivers:
     let log = am.log();
     assert!(!log.contains("Notify for alerts failed"), "{log}");
     assert!(!log.contains("level=error"), "{log}");
+    assert_eq!(
+        gw.metric("gateway_auth_requests_total", &["mode=\"static\"", "result=\"allowed\""])
+            .await,
+        3.0,
+        "every notification carried the sender's token"
+    );
     drop(am);
     gw.stop().await.unwrap();
 }
