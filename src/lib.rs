@@ -215,6 +215,7 @@ pub async fn serve(
         in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
         max_in_flight: config.server.max_in_flight,
         shutting_down: AtomicBool::new(false),
+        ready_evidence: std::sync::Mutex::new((0, tokio::time::Instant::now())),
     });
 
     let (stop_signals, mut signals_stopped) = watch::channel(false);

@@ -394,3 +394,119 @@ async fn health_readiness_and_metrics_are_served() {
     assert!(text.contains("gateway_build_info{backend=\"embedded\""), "{text}");
     gw.stop().await.unwrap();
 }
+
+/// The embedded store, except that the readiness probe can be made to hang (as it does when it
+/// queues behind signal traffic for an API request slot).
+struct SlowProbe {
+    store: std::sync::Arc<signal_gateway::backend::embedded::EmbeddedStore>,
+    hang: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl signal_gateway::cluster::Cluster for SlowProbe {
+    fn backend_name(&self) -> &'static str {
+        "embedded"
+    }
+    async fn list_requests(
+        &self,
+        ns: &str,
+        fp: &str,
+    ) -> signal_gateway::cluster::Result<Vec<signal_gateway::crd::RemediationRequest>> {
+        self.store.list_requests(ns, fp).await
+    }
+    async fn get_request(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> signal_gateway::cluster::Result<signal_gateway::crd::RemediationRequest> {
+        self.store.get_request(ns, name).await
+    }
+    async fn create_request(
+        &self,
+        rr: &signal_gateway::crd::RemediationRequest,
+    ) -> signal_gateway::cluster::Result<signal_gateway::crd::RemediationRequest> {
+        self.store.create_request(rr).await
+    }
+    async fn update_request_status(
+        &self,
+        rr: &signal_gateway::crd::RemediationRequest,
+    ) -> signal_gateway::cluster::Result<signal_gateway::crd::RemediationRequest> {
+        self.store.update_request_status(rr).await
+    }
+    async fn create_lease(
+        &self,
+        l: &k8s_openapi::api::coordination::v1::Lease,
+    ) -> signal_gateway::cluster::Result<k8s_openapi::api::coordination::v1::Lease> {
+        self.store.create_lease(l).await
+    }
+    async fn get_lease(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> signal_gateway::cluster::Result<k8s_openapi::api::coordination::v1::Lease> {
+        self.store.get_lease(ns, name).await
+    }
+    async fn list_leases(
+        &self,
+        ns: &str,
+        label: (&str, &str),
+    ) -> signal_gateway::cluster::Result<Vec<k8s_openapi::api::coordination::v1::Lease>> {
+        self.store.list_leases(ns, label).await
+    }
+    async fn update_lease(
+        &self,
+        l: &k8s_openapi::api::coordination::v1::Lease,
+    ) -> signal_gateway::cluster::Result<k8s_openapi::api::coordination::v1::Lease> {
+        self.store.update_lease(l).await
+    }
+    async fn delete_lease(&self, ns: &str, name: &str, rv: &str) -> signal_gateway::cluster::Result<()> {
+        self.store.delete_lease(ns, name, rv).await
+    }
+    async fn get_metadata(
+        &self,
+        o: &signal_gateway::cluster::ObjectRef,
+    ) -> signal_gateway::cluster::Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> {
+        self.store.get_metadata(o).await
+    }
+    async fn check_ready(&self, ns: &str) -> Result<(), String> {
+        if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
+            futures::future::pending::<()>().await;
+        }
+        self.store.check_ready(ns).await
+    }
+}
+
+#[tokio::test]
+async fn a_replica_storing_signals_stays_ready_even_when_its_probe_request_cannot_get_through() {
+    use std::sync::atomic::Ordering;
+    let store = std::sync::Arc::new(signal_gateway::backend::embedded::EmbeddedStore::new(
+        std::sync::Arc::new(signal_gateway::clock::SystemClock),
+    ));
+    let cluster = std::sync::Arc::new(SlowProbe {
+        store: store.clone(),
+        hang: true.into(),
+    });
+    let gw = Gateway::on(cluster.clone(), Some(store), test_config()).await;
+    let readyz = || async {
+        gw.client
+            .get(format!("{}/readyz", gw.admin))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(
+        readyz().await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no evidence and no probe answer: not ready"
+    );
+    let (status, _, _) = gw.alerts(&webhook(vec![pod_alert("shop", "web-1")])).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(
+        readyz().await,
+        StatusCode::OK,
+        "API requests that just succeeded prove the backend answers"
+    );
+    cluster.hang.store(false, Ordering::SeqCst);
+    gw.stop().await.unwrap();
+}
