@@ -187,6 +187,7 @@ pub async fn serve(
         },
     ));
     let pipeline = pipeline::Pipeline {
+        latency: pipeline::LatencyTracker::default(),
         freshness: admission::Freshness::new(&config.freshness),
         scope: admission::Scope::new(cluster.clone(), &config.scope),
         resolver: target::OwnerResolver::new(

@@ -44,6 +44,7 @@ impl Outcome {
 }
 
 pub struct Pipeline {
+    pub latency: LatencyTracker,
     pub resolver: OwnerResolver,
     pub freshness: Freshness,
     pub scope: Scope,
@@ -165,6 +166,9 @@ impl Pipeline {
 
     /// Metrics, span fields and log line of a processed signal.
     fn finish(&self, outcome: Outcome, calls: f64, started: StdInstant) -> Outcome {
+        if !matches!(outcome, Outcome::Skipped(_)) {
+            self.latency.observe(started.elapsed());
+        }
         let m = &self.metrics;
         let span = tracing::Span::current();
         let label = outcome.label();
@@ -181,5 +185,66 @@ impl Pipeline {
             _ => tracing::info!(outcome = label, "signal processed"),
         }
         outcome
+    }
+}
+
+/// A smoothed time-to-outcome of recent signals, for load shedding: when signals take most of
+/// their deadline to be stored (or to fail), admitting more only makes every one of them wait
+/// out its deadline. Observations older than [`LatencyTracker::STALE`] are not trusted (with
+/// nothing completing, the gateway admits again to find out).
+pub struct LatencyTracker {
+    state: std::sync::Mutex<(f64, Option<Instant>)>,
+}
+
+impl Default for LatencyTracker {
+    fn default() -> Self {
+        LatencyTracker {
+            state: std::sync::Mutex::new((0.0, None)),
+        }
+    }
+}
+
+impl LatencyTracker {
+    /// Weight of the newest observation: about eight slow outcomes in a row move it from 0 to 80 %.
+    const ALPHA: f64 = 0.2;
+    pub const STALE: std::time::Duration = std::time::Duration::from_secs(2);
+
+    pub fn observe(&self, took: std::time::Duration) {
+        let mut st = self.state.lock().expect("latency tracker poisoned");
+        st.0 += Self::ALPHA * (took.as_secs_f64() - st.0);
+        st.1 = Some(Instant::now());
+    }
+
+    /// The smoothed latency when it is recent and above `limit`.
+    pub fn above(&self, limit: std::time::Duration) -> Option<f64> {
+        let st = self.state.lock().expect("latency tracker poisoned");
+        let recent = st.1.is_some_and(|at| at.elapsed() < Self::STALE);
+        (recent && st.0 > limit.as_secs_f64()).then_some(st.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LatencyTracker;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn sheds_only_on_sustained_recent_slowness() {
+        let t = LatencyTracker::default();
+        let limit = Duration::from_secs(4);
+        assert_eq!(t.above(limit), None, "no observation: admit");
+        t.observe(Duration::from_secs(5));
+        t.observe(Duration::from_secs(5));
+        assert_eq!(t.above(limit), None, "two slow signals are not an overload");
+        for _ in 0..10 {
+            t.observe(Duration::from_secs(5));
+        }
+        assert!(t.above(limit).is_some(), "a run of signals at the deadline is");
+        tokio::time::advance(LatencyTracker::STALE).await;
+        assert_eq!(t.above(limit), None, "nothing completed lately: admit to find out");
+        for _ in 0..10 {
+            t.observe(Duration::from_millis(20));
+        }
+        assert_eq!(t.above(limit), None, "fast again");
     }
 }

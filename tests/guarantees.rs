@@ -356,3 +356,51 @@ async fn shutdown_past_the_drain_deadline_still_releases_every_lease() {
         store.all_leases()
     );
 }
+
+#[tokio::test]
+async fn under_sustained_overload_new_signals_are_shed_fast_and_admitted_again_when_it_clears() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+    let slow = Arc::new(AtomicBool::new(true));
+    let flag = slow.clone();
+    // Every lookup hangs: each signal waits out its whole deadline, like a saturated API server.
+    let backend = Faulty::new(store.clone(), move |op| {
+        if op == Op::ListRequests && flag.load(Ordering::SeqCst) {
+            Fault::Hang
+        } else {
+            Fault::Pass
+        }
+    });
+    let mut c = test_config();
+    c.server.request_timeout = Duration::from_millis(300);
+    let gw = Gateway::on(Arc::new(backend), Some(store), c).await;
+    let bodies: Vec<serde_json::Value> = (0..12)
+        .map(|i| webhook(vec![pod_alert("shop", &format!("p{i}"))]))
+        .collect();
+    let waves = futures::future::join_all(bodies.iter().map(|b| gw.alerts(b))).await;
+    assert!(waves.iter().all(|(s, _, _)| *s == StatusCode::SERVICE_UNAVAILABLE));
+
+    let started = std::time::Instant::now();
+    let (status, headers, body) = gw.alerts(&webhook(vec![pod_alert("shop", "late")])).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "shed at once instead of waiting out the deadline: {:?}",
+        started.elapsed()
+    );
+    assert!(body["detail"].as_str().unwrap().contains("overloaded"), "{body}");
+    assert!(headers.contains_key("retry-after"));
+    assert!(gw.metric("gateway_signals_shed_total", &[]).await >= 1.0);
+
+    slow.store(false, Ordering::SeqCst);
+    eventually(
+        Duration::from_secs(10),
+        "admitted and stored once the overload clears",
+        || async {
+            let (status, _, _) = gw.alerts(&webhook(vec![pod_alert("shop", "late")])).await;
+            (status == StatusCode::CREATED).then_some(())
+        },
+    )
+    .await;
+    gw.stop().await.unwrap();
+}

@@ -87,7 +87,11 @@ pub async fn kubernetes_event(State(state): State<Arc<AppState>>, req: Request) 
     single_response(outcome, &path)
 }
 
-/// Load shedding: one permit per signal; none left (or shutting down) -> 503 + Retry-After.
+/// Share of `server.requestTimeout` that recent signals may take before new ones are shed.
+const SHED_AT: f64 = 0.8;
+
+/// Load shedding: one permit per signal; none left, recent signals near their deadline, or
+/// shutting down -> 503 + Retry-After.
 fn admit(state: &AppState, signals: usize, path: &str) -> Result<Option<OwnedSemaphorePermit>, Problem> {
     if state.shutting_down.load(Ordering::SeqCst) {
         state.metrics.signals_shed.inc_by(signals as u64);
@@ -99,6 +103,18 @@ fn admit(state: &AppState, signals: usize, path: &str) -> Result<Option<OwnedSem
     }
     if signals == 0 {
         return Ok(None);
+    }
+    // Recent signals took most of their deadline: more would only wait theirs out too.
+    if let Some(took) = state.pipeline.latency.above(state.request_timeout.mul_f64(SHED_AT)) {
+        state.metrics.signals_shed.inc_by(signals as u64);
+        return Err(Problem::unavailable(
+            format!(
+                "overloaded: signals take {took:.1} s to store (deadline {} s); retry later",
+                state.request_timeout.as_secs_f64()
+            ),
+            Duration::from_secs(2),
+            path,
+        ));
     }
     let wanted = u32::try_from(signals).unwrap_or(u32::MAX);
     match state.in_flight.clone().try_acquire_many_owned(wanted) {
