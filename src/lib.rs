@@ -12,6 +12,7 @@ pub mod config;
 pub mod crd;
 pub mod dedup;
 pub mod fingerprint;
+pub mod hints;
 pub mod http;
 pub mod lock;
 pub mod metrics;
@@ -169,6 +170,8 @@ pub async fn serve(
             backoff_initial: config.lock.backoff_initial,
             backoff_max: config.lock.backoff_max,
             write_grace: config.backend.api_timeout,
+            watch: config.dedup.watch,
+            watch_wait: config.dedup.watch_wait,
         },
     ));
     let pipeline = pipeline::Pipeline {
@@ -178,7 +181,7 @@ pub async fn serve(
             config.owner_resolution.max_depth,
             config.owner_resolution.cache_ttl,
         ),
-        coalescer: coalesce::Coalescer::new(dedup, metrics.clone(), config.dedup.max_batch),
+        coalescer: coalesce::Coalescer::new(dedup, metrics.clone(), config.dedup.max_batch, config.dedup.linger),
         clock: deps.clock.clone(),
         metrics: metrics.clone(),
         cluster_id: config.backend.cluster_id.clone(),
