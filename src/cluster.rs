@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::stream::BoxStream;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -65,6 +66,22 @@ pub struct ObjectRef {
     pub name: String,
 }
 
+/// One item of a RemediationRequest watch ([`Cluster::watch_requests`]), shaped like
+/// kube-runtime's watcher events: every (re)start is a complete list (`Init`, one `Listed` per
+/// object, `Synced`), then changes in resourceVersion order.
+#[derive(Debug, Clone)]
+pub enum RequestEvent {
+    /// A (re)list begins; the `Listed` objects that follow up to `Synced` are the whole namespace.
+    Init,
+    Listed(RemediationRequest),
+    /// The list is complete; changes follow.
+    Synced,
+    /// Created or modified.
+    Applied(RemediationRequest),
+    /// Deleted (the object as last stored).
+    Deleted(RemediationRequest),
+}
+
 /// Verbs and resources as the API server names them; metric labels use these.
 pub mod verb {
     pub const GET: &str = "get";
@@ -72,6 +89,7 @@ pub mod verb {
     pub const CREATE: &str = "create";
     pub const UPDATE: &str = "update";
     pub const DELETE: &str = "delete";
+    pub const WATCH: &str = "watch";
 }
 
 pub const RR_RESOURCE: &str = "remediationrequests";
@@ -97,6 +115,11 @@ pub trait Cluster: Send + Sync + 'static {
     async fn create_request(&self, rr: &RemediationRequest) -> Result<RemediationRequest>;
     /// Replaces the status; fails with Conflict unless `metadata.resourceVersion` is current.
     async fn update_request_status(&self, rr: &RemediationRequest) -> Result<RemediationRequest>;
+    /// Watches every RemediationRequest in `namespace`: a list first, then changes. The stream
+    /// ends after yielding an error (the watch broke, or fell too far behind); the caller starts
+    /// a new one, which lists again. A cache fed by it is a hint only, never a correctness
+    /// decision (ADR 0007).
+    fn watch_requests(&self, namespace: &str) -> BoxStream<'static, Result<RequestEvent>>;
 
     async fn create_lease(&self, lease: &Lease) -> Result<Lease>;
     async fn get_lease(&self, namespace: &str, name: &str) -> Result<Lease>;

@@ -6,13 +6,19 @@
 //!
 //! The worker is a spawned task, so a caller that disconnects does not cancel a write others wait
 //! on; waiters whose deadline has passed are answered DeadlineExceeded before any write is sent.
+//!
+//! Linger (`dedup.linger`, ADR 0007): when the fingerprint is *hot* — its RR was written, by any
+//! replica, within the last two lingers — the worker lets a batch gather signals until the
+//! linger has passed since the batch's first signal arrived, so a storm costs far fewer writes
+//! per signal. It stops early when the batch is full, and never keeps a signal waiting more than
+//! half of the time its deadline leaves it. A lone signal (cold fingerprint) is written at once.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::backend::metered::tallied;
@@ -36,33 +42,51 @@ struct Waiter {
     spec: RemediationRequestSpec,
     /// The signal's span: the batch span is its child (first waiter) or linked to it.
     span: tracing::Span,
+    arrived: Instant,
     deadline: Instant,
     tx: oneshot::Sender<Result<Ack, DedupError>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiters: Vec<Waiter>,
+    /// Wakes a lingering worker once `max_batch` signals are queued.
+    full: Arc<Notify>,
 }
 
 pub struct Coalescer {
     dedup: Arc<Dedup>,
     metrics: Metrics,
     max_batch: usize,
-    queues: Mutex<HashMap<Fingerprint, Vec<Waiter>>>,
+    linger: Duration,
+    queues: Mutex<HashMap<Fingerprint, Queue>>,
 }
 
 /// Least time a write needs; a waiter with less left is answered 503 instead of starting one.
 const MIN_BUDGET: Duration = Duration::from_millis(5);
 
+/// A fingerprint is hot when its RR was written within this many lingers.
+const HOT_LINGERS: u32 = 2;
+
 impl Coalescer {
-    pub fn new(dedup: Arc<Dedup>, metrics: Metrics, max_batch: usize) -> Arc<Self> {
+    /// `linger` zero turns lingering off (a batch is whatever queued during the previous write).
+    pub fn new(dedup: Arc<Dedup>, metrics: Metrics, max_batch: usize, linger: Duration) -> Arc<Self> {
         Arc::new(Coalescer {
             dedup,
             metrics,
             max_batch: max_batch.max(1),
+            linger,
             queues: Mutex::default(),
         })
     }
 
     /// Signals waiting for a write of `fp` (not counting the batch being written).
     pub fn queued(&self, fp: &Fingerprint) -> usize {
-        self.queues.lock().expect("queues poisoned").get(fp).map_or(0, Vec::len)
+        self.queues
+            .lock()
+            .expect("queues poisoned")
+            .get(fp)
+            .map_or(0, |q| q.waiters.len())
     }
 
     /// Queues one signal and waits for the write that includes it.
@@ -76,16 +100,24 @@ impl Coalescer {
         let waiter = Waiter {
             spec,
             span: tracing::Span::current(),
+            arrived: Instant::now(),
             deadline,
             tx,
         };
         let start_worker = match self.queues.lock().expect("queues poisoned").entry(fp.clone()) {
             Entry::Occupied(mut e) => {
-                e.get_mut().push(waiter);
+                let q = e.get_mut();
+                q.waiters.push(waiter);
+                if q.waiters.len() >= self.max_batch {
+                    q.full.notify_one();
+                }
                 false
             }
             Entry::Vacant(e) => {
-                e.insert(vec![waiter]);
+                e.insert(Queue {
+                    waiters: vec![waiter],
+                    full: Arc::default(),
+                });
                 true
             }
         };
@@ -112,16 +144,17 @@ impl Coalescer {
             armed: true,
         };
         loop {
+            self.linger(&fp).await;
             let batch: Vec<Waiter> = {
                 let mut queues = self.queues.lock().expect("queues poisoned");
                 let queue = queues.get_mut(&fp).expect("a worker's queue exists while it runs");
-                if queue.is_empty() {
+                if queue.waiters.is_empty() {
                     queues.remove(&fp);
                     cleanup.armed = false;
                     return;
                 }
-                let take = queue.len().min(self.max_batch);
-                queue.drain(..take).collect()
+                let take = queue.waiters.len().min(self.max_batch);
+                queue.waiters.drain(..take).collect()
             };
             let now = Instant::now();
             let (live, late): (Vec<Waiter>, Vec<Waiter>) =
@@ -131,19 +164,33 @@ impl Coalescer {
             }
             let Some(first) = live.first() else { continue };
             let deadline = live.iter().map(|w| w.deadline).min().unwrap_or(first.deadline);
-            let n = live.len();
-            self.metrics.coalesced_batch.observe(n as f64);
-            let batch_span = tracing::info_span!(parent: &first.span, "dedup.batch", size = n);
+            let spec = first.spec.clone();
+            let batch_span = tracing::info_span!(parent: &first.span, "dedup.batch", size = live.len());
             for w in &live[1..] {
                 batch_span.follows_from(&w.span);
             }
-            let write = self.dedup.process(&fp, n as u32, &first.spec, deadline);
-            let (result, calls) = tallied(tracing::Instrument::instrument(write, batch_span)).await;
-            let per_signal = f64::from(calls) / n as f64;
+            let n = live.len() as u32;
+            let batch = Mutex::new(live);
+            // Signals that queue while this write is under way (lock, list, a Conflict) join it.
+            let more = || self.top_up(&fp, &batch, &batch_span);
+            let grows = crate::dedup::Batch::growing(n, &more);
+            let write = self.dedup.process_batch(&fp, &grows, &spec, deadline);
+            let (result, calls) = tallied(tracing::Instrument::instrument(write, batch_span.clone())).await;
+            let live = batch.into_inner().expect("batch poisoned");
+            self.metrics.coalesced_batch.observe(live.len() as f64);
+            let per_signal = f64::from(calls) / live.len() as f64;
             match result {
-                Ok(written) => {
+                Ok(written) if written.n as usize == live.len() => {
                     for (i, w) in live.into_iter().enumerate() {
                         let _ = w.tx.send(Ok(ack_for(&written, i, per_signal)));
+                    }
+                }
+                Ok(written) => {
+                    // Cannot happen: every signal moved into the batch is in its write.
+                    tracing::error!(counted = written.n, batch = live.len(), "batch and write disagree");
+                    let e = DedupError::Internal("batch and write disagree".into());
+                    for w in live {
+                        let _ = w.tx.send(Err(e.clone()));
                     }
                 }
                 Err(e) => {
@@ -153,6 +200,60 @@ impl Coalescer {
                 }
             }
         }
+    }
+
+    /// Moves signals queued for `fp` into the batch being written (up to `max_batch`); waiters
+    /// too close to their deadline are answered 503 instead. Returns how many joined.
+    fn top_up(&self, fp: &Fingerprint, batch: &Mutex<Vec<Waiter>>, span: &tracing::Span) -> u32 {
+        let mut queues = self.queues.lock().expect("queues poisoned");
+        let Some(queue) = queues.get_mut(fp) else { return 0 };
+        let mut batch = batch.lock().expect("batch poisoned");
+        let room = self.max_batch.saturating_sub(batch.len()).min(queue.waiters.len());
+        let now = Instant::now();
+        let mut joined = 0;
+        for w in queue.waiters.drain(..room) {
+            if w.deadline > now + MIN_BUDGET {
+                span.follows_from(&w.span);
+                batch.push(w);
+                joined += 1;
+            } else {
+                let _ = w.tx.send(Err(DedupError::DeadlineExceeded));
+            }
+        }
+        joined
+    }
+
+    /// Lets the next batch of a hot fingerprint gather signals (see the module docs).
+    async fn linger(&self, fp: &Fingerprint) {
+        if self.linger.is_zero() || !self.dedup.written_within(fp, self.linger * HOT_LINGERS) {
+            return;
+        }
+        let (until, full) = {
+            let queues = self.queues.lock().expect("queues poisoned");
+            let Some(queue) = queues.get(fp) else { return };
+            let Some(first) = queue.waiters.first() else { return };
+            if queue.waiters.len() >= self.max_batch {
+                return;
+            }
+            // At most the linger after the first signal arrived, and never more than half of
+            // what any waiter's deadline leaves it.
+            let now = Instant::now();
+            let until = queue
+                .waiters
+                .iter()
+                .map(|w| now + w.deadline.saturating_duration_since(now) / 2)
+                .fold(first.arrived + self.linger, Instant::min);
+            (until, queue.full.clone())
+        };
+        let started = Instant::now();
+        if until <= started {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => {}
+            _ = full.notified() => {}
+        }
+        self.metrics.linger.observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -179,9 +280,9 @@ impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
         if self.armed
             && let Ok(mut queues) = self.coalescer.queues.lock()
-            && let Some(waiters) = queues.remove(self.fp)
+            && let Some(queue) = queues.remove(self.fp)
         {
-            for w in waiters {
+            for w in queue.waiters {
                 let _ =
                     w.tx.send(Err(DedupError::Internal("deduplication worker failed".into())));
             }
@@ -203,7 +304,7 @@ mod tests {
     use crate::lock::LeaseLock;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn signals_arriving_during_a_write_share_the_next_write_and_each_gets_its_own_count() {
+    async fn signals_arriving_during_a_write_join_it_and_each_gets_its_own_count() {
         let clock: SharedClock = Arc::new(SystemClock);
         let store = Arc::new(EmbeddedStore::new(clock.clone()));
         let gate = Arc::new(Semaphore::new(0));
@@ -236,9 +337,11 @@ mod tests {
             backoff_initial: Duration::from_millis(5),
             backoff_max: Duration::from_millis(50),
             write_grace: Duration::from_millis(100),
+            watch: false,
+            watch_wait: Duration::ZERO,
         };
         let dedup = Arc::new(Dedup::new(cluster, lock, clock, metrics.clone(), settings));
-        let coalescer = Coalescer::new(dedup, metrics, 1000);
+        let coalescer = Coalescer::new(dedup, metrics, 1000, Duration::ZERO);
         let target = crate::crd::TargetResource {
             kind: "Pod".into(),
             name: "p".into(),
@@ -285,11 +388,144 @@ mod tests {
         assert_eq!(counts, (2..=100).collect::<Vec<_>>());
         assert_eq!(
             writes.load(Ordering::SeqCst),
-            2,
-            "one write for the first signal, one for the 99 queued"
+            1,
+            "the 99 that queued while the first signal's RR was being created join its count update"
         );
         assert_eq!(store.all_requests().len(), 1);
         let stored = store.all_requests().remove(0);
         assert_eq!(stored.status.unwrap().deduplication.unwrap().occurrence_count, 100);
+    }
+
+    /// A coalescer on an embedded store (paused-clock friendly: TokioClock) counting status writes.
+    struct Lingering {
+        coalescer: Arc<Coalescer>,
+        writes: Arc<AtomicUsize>,
+        fp: Fingerprint,
+        spec: RemediationRequestSpec,
+    }
+
+    fn lingering(linger: Duration, max_batch: usize) -> Lingering {
+        let clock: SharedClock = Arc::new(crate::clock::TokioClock::new());
+        let store = Arc::new(EmbeddedStore::new(clock.clone()));
+        let writes = Arc::new(AtomicUsize::new(0));
+        let w = writes.clone();
+        let cluster: Arc<dyn crate::cluster::Cluster> = Arc::new(Faulty::new(store, move |op| {
+            if op == Op::UpdateRequestStatus {
+                w.fetch_add(1, Ordering::SeqCst);
+            }
+            Fault::Pass
+        }));
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        let lock = LeaseLock::new(
+            cluster.clone(),
+            clock.clone(),
+            "ns".into(),
+            "a".into(),
+            Duration::from_secs(30),
+            metrics.clone(),
+        );
+        let settings = Settings {
+            namespace: "ns".into(),
+            strategy: Strategy::Optimistic,
+            backoff_initial: Duration::from_millis(5),
+            backoff_max: Duration::from_millis(50),
+            write_grace: Duration::from_millis(100),
+            watch: false,
+            watch_wait: Duration::ZERO,
+        };
+        let dedup = Arc::new(Dedup::new(cluster, lock, clock, metrics.clone(), settings));
+        let target = crate::crd::TargetResource {
+            kind: "Pod".into(),
+            name: "hot".into(),
+            namespace: "n".into(),
+            api_version: String::new(),
+        };
+        let fp = Fingerprint::of("", &target);
+        let spec = RemediationRequestSpec {
+            signal_fingerprint: fp.to_string(),
+            signal_name: "A".into(),
+            target_resource: target,
+            ..Default::default()
+        };
+        Lingering {
+            coalescer: Coalescer::new(dedup, metrics, max_batch, linger),
+            writes,
+            fp,
+            spec,
+        }
+    }
+
+    impl Lingering {
+        /// Submits one signal with `budget` to its deadline; resolves to (ack, answered at).
+        fn submit(&self, budget: Duration) -> tokio::task::JoinHandle<(Result<Ack, DedupError>, Instant)> {
+            let (c, fp, spec) = (self.coalescer.clone(), self.fp.clone(), self.spec.clone());
+            tokio::spawn(async move {
+                let r = c.submit(fp, spec, Instant::now() + budget).await;
+                (r, Instant::now())
+            })
+        }
+    }
+
+    const BUDGET: Duration = Duration::from_secs(5);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hot_fingerprint_lingers_at_most_the_linger_and_writes_what_gathered_once() {
+        let linger = Duration::from_millis(50);
+        let l = lingering(linger, 1000);
+        // The first signal of a cold fingerprint is written at once.
+        let t0 = Instant::now();
+        let (first, at) = l.submit(BUDGET).await.unwrap();
+        assert!(first.unwrap().created);
+        assert_eq!(at, t0, "a lone signal is not delayed");
+        // Now it is hot: the next batch waits for company, up to the linger after its first signal.
+        let t1 = Instant::now();
+        let lead = l.submit(BUDGET);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let rest: Vec<_> = (0..9).map(|_| l.submit(BUDGET)).collect();
+        let (ack, at) = lead.await.unwrap();
+        let mut counts = vec![ack.unwrap().occurrence_count];
+        assert!(at <= t1 + linger, "answered {:?} after arrival", at - t1);
+        for r in rest {
+            let (ack, at) = r.await.unwrap();
+            assert!(at <= t1 + linger);
+            counts.push(ack.unwrap().occurrence_count);
+        }
+        counts.sort();
+        assert_eq!(counts, (2..=11).collect::<Vec<_>>());
+        assert_eq!(
+            l.writes.load(Ordering::SeqCst),
+            2,
+            "one write for the first, one for the ten"
+        );
+        // Quiet for longer than the hot window: a lone signal is written at once again.
+        tokio::time::sleep(linger * (HOT_LINGERS + 1)).await;
+        let t2 = Instant::now();
+        let (ack, at) = l.submit(BUDGET).await.unwrap();
+        assert_eq!(ack.unwrap().occurrence_count, 12);
+        assert_eq!(at, t2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lingering_never_takes_more_than_half_of_what_a_deadline_leaves() {
+        let l = lingering(Duration::from_secs(1), 1000);
+        l.submit(BUDGET).await.unwrap().0.unwrap();
+        let t = Instant::now();
+        let (ack, at) = l.submit(Duration::from_millis(100)).await.unwrap();
+        assert_eq!(ack.unwrap().occurrence_count, 2, "stored, not 503");
+        assert!(at <= t + Duration::from_millis(50), "waited {:?}", at - t);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_is_written_without_waiting_out_the_linger() {
+        let l = lingering(Duration::from_secs(1), 5);
+        l.submit(BUDGET).await.unwrap().0.unwrap();
+        let t = Instant::now();
+        let five: Vec<_> = (0..5).map(|_| l.submit(BUDGET)).collect();
+        for r in five {
+            let (ack, at) = r.await.unwrap();
+            ack.unwrap();
+            assert!(at < t + Duration::from_secs(1), "waited {:?}", at - t);
+        }
+        assert_eq!(l.writes.load(Ordering::SeqCst), 2);
     }
 }

@@ -242,6 +242,15 @@ pub struct Dedup {
     pub strategy: Strategy,
     /// Most signals of one fingerprint stored by one write.
     pub max_batch: usize,
+    /// Watch the namespace's RemediationRequests to keep duplicate hints fresh (optimistic only).
+    pub watch: bool,
+    /// After a status-update conflict, how long to wait for the watch to deliver the newer
+    /// version before reading it from the API server.
+    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    pub watch_wait: Duration,
+    /// Group commit: how long a hot fingerprint's batch may wait for more signals before its write.
+    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    pub linger: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -333,6 +342,9 @@ impl Default for Dedup {
         Dedup {
             strategy: Strategy::Optimistic,
             max_batch: 1000,
+            watch: true,
+            watch_wait: Duration::from_millis(30),
+            linger: Duration::from_millis(25),
         }
     }
 }
@@ -410,6 +422,10 @@ impl Config {
         );
         anyhow::ensure!(self.server.max_in_flight > 0, "server.maxInFlight must be positive");
         anyhow::ensure!(self.dedup.max_batch > 0, "dedup.maxBatch must be positive");
+        anyhow::ensure!(
+            self.dedup.linger < self.server.request_timeout / 2,
+            "dedup.linger must be less than half of server.requestTimeout"
+        );
         anyhow::ensure!(
             self.server.max_body_bytes >= 1024,
             "server.maxBodyBytes must be at least 1024"

@@ -1,12 +1,16 @@
 //! The deduplication decision: count a signal into the active RemediationRequest for its
 //! fingerprint, or create one under the per-fingerprint lease lock.
 //!
-//! `optimistic` (default): duplicates never take the lock. The replica's last known RR for the
-//! fingerprint (a hint) or a fresh field-selected list finds the active RR; a status update
-//! conditioned on its resourceVersion adds the count, re-reading and retrying on Conflict. Only
-//! when no active RR exists does the lease lock guard creation: re-check under the lock, create
-//! with a deterministic name (so a second creator gets AlreadyExists and counts instead), then set
-//! the initial count. While another replica holds the lock we poll for the RR it creates and count
+//! `optimistic` (default): duplicates never take the lock. The newest active RR this replica knows
+//! for the fingerprint (a hint fed by a watch of the namespace and by our own writes, see
+//! [`crate::hints`]) or a fresh field-selected list finds the active RR; a status update
+//! conditioned on its resourceVersion adds the count. On Conflict the newer version comes from the
+//! watch when it arrives within `watch_wait`, else from a GET, and the update is retried. Only
+//! when no active RR exists does the lease lock guard creation: re-check with a fresh list under
+//! the lock, create with a deterministic name (so a second creator gets AlreadyExists and counts
+//! instead), then set the initial count. When the synced watch knows no active RR, the list
+//! before the lock is skipped (the one under the lock decides). While another replica holds the
+//! lock we wait for the RR it creates (from the watch, or polling lists without it) and count
 //! into it, so a contended signal is never dropped.
 //!
 //! `always-lock`: the original Kubernaut order (lock, look up, update or create, release) for
@@ -14,9 +18,9 @@
 //!
 //! Every API call is bounded by the batch deadline; on expiry the caller answers 503.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -27,6 +31,7 @@ use crate::clock::{SharedClock, rfc3339};
 use crate::cluster::{ApiError, Cluster};
 use crate::crd::{Deduplication, RemediationRequest, RemediationRequestSpec, phase_is_active};
 use crate::fingerprint::Fingerprint;
+use crate::hints::{HintCache, Newer, WatchTask};
 use crate::lock::{Attempt, LeaseLock, LockGuard, backoff};
 use crate::metrics::Metrics;
 use crate::signal::Source;
@@ -95,8 +100,47 @@ pub struct Written {
     pub rr: RemediationRequest,
     /// occurrenceCount before this batch was added.
     pub before: i64,
+    /// Signals this write counted (the batch may have grown while it was being written).
+    pub n: u32,
     /// This batch created the RR.
     pub created: bool,
+}
+
+/// The signals one write carries. A growing batch asks its coalescer, before each status update
+/// it sends, for signals that queued meanwhile (e.g. while the lock was taken or after a
+/// Conflict), so they ride on this write instead of needing the next one.
+pub struct Batch<'a> {
+    n: AtomicU32,
+    more: Option<&'a (dyn Fn() -> u32 + Send + Sync)>,
+}
+
+impl<'a> Batch<'a> {
+    pub fn fixed(n: u32) -> Self {
+        Batch {
+            n: AtomicU32::new(n),
+            more: None,
+        }
+    }
+
+    /// `more` moves queued signals into the batch and returns how many it moved.
+    pub fn growing(n: u32, more: &'a (dyn Fn() -> u32 + Send + Sync)) -> Self {
+        Batch {
+            n: AtomicU32::new(n),
+            more: Some(more),
+        }
+    }
+
+    pub fn size(&self) -> u32 {
+        self.n.load(Ordering::SeqCst)
+    }
+
+    /// Takes in what queued since, and returns the new size.
+    fn top_up(&self) -> u32 {
+        if let Some(more) = self.more {
+            self.n.fetch_add(more(), Ordering::SeqCst);
+        }
+        self.size()
+    }
 }
 
 enum Step {
@@ -115,6 +159,10 @@ pub struct Settings {
     /// then counted again when the sender retries); waiting for its real outcome, bounded by
     /// the API request timeout, keeps "2xx if and only if stored" true.
     pub write_grace: Duration,
+    /// Watch the namespace's RemediationRequests to keep hints fresh (optimistic only).
+    pub watch: bool,
+    /// After a Conflict, how long to wait for the watch to deliver the newer version before a GET.
+    pub watch_wait: Duration,
 }
 
 pub struct Dedup {
@@ -123,13 +171,15 @@ pub struct Dedup {
     clock: SharedClock,
     metrics: Metrics,
     settings: Settings,
-    /// Last RR written per fingerprint: a hint, always verified by a conditional write.
-    hints: Mutex<HashMap<Fingerprint, RemediationRequest>>,
+    /// Newest active RR known per fingerprint: a hint, always verified by a conditional write.
+    hints: Arc<HintCache>,
+    /// The watch feeding `hints` (stopped when the Dedup is dropped).
+    _watch: Option<WatchTask>,
 }
 
-const HINTS_MAX: usize = 20_000;
-
 impl Dedup {
+    /// With `settings.watch` on the optimistic strategy, starts the RemediationRequest watch
+    /// (needs a Tokio runtime).
     pub fn new(
         cluster: Arc<dyn Cluster>,
         lock: LeaseLock,
@@ -137,14 +187,28 @@ impl Dedup {
         metrics: Metrics,
         settings: Settings,
     ) -> Self {
+        let hints = HintCache::new(metrics.clone());
+        let watch = (settings.watch && settings.strategy == Strategy::Optimistic)
+            .then(|| hints.spawn_watch(cluster.clone(), settings.namespace.clone()));
         Dedup {
             cluster,
             lock,
             clock,
             metrics,
             settings,
-            hints: Mutex::default(),
+            hints,
+            _watch: watch,
         }
+    }
+
+    /// The hints (tests observe whether the watch has caught up).
+    pub fn hints(&self) -> &HintCache {
+        &self.hints
+    }
+
+    /// Whether an RR of `fp` was written (by any replica, as far as we saw) within `window`.
+    pub fn written_within(&self, fp: &Fingerprint, window: Duration) -> bool {
+        self.hints.changed_within(fp, window)
     }
 
     pub fn strategy(&self) -> Strategy {
@@ -153,7 +217,6 @@ impl Dedup {
 
     /// Adds `n` occurrences of `fp` (creating the RR from `spec` if none is active), answering
     /// only once the write is stored.
-    #[tracing::instrument(name = "dedup", skip_all, fields(fingerprint = %fp, n, strategy = self.settings.strategy.as_str()))]
     pub async fn process(
         &self,
         fp: &Fingerprint,
@@ -161,42 +224,64 @@ impl Dedup {
         spec: &RemediationRequestSpec,
         deadline: Instant,
     ) -> Result<Written> {
+        self.process_batch(fp, &Batch::fixed(n), spec, deadline).await
+    }
+
+    /// [`Self::process`] for a batch that may grow (optimistic strategy only; `always-lock`
+    /// keeps the original per-batch behaviour it is measured as).
+    #[tracing::instrument(name = "dedup", skip_all, fields(fingerprint = %fp, n = n.size(), strategy = self.settings.strategy.as_str()))]
+    pub async fn process_batch(
+        &self,
+        fp: &Fingerprint,
+        n: &Batch<'_>,
+        spec: &RemediationRequestSpec,
+        deadline: Instant,
+    ) -> Result<Written> {
         match self.settings.strategy {
             Strategy::Optimistic => self.optimistic(fp, n, spec, deadline).await,
-            Strategy::AlwaysLock => self.always_lock(fp, n, spec, deadline).await,
+            Strategy::AlwaysLock => {
+                let fixed = Batch::fixed(n.size());
+                self.always_lock(fp, &fixed, spec, deadline).await
+            }
         }
     }
 
     async fn optimistic(
         &self,
         fp: &Fingerprint,
-        n: u32,
+        n: &Batch<'_>,
         spec: &RemediationRequestSpec,
         deadline: Instant,
     ) -> Result<Written> {
-        let hint = self.hints.lock().expect("hints poisoned").get(fp).cloned();
-        if let Some(rr) = hint {
-            match self.increment(fp, rr, n, deadline).await? {
+        let lookups = &self.metrics.hint_lookups;
+        if let Some(rr) = self.hints.active(fp) {
+            let (step, conflicts) = self.increment_counted(fp, rr, n, deadline).await?;
+            match step {
                 Step::Done(w) => {
-                    self.metrics.hint_lookups.with_label_values(&["hit"]).inc();
+                    lookups
+                        .with_label_values(&[if conflicts == 0 { "hit" } else { "conflict" }])
+                        .inc();
                     return Ok(*w);
                 }
-                Step::Gone => {
-                    self.metrics.hint_lookups.with_label_values(&["stale"]).inc();
-                    self.hints.lock().expect("hints poisoned").remove(fp);
-                }
+                Step::Gone => lookups.with_label_values(&["stale"]).inc(),
             }
+        } else if self.hints.knows_none_active(fp) {
+            lookups.with_label_values(&["absent"]).inc();
         } else {
-            self.metrics.hint_lookups.with_label_values(&["miss"]).inc();
+            lookups.with_label_values(&["miss"]).inc();
         }
         loop {
-            let existing = self.lookup(fp, deadline).await?;
-            if let Some(active) = pick_active(&existing) {
-                if let Step::Done(w) = self.increment(fp, active, n, deadline).await? {
-                    return Ok(*w);
+            // The synced watch knowing no active RR saves the list before the lock; the list
+            // under the lock decides whether to create.
+            if !self.hints.knows_none_active(fp) {
+                let existing = self.lookup(fp, deadline).await?;
+                if let Some(active) = pick_active(&existing) {
+                    if let Step::Done(w) = self.increment(fp, active, n, deadline).await? {
+                        return Ok(*w);
+                    }
+                    self.metrics.retries.with_label_values(&["gone"]).inc();
+                    continue;
                 }
-                self.metrics.retries.with_label_values(&["gone"]).inc();
-                continue;
             }
             if let Step::Done(w) = self.create_locked(fp, n, spec, deadline, true).await? {
                 return Ok(*w);
@@ -208,7 +293,7 @@ impl Dedup {
     async fn always_lock(
         &self,
         fp: &Fingerprint,
-        n: u32,
+        n: &Batch<'_>,
         spec: &RemediationRequestSpec,
         deadline: Instant,
     ) -> Result<Written> {
@@ -223,11 +308,15 @@ impl Dedup {
     /// Fresh, server-side field-selected list of every RR with this fingerprint.
     #[tracing::instrument(name = "dedup.lookup", skip_all)]
     async fn lookup(&self, fp: &Fingerprint, deadline: Instant) -> Result<Vec<RemediationRequest>> {
-        within(
+        let listed = within(
             deadline,
             self.cluster.list_requests(&self.settings.namespace, fp.as_str()),
         )
-        .await
+        .await?;
+        for rr in &listed {
+            self.hints.observe(rr);
+        }
+        Ok(listed)
     }
 
     /// Takes the lock (waiting while another replica holds it), then decides again under it.
@@ -235,7 +324,7 @@ impl Dedup {
     async fn create_locked(
         &self,
         fp: &Fingerprint,
-        n: u32,
+        n: &Batch<'_>,
         spec: &RemediationRequestSpec,
         deadline: Instant,
         watch_for_rr: bool,
@@ -253,6 +342,15 @@ impl Dedup {
                     if Instant::now() + pause >= deadline {
                         self.lock_failed(started, "timeout");
                         return Err(DedupError::LockTimeout { holder, expires_in });
+                    }
+                    if watch_for_rr && self.hints.is_synced() {
+                        // The holder's RR arrives through the watch: count into it as soon as
+                        // it does (a hint, verified by the conditional update).
+                        if let Some(active) = self.hints.wait_active(fp, Instant::now() + pause).await {
+                            self.metrics.lock_wait.observe(started.elapsed().as_secs_f64());
+                            return self.increment(fp, active, n, deadline).await;
+                        }
+                        continue;
                     }
                     tokio::time::sleep(pause).await;
                     if watch_for_rr {
@@ -294,7 +392,7 @@ impl Dedup {
     async fn create_under_lock(
         &self,
         fp: &Fingerprint,
-        n: u32,
+        n: &Batch<'_>,
         spec: &RemediationRequestSpec,
         deadline: Instant,
         _held: &LockGuard,
@@ -317,6 +415,7 @@ impl Dedup {
         };
         let created = match self.write(deadline, self.cluster.create_request(&rr)).await {
             Ok(created) => {
+                self.hints.observe(&created);
                 // Labelled by ingestion source like the other signal metrics ("prometheus", not the
                 // spec's "prometheus-alert").
                 let source =
@@ -328,7 +427,10 @@ impl Dedup {
             Err(DedupError::Api(ApiError::AlreadyExists)) => {
                 self.metrics.retries.with_label_values(&["already_exists"]).inc();
                 match within(deadline, self.cluster.get_request(&self.settings.namespace, &name)).await {
-                    Ok(theirs) => return self.increment(fp, theirs, n, deadline).await,
+                    Ok(theirs) => {
+                        self.hints.observe(&theirs);
+                        return self.increment(fp, theirs, n, deadline).await;
+                    }
                     Err(DedupError::Api(ApiError::NotFound)) => return Ok(Step::Gone),
                     Err(e) => return Err(e),
                 }
@@ -345,11 +447,29 @@ impl Dedup {
         })
     }
 
-    /// Adds `n` to the RR's count with a resourceVersion-conditioned status update, re-reading
+    /// Adds `n` to the RR's count with a resourceVersion-conditioned status update, refreshing
     /// on Conflict. `Gone` when the RR turned terminal or disappeared.
+    async fn increment(
+        &self,
+        fp: &Fingerprint,
+        rr: RemediationRequest,
+        n: &Batch<'_>,
+        deadline: Instant,
+    ) -> Result<Step> {
+        Ok(self.increment_counted(fp, rr, n, deadline).await?.0)
+    }
+
+    /// [`Self::increment`], also returning how many conflicts it met.
     #[tracing::instrument(name = "dedup.status_update", skip_all, fields(rr_name = rr.metadata.name.as_deref().unwrap_or_default(), attempts = tracing::field::Empty))]
-    async fn increment(&self, fp: &Fingerprint, mut rr: RemediationRequest, n: u32, deadline: Instant) -> Result<Step> {
+    async fn increment_counted(
+        &self,
+        fp: &Fingerprint,
+        mut rr: RemediationRequest,
+        batch: &Batch<'_>,
+        deadline: Instant,
+    ) -> Result<(Step, u32)> {
         let name = rr.metadata.name.clone().unwrap_or_default();
+        let mut conflicts = 0;
         for attempt in 1.. {
             tracing::Span::current().record("attempts", attempt);
             if rr.spec.signal_fingerprint != fp.as_str() {
@@ -359,8 +479,9 @@ impl Dedup {
             }
             let status = rr.status.clone().unwrap_or_default();
             if !phase_is_active(&status.overall_phase) {
-                return Ok(Step::Gone);
+                return Ok((Step::Gone, conflicts));
             }
+            let n = batch.top_up();
             let before = status.deduplication.as_ref().map_or(0, |d| d.occurrence_count);
             let now = rfc3339(self.clock.now());
             let mut next = rr.clone();
@@ -375,25 +496,24 @@ impl Dedup {
             match self.write(deadline, self.cluster.update_request_status(&next)).await {
                 Ok(updated) => {
                     self.metrics.occurrences.inc_by(u64::from(n));
-                    let mut hints = self.hints.lock().expect("hints poisoned");
-                    if hints.len() >= HINTS_MAX {
-                        hints.clear();
-                    }
-                    hints.insert(fp.clone(), updated.clone());
-                    return Ok(Step::Done(Box::new(Written {
+                    self.hints.observe(&updated);
+                    let written = Written {
                         rr: updated,
                         before,
+                        n,
                         created: false,
-                    })));
+                    };
+                    return Ok((Step::Done(Box::new(written)), conflicts));
                 }
                 Err(DedupError::Api(ApiError::Conflict(_))) => {
+                    conflicts += 1;
                     self.metrics.status_conflicts.inc();
                     self.metrics.retries.with_label_values(&["conflict"]).inc();
-                    rr = match within(deadline, self.cluster.get_request(&self.settings.namespace, &name)).await {
-                        Ok(fresh) => fresh,
-                        Err(DedupError::Api(ApiError::NotFound)) => return Ok(Step::Gone),
-                        Err(e) => return Err(e),
-                    };
+                    let sent = rr.metadata.resource_version.clone().unwrap_or_default();
+                    match self.refresh(fp, &name, &sent, deadline).await? {
+                        Some(fresh) => rr = fresh,
+                        None => return Ok((Step::Gone, conflicts)),
+                    }
                     if attempt > 3 {
                         // Heavy contention on one RR: spread the retries out a little.
                         tokio::time::sleep(backoff(
@@ -404,11 +524,45 @@ impl Dedup {
                         .await;
                     }
                 }
-                Err(DedupError::Api(ApiError::NotFound)) => return Ok(Step::Gone),
+                Err(DedupError::Api(ApiError::NotFound)) => return Ok((Step::Gone, conflicts)),
                 Err(e) => return Err(e),
             }
         }
         unreachable!("the retry loop only ends by returning")
+    }
+
+    /// The version of RR `name` that beat ours (at `sent`): from the watch when it delivers one
+    /// within `watch_wait`, else read from the API server. `None`: it is terminal or gone.
+    async fn refresh(
+        &self,
+        fp: &Fingerprint,
+        name: &str,
+        sent: &str,
+        deadline: Instant,
+    ) -> Result<Option<RemediationRequest>> {
+        if !self.settings.watch_wait.is_zero() {
+            let until = (Instant::now() + self.settings.watch_wait).min(deadline);
+            match self.hints.newer_than(fp, name, sent, until).await {
+                Some(Newer::Active(fresh)) => {
+                    self.metrics.conflict_refreshes.with_label_values(&["watch"]).inc();
+                    return Ok(Some(*fresh));
+                }
+                Some(Newer::Closed) => {
+                    self.metrics.conflict_refreshes.with_label_values(&["watch"]).inc();
+                    return Ok(None);
+                }
+                None => {}
+            }
+        }
+        self.metrics.conflict_refreshes.with_label_values(&["get"]).inc();
+        match within(deadline, self.cluster.get_request(&self.settings.namespace, name)).await {
+            Ok(fresh) => {
+                self.hints.observe(&fresh);
+                Ok(Some(fresh))
+            }
+            Err(DedupError::Api(ApiError::NotFound)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -472,6 +626,9 @@ mod tests {
     use super::*;
     use crate::backend::embedded::EmbeddedStore;
     use crate::backend::faults::{Fault, Faulty, Op};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
     use crate::clock::SystemClock;
     use crate::crd::{RemediationRequestStatus, TargetResource};
 
@@ -496,6 +653,11 @@ mod tests {
     }
 
     fn replica(cluster: Arc<dyn Cluster>, holder: &str) -> (Dedup, Metrics) {
+        replica_with(cluster, holder, false)
+    }
+
+    /// A replica; with `watch`, its hints are fed by a watch of the store.
+    fn replica_with(cluster: Arc<dyn Cluster>, holder: &str, watch: bool) -> (Dedup, Metrics) {
         let clock: SharedClock = Arc::new(SystemClock);
         let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
         let lock = LeaseLock::new(
@@ -512,6 +674,8 @@ mod tests {
             backoff_initial: Duration::from_millis(1),
             backoff_max: Duration::from_millis(10),
             write_grace: Duration::from_millis(100),
+            watch,
+            watch_wait: Duration::from_millis(20),
         };
         (Dedup::new(cluster, lock, clock, metrics.clone(), settings), metrics)
     }
@@ -540,6 +704,160 @@ mod tests {
             overall_phase: phase.into(),
         });
         store.update_request_status(&created).await.unwrap();
+    }
+
+    fn count_of(rr: &RemediationRequest) -> i64 {
+        rr.status
+            .as_ref()
+            .and_then(|s| s.deduplication.as_ref())
+            .map_or(0, |d| d.occurrence_count)
+    }
+
+    /// Polls (with a deadline, never a fixed sleep) until `d`'s hints satisfy `ready`.
+    async fn until_hints(d: &Dedup, what: &str, ready: impl Fn(&HintCache) -> bool) {
+        let give_up = std::time::Instant::now() + Duration::from_secs(10);
+        while !ready(d.hints()) {
+            assert!(std::time::Instant::now() < give_up, "hints never {what}");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Calls per operation (by its Debug name).
+    type Calls = Arc<Mutex<HashMap<String, usize>>>;
+
+    /// Counts the calls of each operation that pass through.
+    fn counting(
+        store: Arc<EmbeddedStore>,
+        hook: impl Fn(Op) -> Fault + Send + Sync + 'static,
+    ) -> (Arc<dyn Cluster>, Calls) {
+        let calls: Calls = Arc::default();
+        let c = calls.clone();
+        let cluster = Arc::new(Faulty::new(store, move |op| {
+            *c.lock().unwrap().entry(format!("{op:?}")).or_default() += 1;
+            hook(op)
+        }));
+        (cluster, calls)
+    }
+
+    fn calls_of(calls: &Mutex<HashMap<String, usize>>, op: Op) -> usize {
+        calls.lock().unwrap().get(&format!("{op:?}")).copied().unwrap_or(0)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hint_kept_fresh_by_another_writers_change_avoids_the_conflict() {
+        let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+        let (a, am) = replica_with(store.clone(), "a", true);
+        let (b, _) = replica_with(store.clone(), "b", true);
+        a.process(&fp(), 1, &spec(), deadline()).await.unwrap();
+        for _ in 0..5 {
+            b.process(&fp(), 1, &spec(), deadline()).await.unwrap();
+        }
+        let newest = store.all_requests()[0].metadata.resource_version.clone();
+        until_hints(&a, "caught up with b's writes", |h| {
+            h.active(&fp()).and_then(|rr| rr.metadata.resource_version) == newest
+        })
+        .await;
+        let w = a.process(&fp(), 1, &spec(), deadline()).await.unwrap();
+        assert_eq!(w.before, 6);
+        assert_eq!(am.status_conflicts.get(), 0, "the watch delivered b's writes first");
+        assert_eq!(count_of(&store.all_requests()[0]), 7);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unsynced_watch_falls_back_to_fresh_reads_and_a_synced_one_skips_the_list_before_the_lock() {
+        let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+        // Without a synced watch (it never lists): exactly the behaviour without one.
+        let (blind, calls) = counting(store.clone(), |op| match op {
+            Op::WatchRequests => Fault::Hang,
+            _ => Fault::Pass,
+        });
+        let (a, _) = replica_with(blind.clone(), "a", true);
+        let (b, _) = replica_with(blind, "b", true);
+        a.process(&fp(), 1, &spec(), deadline()).await.unwrap();
+        assert_eq!(
+            calls_of(&calls, Op::ListRequests),
+            2,
+            "create: a list before and one under the lock"
+        );
+        b.process(&fp(), 1, &spec(), deadline()).await.unwrap();
+        assert_eq!(
+            calls_of(&calls, Op::ListRequests),
+            3,
+            "a duplicate on a fresh replica lists"
+        );
+        b.process(&fp(), 1, &spec(), deadline()).await.unwrap();
+        assert_eq!(calls_of(&calls, Op::ListRequests), 3, "then its own write is the hint");
+        a.process(&fp(), 1, &spec(), deadline()).await.unwrap();
+        assert_eq!(
+            calls_of(&calls, Op::GetRequest),
+            1,
+            "a's outdated hint: 409, then a GET"
+        );
+        assert_eq!(count_of(&store.all_requests()[0]), 4);
+
+        // With a synced watch that knows of no active RR: only the list under the lock.
+        let other = Fingerprint::parse(&"e".repeat(64)).unwrap();
+        let other_spec = RemediationRequestSpec {
+            signal_fingerprint: other.to_string(),
+            ..spec()
+        };
+        let (seeing, calls) = counting(store.clone(), |_| Fault::Pass);
+        let (c, cm) = replica_with(seeing, "c", true);
+        until_hints(&c, "synced", HintCache::is_synced).await;
+        let w = c.process(&other, 1, &other_spec, deadline()).await.unwrap();
+        assert!(w.created);
+        assert_eq!(calls_of(&calls, Op::ListRequests), 1, "only the list under the lock");
+        assert_eq!(cm.hint_lookups.with_label_values(&["absent"]).get(), 1);
+        assert_eq!(store.all_requests().len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_watch_never_creates_a_duplicate_or_loses_a_count() {
+        let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+        // a's watch stalls after its first list (a lagging watch): everything it believes is old.
+        let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (f, g) = (frozen.clone(), gate.clone());
+        let stalled = Arc::new(Faulty::new(store.clone(), move |op| {
+            if op == Op::WatchEvent && f.load(std::sync::atomic::Ordering::SeqCst) {
+                Fault::Gate(g.clone())
+            } else {
+                Fault::Pass
+            }
+        }));
+        let (a, am) = replica_with(stalled, "a", true);
+        let (b, _) = replica_with(store.clone(), "b", true);
+        until_hints(&a, "synced", HintCache::is_synced).await;
+        frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+
+        // The watch says "no RR" but b created one: the list under the lock finds it.
+        assert!(b.process(&fp(), 1, &spec(), deadline()).await.unwrap().created);
+        assert!(a.hints().knows_none_active(&fp()), "a's watch missed b's create");
+        let w = a.process(&fp(), 1, &spec(), deadline()).await.unwrap();
+        assert!(!w.created, "counted into b's RR, not a second one");
+        assert_eq!(store.all_requests().len(), 1);
+
+        // b writes on; a's hint (its own write) is outdated and the watch delivers nothing:
+        // 409, a bounded wait, a GET, and the retry counts exactly.
+        for _ in 0..3 {
+            b.process(&fp(), 1, &spec(), deadline()).await.unwrap();
+        }
+        let w = a.process(&fp(), 2, &spec(), deadline()).await.unwrap();
+        assert_eq!(w.before, 5);
+        assert_eq!(am.conflict_refreshes.with_label_values(&["get"]).get(), 1);
+
+        // The RR is closed behind a's back: a never counts into it and opens generation 2.
+        let first = store.all_requests()[0].metadata.name.clone().unwrap();
+        store.set_phase("ns", &first, "Completed").unwrap();
+        let w = a.process(&fp(), 1, &spec(), deadline()).await.unwrap();
+        assert!(w.created);
+        assert_eq!(w.rr.metadata.name.unwrap(), format!("rr-{}-2", fp().short()));
+        let rrs = store.all_requests();
+        assert_eq!(rrs.len(), 2);
+        assert_eq!(count_of(&rrs[0]), 7, "the closed RR kept every count it acknowledged");
+        assert_eq!(count_of(&rrs[1]), 1);
+        assert!(store.all_leases().is_empty());
+        gate.close();
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@ pub mod config;
 pub mod crd;
 pub mod dedup;
 pub mod fingerprint;
+pub mod hints;
 pub mod http;
 pub mod lock;
 pub mod metrics;
@@ -184,6 +185,8 @@ pub async fn serve(
             backoff_initial: config.lock.backoff_initial,
             backoff_max: config.lock.backoff_max,
             write_grace: config.backend.api_timeout,
+            watch: config.dedup.watch,
+            watch_wait: config.dedup.watch_wait,
         },
     ));
     let pipeline = pipeline::Pipeline {
@@ -196,7 +199,7 @@ pub async fn serve(
             config.owner_resolution.max_depth,
             config.owner_resolution.cache_ttl,
         ),
-        coalescer: coalesce::Coalescer::new(dedup, metrics.clone(), config.dedup.max_batch),
+        coalescer: coalesce::Coalescer::new(dedup, metrics.clone(), config.dedup.max_batch, config.dedup.linger),
         clock: deps.clock.clone(),
         metrics: metrics.clone(),
         cluster_id: config.backend.cluster_id.clone(),
@@ -216,7 +219,6 @@ pub async fn serve(
         in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
         max_in_flight: config.server.max_in_flight,
         shutting_down: AtomicBool::new(false),
-        ready_evidence: std::sync::Mutex::new((0, tokio::time::Instant::now())),
     });
 
     let (stop_signals, mut signals_stopped) = watch::channel(false);

@@ -16,6 +16,7 @@ const LOCK_BUCKETS: &[f64] = &[
 ];
 const CALLS_PER_SIGNAL_BUCKETS: &[f64] = &[0.0, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0];
 const SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+const LINGER_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -52,6 +53,14 @@ pub struct Metrics {
     pub occurrences: IntCounter,
     pub coalesced_batch: Histogram,
     pub hint_lookups: IntCounterVec,
+    pub conflict_refreshes: IntCounterVec,
+    pub linger: Histogram,
+
+    pub watch_synced: IntGauge,
+    pub watch_events: IntCounterVec,
+    pub watch_relists: IntCounter,
+    pub watch_errors: IntCounter,
+    pub watch_cached: IntGauge,
 
     pub build_info: IntGaugeVec,
 }
@@ -288,8 +297,47 @@ impl Metrics {
             hint_lookups: counter_vec(
                 r,
                 "gateway_dedup_hint_lookups_total",
-                "Duplicate path answered from the replica's last known RemediationRequest: hit, stale (conditional write rejected) or miss.",
+                "How each optimistic batch found its RemediationRequest: hit (hint written without conflict), conflict (hint outdated, refreshed and written), stale (hinted RR terminal or gone), miss (no hint, fresh list), absent (the synced watch knows none: straight to the lock).",
                 &["result"],
+            )?,
+            conflict_refreshes: counter_vec(
+                r,
+                "gateway_dedup_conflict_refreshes_total",
+                "Status-update conflicts by how the newer version was obtained: watch (delivered by the RemediationRequest watch within dedup.watchWait) or get (read from the API server).",
+                &["via"],
+            )?,
+            linger: histogram(
+                r,
+                "gateway_dedup_linger_duration_seconds",
+                "Time a coalesced batch of a hot fingerprint waited (dedup.linger) to gather more signals before its write.",
+                LINGER_BUCKETS,
+            )?,
+
+            watch_synced: gauge(
+                r,
+                "gateway_rr_watch_synced",
+                "1 while the RemediationRequest watch has a complete list and is running, else 0.",
+            )?,
+            watch_events: counter_vec(
+                r,
+                "gateway_rr_watch_events_total",
+                "RemediationRequests received by the watch: listed (in a (re)list), applied (created or modified), deleted.",
+                &["type"],
+            )?,
+            watch_relists: counter(
+                r,
+                "gateway_rr_watch_relists_total",
+                "Lists the RemediationRequest watch started (the first, and one after every failure).",
+            )?,
+            watch_errors: counter(
+                r,
+                "gateway_rr_watch_errors_total",
+                "RemediationRequest watch failures (each is followed by a backoff and a relist).",
+            )?,
+            watch_cached: gauge(
+                r,
+                "gateway_rr_watch_cached_requests",
+                "Active RemediationRequests held as hints (from the watch and this replica's own writes).",
             )?,
 
             build_info: {
@@ -313,7 +361,7 @@ impl Metrics {
     /// Exports every series with a closed label set at zero from the start, so rates, ratios and
     /// alerts see "0" rather than "no data" before the first event of a kind.
     fn initialise_known_series(&self) {
-        let closed: [(&IntCounterVec, &[&str]); 10] = [
+        let closed: [(&IntCounterVec, &[&str]); 12] = [
             (
                 &self.dedup_decisions,
                 &["created", "duplicate", "ignored", "rejected", "failed"],
@@ -322,7 +370,9 @@ impl Metrics {
             (&self.lock_failures, &["timeout", "api_error"]),
             (&self.lock_renewals, &["renewed", "lost", "error"]),
             (&self.lock_releases, &["released", "gone", "lost", "error", "swept"]),
-            (&self.hint_lookups, &["hit", "stale", "miss"]),
+            (&self.hint_lookups, &["hit", "conflict", "stale", "miss", "absent"]),
+            (&self.conflict_refreshes, &["watch", "get"]),
+            (&self.watch_events, &["listed", "applied", "deleted"]),
             (&self.retries, &["conflict", "already_exists", "gone", "lock_contended"]),
             (&self.auth_cache, &["hit", "miss"]),
             (

@@ -169,6 +169,9 @@ impl Pipeline {
         if !matches!(outcome, Outcome::Skipped(_)) {
             self.latency.observe(started.elapsed());
         }
+        if matches!(outcome, Outcome::Stored { .. }) {
+            self.latency.stored();
+        }
         let m = &self.metrics;
         let span = tracing::Span::current();
         let label = outcome.label();
@@ -192,14 +195,17 @@ impl Pipeline {
 /// their deadline to be stored (or to fail), admitting more only makes every one of them wait
 /// out its deadline. Observations older than [`LatencyTracker::STALE`] are not trusted (with
 /// nothing completing, the gateway admits again to find out).
+/// It also remembers when a signal was last stored (readiness evidence).
 pub struct LatencyTracker {
     state: std::sync::Mutex<(f64, Option<Instant>)>,
+    last_stored: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Default for LatencyTracker {
     fn default() -> Self {
         LatencyTracker {
             state: std::sync::Mutex::new((0.0, None)),
+            last_stored: std::sync::Mutex::new(None),
         }
     }
 }
@@ -213,6 +219,18 @@ impl LatencyTracker {
         let mut st = self.state.lock().expect("latency tracker poisoned");
         st.0 += Self::ALPHA * (took.as_secs_f64() - st.0);
         st.1 = Some(Instant::now());
+    }
+
+    pub fn stored(&self) {
+        *self.last_stored.lock().expect("latency tracker poisoned") = Some(Instant::now());
+    }
+
+    /// Whether a signal was stored within `window`.
+    pub fn stored_within(&self, window: std::time::Duration) -> bool {
+        self.last_stored
+            .lock()
+            .expect("latency tracker poisoned")
+            .is_some_and(|at| at.elapsed() < window)
     }
 
     /// The smoothed latency when it is recent and above `limit`.

@@ -433,6 +433,13 @@ impl signal_gateway::cluster::Cluster for SlowProbe {
     ) -> signal_gateway::cluster::Result<signal_gateway::crd::RemediationRequest> {
         self.store.update_request_status(rr).await
     }
+    fn watch_requests(
+        &self,
+        ns: &str,
+    ) -> futures::stream::BoxStream<'static, signal_gateway::cluster::Result<signal_gateway::cluster::RequestEvent>>
+    {
+        self.store.watch_requests(ns)
+    }
     async fn create_lease(
         &self,
         l: &k8s_openapi::api::coordination::v1::Lease,
@@ -505,7 +512,7 @@ async fn a_replica_storing_signals_stays_ready_even_when_its_probe_request_canno
     assert_eq!(
         readyz().await,
         StatusCode::OK,
-        "API requests that just succeeded prove the backend answers"
+        "signals just stored prove the backend answers"
     );
     cluster.hang.store(false, Ordering::SeqCst);
     gw.stop().await.unwrap();

@@ -241,16 +241,26 @@ async fn a_live_foreign_lease_delays_the_signal_which_then_counts_as_duplicate()
         },
         status: None,
     };
-    let mut created = gw.store().create_request(&theirs).await.unwrap();
-    created.status = Some(signal_gateway::crd::RemediationRequestStatus {
-        deduplication: Some(Deduplication {
-            first_seen_at: "x".into(),
-            last_seen_at: "x".into(),
-            occurrence_count: 1,
-        }),
-        overall_phase: String::new(),
-    });
-    gw.store().update_request_status(&created).await.unwrap();
+    let created = gw.store().create_request(&theirs).await.unwrap();
+    // The peer counts its own signal with a conditional write, as a replica does; the waiting
+    // gateway (woken by its watch when the RR appears) may count first, so re-read on Conflict.
+    let name = created.metadata.name.clone().unwrap();
+    loop {
+        let mut current = gw.store().get_request("signals", &name).await.unwrap();
+        current.status = Some(signal_gateway::crd::RemediationRequestStatus {
+            deduplication: Some(Deduplication {
+                first_seen_at: "x".into(),
+                last_seen_at: "x".into(),
+                occurrence_count: count_of(&current) + 1,
+            }),
+            overall_phase: String::new(),
+        });
+        match gw.store().update_request_status(&current).await {
+            Ok(_) => break,
+            Err(signal_gateway::cluster::ApiError::Conflict(_)) => continue,
+            Err(e) => panic!("{e}"),
+        }
+    }
     gw.store()
         .delete_lease(
             "signals",
@@ -262,8 +272,13 @@ async fn a_live_foreign_lease_delays_the_signal_which_then_counts_as_duplicate()
 
     let (s, b) = pending.await.unwrap();
     assert_eq!(s, StatusCode::ACCEPTED, "{b}");
-    assert_eq!(b["occurrenceCount"], 2, "the waiting signal is counted, never dropped");
+    assert_eq!(b["remediationRequestName"], name.as_str(), "counted into the peer's RR");
     assert_eq!(gw.store().all_requests().len(), 1);
+    assert_eq!(
+        count_of(&gw.store().all_requests()[0]),
+        2,
+        "the waiting signal is counted, never dropped"
+    );
     assert!(gw.store().all_leases().is_empty());
     gw.stop().await.unwrap();
 }

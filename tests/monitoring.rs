@@ -656,8 +656,11 @@ receivers:
     assert!(!log.contains("Notify for alerts failed"), "{log}");
     assert!(!log.contains("level=error"), "{log}");
     assert_eq!(
-        gw.metric("gateway_auth_requests_total", &["mode=\"static\"", "result=\"allowed\""])
-            .await,
+        gw.metric(
+            "gateway_auth_requests_total",
+            &["mode=\"static\"", "result=\"allowed\""]
+        )
+        .await,
         3.0,
         "every notification carried the sender's token"
     );

@@ -417,19 +417,37 @@ async fn a_request_completed_through_the_status_subresource_makes_the_next_signa
     );
 }
 
+/// `dedup.watch: false`: the lookups of a gateway without the RemediationRequest watch (also what
+/// a replica does while its watch is not synced).
+const NO_WATCH: &str =
+    "logging:\n  format: json\nserver:\n  requestTimeout: 20s\nbackend:\n  apiTimeout: 15s\ndedup:\n  watch: false\n";
+
+fn rr_lists(replica: &Replica, client: &reqwest::Client) -> impl std::future::Future<Output = f64> {
+    replica.metric(
+        client,
+        "gateway_k8s_api_requests_total",
+        &["verb=\"list\"", "resource=\"remediationrequests\""],
+    )
+}
+
+async fn wait_synced(replicas: &[Replica], client: &reqwest::Client) {
+    for r in replicas {
+        eventually(
+            Duration::from_secs(30),
+            "the RemediationRequest watch is synced",
+            || async { (r.metric(client, "gateway_rr_watch_synced", &[]).await == 1.0).then_some(()) },
+        )
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookups_use_the_server_side_field_selector_one_list_each() {
-    let (replicas, client) = start_replicas(&format!("sel-{}", unique()), 2, CONFIG).await;
+    let (replicas, client) = start_replicas(&format!("sel-{}", unique()), 2, NO_WATCH).await;
     let ns = format!("shop-{}", unique());
     let body = webhook(vec![pod_alert(&ns, "api")]);
     // Every request the client sends is counted, readiness checks included: measure deltas.
-    let lists = |i: usize| {
-        replicas[i].metric(
-            &client,
-            "gateway_k8s_api_requests_total",
-            &["verb=\"list\"", "resource=\"remediationrequests\""],
-        )
-    };
+    let lists = |i: usize| rr_lists(&replicas[i], &client);
     let (base0, base1) = (lists(0).await, lists(1).await);
     let r = client
         .post(format!("{}/api/v1/signals/prometheus", replicas[0].base))
@@ -472,6 +490,196 @@ async fn lookups_use_the_server_side_field_selector_one_list_each() {
     let admin = admin().await;
     let rrs = requests_for(&admin, &testenv().namespace, &fp_of_pod(&ns, "api")).await;
     assert_eq!(rrs.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_synced_watch_creation_lists_once_under_the_lock_and_duplicates_need_no_list() {
+    let (replicas, client) = start_replicas(&format!("watch-{}", unique()), 2, CONFIG).await;
+    wait_synced(&replicas, &client).await;
+    let ns = format!("shop-{}", unique());
+    let body = webhook(vec![pod_alert(&ns, "api")]);
+    let lists = |i: usize| rr_lists(&replicas[i], &client);
+    let (base0, base1) = (lists(0).await, lists(1).await);
+    let r = client
+        .post(format!("{}/api/v1/signals/prometheus", replicas[0].base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(
+        lists(0).await - base0,
+        1.0,
+        "create path: the watch knows no RR, so only the list under the lock"
+    );
+    // Replica 1 learns of the RR from its watch (then: no list at all) or, if the watch has not
+    // delivered it yet, finds it with the list under the lock: never more than that one list.
+    let hits = replicas[1]
+        .metric(&client, "gateway_dedup_hint_lookups_total", &["result=\"hit\""])
+        .await;
+    let r = client
+        .post(format!("{}/api/v1/signals/prometheus", replicas[1].base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let hinted = replicas[1]
+        .metric(&client, "gateway_dedup_hint_lookups_total", &["result=\"hit\""])
+        .await
+        > hits;
+    let listed = lists(1).await - base1;
+    assert!(listed <= 1.0, "at most the list under the lock: {listed}");
+    if hinted {
+        assert_eq!(listed, 0.0, "a duplicate answered from the watch's hint lists nothing");
+    }
+    let admin = admin().await;
+    let rrs = requests_for(&admin, &testenv().namespace, &fp_of_pod(&ns, "api")).await;
+    assert_eq!(rrs.len(), 1);
+    assert_eq!(count_of(&rrs[0]), 2);
+}
+
+/// Sum of `name` (with `labels`) over the replicas.
+async fn total(replicas: &[Replica], client: &reqwest::Client, name: &str, labels: &[&str]) -> f64 {
+    let mut sum = 0.0;
+    for r in replicas {
+        sum += r.metric(client, name, labels).await;
+    }
+    sum
+}
+
+/// Paced signals (not one burst): `per_pod` for each pod, round-robin over the replicas, one
+/// every `gap`, each answered on its own task.
+async fn paced(
+    replicas: &[Replica],
+    client: &reqwest::Client,
+    namespace: &str,
+    pods: &[String],
+    per_pod: usize,
+    gap: Duration,
+) -> Vec<(StatusCode, serde_json::Value)> {
+    let mut tasks = Vec::new();
+    let mut tick = tokio::time::interval(gap);
+    let mut i = 0;
+    for _ in 0..per_pod {
+        for pod in pods {
+            tick.tick().await;
+            let url = format!("{}/api/v1/signals/prometheus", replicas[i % replicas.len()].base);
+            i += 1;
+            let (client, body) = (client.clone(), webhook(vec![pod_alert(namespace, pod)]));
+            tasks.push(tokio::spawn(async move {
+                let r = client.post(url).json(&body).send().await.expect("request sent");
+                let status = r.status();
+                (status, r.json().await.unwrap_or(serde_json::Value::Null))
+            }));
+        }
+    }
+    futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_sharing_hot_fingerprints_keep_exact_counts_and_resolve_conflicts_from_the_watch() {
+    let _one_storm_at_a_time = STORMS.lock().await;
+    let (replicas, client) = start_replicas(&format!("hot-{}", unique()), 3, CONFIG).await;
+    wait_synced(&replicas, &client).await;
+    let ns = format!("shop-{}", unique());
+    let pods: Vec<String> = (0..4).map(|i| format!("hot-{i}")).collect();
+    let update_labels = ["verb=\"update\"", "resource=\"remediationrequests/status\""];
+    let (updates0, conflicts0, gets0) = (
+        total(&replicas, &client, "gateway_k8s_api_requests_total", &update_labels).await,
+        total(&replicas, &client, "gateway_dedup_status_update_conflicts_total", &[]).await,
+        total(
+            &replicas,
+            &client,
+            "gateway_dedup_conflict_refreshes_total",
+            &["via=\"get\""],
+        )
+        .await,
+    );
+    // 4 incidents x 150 signals at about 200 signals/s over the three replicas.
+    let answers = paced(&replicas, &client, &ns, &pods, 150, Duration::from_millis(5)).await;
+    let failed: Vec<_> = answers.iter().filter(|(s, _)| !s.is_success()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} not acknowledged, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let admin = admin().await;
+    let fps: Vec<String> = pods.iter().map(|p| fp_of_pod(&ns, p)).collect();
+    for (pod, fp) in pods.iter().zip(&fps) {
+        let rrs = requests_for(&admin, &testenv().namespace, fp).await;
+        assert_eq!(rrs.len(), 1, "{pod}: one RR");
+        assert_eq!(count_of(&rrs[0]), 150, "{pod}: every acknowledged signal counted once");
+    }
+    assert_eq!(answers.iter().filter(|(s, _)| *s == StatusCode::CREATED).count(), 4);
+    assert!(leases_for(&admin, &fps).await.is_empty());
+
+    let writes = total(&replicas, &client, "gateway_k8s_api_requests_total", &update_labels).await - updates0;
+    let conflicts = total(&replicas, &client, "gateway_dedup_status_update_conflicts_total", &[]).await - conflicts0;
+    let gets = total(
+        &replicas,
+        &client,
+        "gateway_dedup_conflict_refreshes_total",
+        &["via=\"get\""],
+    )
+    .await
+        - gets0;
+    eprintln!("600 signals: {writes} status writes, {conflicts} conflicts, {gets} refreshed by GET");
+    assert!(writes < 600.0, "coalescing: fewer writes than signals ({writes})");
+    // Writes in flight at the same time on several replicas still conflict (more so the slower
+    // the API server); the newer version then comes from the watch, not from a GET.
+    assert!(
+        gets <= 0.25 * conflicts.max(4.0),
+        "the watch, not a GET, resolves conflicts: {gets} GETs for {conflicts} conflicts"
+    );
+}
+
+/// Conflicts of `signals` duplicates sent one after another, round-robin over three fresh
+/// replicas with `config`, one every 100 ms (so no two writes are in flight at once).
+async fn conflicts_of_alternating_writers(config: &str, tag: &str, signals: usize) -> f64 {
+    let (replicas, client) = start_replicas(&format!("{tag}-{}", unique()), 3, config).await;
+    let ns = format!("shop-{}", unique());
+    let body = webhook(vec![pod_alert(&ns, "alternating")]);
+    let created = client
+        .post(format!("{}/api/v1/signals/prometheus", replicas[0].base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let before = total(&replicas, &client, "gateway_dedup_status_update_conflicts_total", &[]).await;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for i in 0..signals {
+        tick.tick().await;
+        let r = client
+            .post(format!("{}/api/v1/signals/prometheus", replicas[(i + 1) % 3].base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+    }
+    let rrs = requests_for(&admin().await, &testenv().namespace, &fp_of_pod(&ns, "alternating")).await;
+    assert_eq!(rrs.len(), 1);
+    assert_eq!(count_of(&rrs[0]), signals as i64 + 1);
+    total(&replicas, &client, "gateway_dedup_status_update_conflicts_total", &[]).await - before
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_watch_replicas_taking_turns_on_one_incident_rarely_conflict() {
+    let _one_storm_at_a_time = STORMS.lock().await;
+    // Without the watch, a replica's hint is its own last write: after another replica wrote, its
+    // next write conflicts (and costs a GET). With it, the hint has caught up by then.
+    let with = conflicts_of_alternating_writers(CONFIG, "turns", 30).await;
+    let without = conflicts_of_alternating_writers(NO_WATCH, "turns-nowatch", 30).await;
+    eprintln!("30 alternating duplicates: {with} conflicts with the watch, {without} without");
+    assert!(with <= 6.0, "with the watch, conflicts are rare: {with} of 30");
+    assert!(without >= 15.0, "without it they are the rule: {without} of 30");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

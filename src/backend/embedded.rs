@@ -11,11 +11,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use tokio::sync::broadcast;
 
 use crate::clock::SharedClock;
-use crate::cluster::{ApiError, Cluster, ObjectRef, Result};
+use crate::cluster::{ApiError, Cluster, ObjectRef, RequestEvent, Result};
 use crate::crd::RemediationRequest;
 use crate::fingerprint::Fingerprint;
 
@@ -35,6 +38,9 @@ struct State {
 
 pub struct EmbeddedStore {
     state: Mutex<State>,
+    /// Change feed of RemediationRequests (the store's watch). Sent while the state lock is
+    /// held, so every receiver sees changes in resourceVersion order.
+    changes: broadcast::Sender<RequestEvent>,
     clock: SharedClock,
     /// When set, every call fails as if the API server were unreachable (tests, demos).
     unavailable: AtomicBool,
@@ -99,10 +105,15 @@ fn check_rv(sent: &ObjectMeta, stored: &ObjectMeta, what: &str) -> Result<()> {
     }
 }
 
+/// Changes a watcher may fall behind by before its watch breaks (and it lists again), like an
+/// API server dropping a slow watcher.
+const WATCH_BUFFER: usize = 4096;
+
 impl EmbeddedStore {
     pub fn new(clock: SharedClock) -> Self {
         EmbeddedStore {
             state: Mutex::default(),
+            changes: broadcast::channel(WATCH_BUFFER).0,
             clock,
             unavailable: AtomicBool::new(false),
         }
@@ -157,7 +168,10 @@ impl EmbeddedStore {
         let rr = st.requests.get_mut(&key(namespace, name)).ok_or(ApiError::NotFound)?;
         rr.status.get_or_insert_with(Default::default).overall_phase = phase.to_owned();
         rr.metadata.resource_version = Some(rv);
-        Ok(rr.clone())
+        let rr = rr.clone();
+        // No receiver is not an error: nobody watches.
+        let _ = self.changes.send(RequestEvent::Applied(rr.clone()));
+        Ok(rr)
     }
 
     /// Registers an object's metadata so owner resolution can read it.
@@ -221,6 +235,7 @@ impl Cluster for EmbeddedStore {
             .or_default()
             .push(k.1.clone());
         st.requests.insert(k, new.clone());
+        let _ = self.changes.send(RequestEvent::Applied(new.clone()));
         Ok(new)
     }
 
@@ -236,7 +251,56 @@ impl Cluster for EmbeddedStore {
         let stored = st.requests.get_mut(&k).expect("checked above");
         stored.status = rr.status.clone();
         stored.metadata.resource_version = Some(rv);
-        Ok(stored.clone())
+        let updated = stored.clone();
+        let _ = self.changes.send(RequestEvent::Applied(updated.clone()));
+        Ok(updated)
+    }
+
+    fn watch_requests(&self, namespace: &str) -> BoxStream<'static, Result<RequestEvent>> {
+        if self.unavailable.load(Ordering::SeqCst) {
+            let e = ApiError::Unavailable("embedded store switched off".into());
+            return futures::stream::iter([Err(e)]).boxed();
+        }
+        // Subscribe and take the snapshot under one lock: every change after the snapshot is
+        // in the feed (changes are sent under the same lock).
+        let (listed, rx) = {
+            let st = self.state.lock().expect("embedded store poisoned");
+            let listed: Vec<RemediationRequest> = st
+                .requests
+                .iter()
+                .filter(|((ns, _), _)| ns == namespace)
+                .map(|(_, rr)| rr.clone())
+                .collect();
+            (listed, self.changes.subscribe())
+        };
+        let head = std::iter::once(RequestEvent::Init)
+            .chain(listed.into_iter().map(RequestEvent::Listed))
+            .chain(std::iter::once(RequestEvent::Synced))
+            .map(Ok);
+        let namespace = namespace.to_owned();
+        let tail = futures::stream::unfold(Some(rx), move |rx| {
+            let namespace = namespace.clone();
+            async move {
+                let mut rx = rx?;
+                loop {
+                    match rx.recv().await {
+                        Ok(RequestEvent::Applied(rr) | RequestEvent::Deleted(rr))
+                            if rr.metadata.namespace.as_deref() != Some(namespace.as_str()) =>
+                        {
+                            continue;
+                        }
+                        Ok(event) => return Some((Ok(event), Some(rx))),
+                        // Too slow: the watch breaks, the watcher lists again.
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            let e = ApiError::Unavailable(format!("watch fell {n} changes behind"));
+                            return Some((Err(e), None));
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            }
+        });
+        futures::stream::iter(head).chain(tail).boxed()
     }
 
     async fn create_lease(&self, lease: &Lease) -> Result<Lease> {

@@ -5,11 +5,13 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::Semaphore;
 
-use crate::cluster::{ApiError, Cluster, ObjectRef, Result};
+use crate::cluster::{ApiError, Cluster, ObjectRef, RequestEvent, Result};
 use crate::crd::RemediationRequest;
 
 /// The operations of the port.
@@ -19,6 +21,11 @@ pub enum Op {
     GetRequest,
     CreateRequest,
     UpdateRequestStatus,
+    /// Starting a RemediationRequest watch (Fail: it breaks at once; Hang: it never lists).
+    WatchRequests,
+    /// Each item a watch delivers (Fail: the watch breaks there; Hang: it stalls for good;
+    /// Gate: it stalls until a permit, i.e. a lagging watch).
+    WatchEvent,
     CreateLease,
     GetLease,
     ListLeases,
@@ -44,31 +51,36 @@ type Hook = dyn Fn(Op) -> Fault + Send + Sync;
 
 pub struct Faulty {
     inner: Arc<dyn Cluster>,
-    hook: Box<Hook>,
+    hook: Arc<Hook>,
 }
 
 impl Faulty {
     pub fn new(inner: Arc<dyn Cluster>, hook: impl Fn(Op) -> Fault + Send + Sync + 'static) -> Self {
         Faulty {
             inner,
-            hook: Box::new(hook),
+            hook: Arc::new(hook),
         }
     }
 
     async fn apply(&self, op: Op) -> Result<bool> {
-        match (self.hook)(op) {
-            Fault::Pass => Ok(false),
-            Fault::Fail(e) => Err(e),
-            Fault::Hang => futures::future::pending().await,
-            Fault::HideResults => Ok(true),
-            Fault::Gate(gate) => {
-                let permit = gate
-                    .acquire()
-                    .await
-                    .map_err(|_| ApiError::Unavailable("gate closed".into()))?;
-                permit.forget();
-                Ok(false)
-            }
+        apply(&*self.hook, op).await
+    }
+}
+
+/// Applies the hook's fault for `op`; `Ok(true)` means "hide the results".
+async fn apply(hook: &Hook, op: Op) -> Result<bool> {
+    match hook(op) {
+        Fault::Pass => Ok(false),
+        Fault::Fail(e) => Err(e),
+        Fault::Hang => futures::future::pending().await,
+        Fault::HideResults => Ok(true),
+        Fault::Gate(gate) => {
+            let permit = gate
+                .acquire()
+                .await
+                .map_err(|_| ApiError::Unavailable("gate closed".into()))?;
+            permit.forget();
+            Ok(false)
         }
     }
 }
@@ -95,6 +107,23 @@ impl Cluster for Faulty {
     async fn update_request_status(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
         self.apply(Op::UpdateRequestStatus).await?;
         self.inner.update_request_status(rr).await
+    }
+    fn watch_requests(&self, namespace: &str) -> BoxStream<'static, Result<RequestEvent>> {
+        let (hook, inner, namespace) = (self.hook.clone(), self.inner.clone(), namespace.to_owned());
+        futures::stream::once(async move {
+            if let Err(e) = apply(&*hook, Op::WatchRequests).await {
+                return futures::stream::iter([Err(e)]).boxed();
+            }
+            inner
+                .watch_requests(&namespace)
+                .then(move |item| {
+                    let hook = hook.clone();
+                    async move { apply(&*hook, Op::WatchEvent).await.and(item) }
+                })
+                .boxed()
+        })
+        .flatten()
+        .boxed()
     }
     async fn create_lease(&self, lease: &Lease) -> Result<Lease> {
         self.apply(Op::CreateLease).await?;

@@ -6,17 +6,20 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams, Preconditions,
 };
+use kube::runtime::watcher;
 use kube::{Client, Config};
 use tokio::time::Instant;
 
 use crate::backend::metered::ApiMetricsLayer;
-use crate::cluster::{ApiError, Cluster, ObjectRef, Result};
+use crate::cluster::{ApiError, Cluster, ObjectRef, RequestEvent, Result};
 use crate::crd::{FINGERPRINT_FIELD, GROUP, RemediationRequest};
 use crate::metrics::Metrics;
 
@@ -24,6 +27,7 @@ use crate::metrics::Metrics;
 /// deploy/ grants exactly these; `/readyz` reports any that is missing.
 pub const REQUIRED_PERMISSIONS: &[(&str, &str, &str)] = &[
     (GROUP, "remediationrequests", "list"),
+    (GROUP, "remediationrequests", "watch"),
     (GROUP, "remediationrequests", "get"),
     (GROUP, "remediationrequests", "create"),
     (GROUP, "remediationrequests/status", "update"),
@@ -94,6 +98,17 @@ impl KubernetesCluster {
 
     fn leases(&self, namespace: &str) -> Api<Lease> {
         Api::namespaced(self.client.clone(), namespace)
+    }
+}
+
+/// Maps a watcher error (list, watch start, watch stream) like any other API error.
+fn map_watch_error(e: watcher::Error) -> ApiError {
+    match e {
+        watcher::Error::InitialListFailed(e) | watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
+            map_error(e)
+        }
+        watcher::Error::WatchError(status) => map_error(kube::Error::Api(status)),
+        watcher::Error::NoResourceVersion => ApiError::Unavailable("watch result without a resourceVersion".into()),
     }
 }
 
@@ -184,6 +199,34 @@ impl Cluster for KubernetesCluster {
             .replace_status(name, &PostParams::default(), rr)
             .await
             .map_err(map_error)
+    }
+
+    fn watch_requests(&self, namespace: &str) -> BoxStream<'static, Result<RequestEvent>> {
+        // kube-runtime's watcher: a paginated list (served from the API server's watch cache:
+        // this feeds hints, so "any" semantics are enough and cheapest), then a watch with
+        // bookmarks that it resumes after the server's timeout. On the first error the stream
+        // ends; the caller lists again (which is also how a 410 Gone is recovered).
+        let config = watcher::Config::default().any_semantic();
+        let events = watcher(self.requests(namespace), config).map(|item| {
+            item.map(|event| match event {
+                watcher::Event::Init => RequestEvent::Init,
+                watcher::Event::InitApply(rr) => RequestEvent::Listed(rr),
+                watcher::Event::InitDone => RequestEvent::Synced,
+                watcher::Event::Apply(rr) => RequestEvent::Applied(rr),
+                watcher::Event::Delete(rr) => RequestEvent::Deleted(rr),
+            })
+            .map_err(map_watch_error)
+        });
+        // Stop after the first error (inclusive).
+        events
+            .scan(false, |failed, item| {
+                let out = (!*failed).then(|| {
+                    *failed = item.is_err();
+                    item
+                });
+                futures::future::ready(out)
+            })
+            .boxed()
     }
 
     async fn create_lease(&self, lease: &Lease) -> Result<Lease> {

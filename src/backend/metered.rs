@@ -14,12 +14,14 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tracing::Instrument;
 
 use crate::cluster::{
-    Cluster, LEASE_RESOURCE, ObjectRef, RR_RESOURCE, RR_STATUS_RESOURCE, Result, resource_of_kind, verb,
+    Cluster, LEASE_RESOURCE, ObjectRef, RR_RESOURCE, RR_STATUS_RESOURCE, RequestEvent, Result, resource_of_kind, verb,
 };
 use crate::crd::RemediationRequest;
 use crate::metrics::Metrics;
@@ -139,6 +141,22 @@ impl Cluster for Metered {
         self.call(verb::UPDATE, RR_STATUS_RESOURCE, self.inner.update_request_status(rr))
             .await
     }
+    fn watch_requests(&self, namespace: &str) -> BoxStream<'static, Result<RequestEvent>> {
+        let inner = self.inner.watch_requests(namespace);
+        let Some(metrics) = self.metrics.clone() else {
+            return inner;
+        };
+        // A watch is not part of any signal's tally. The embedded store's (re)list counts as one
+        // list and its change feed as one watch request, as the API server would see them.
+        inner
+            .inspect(move |item| match item {
+                Ok(RequestEvent::Init) => ApiCallTimer::start(&metrics, verb::LIST, RR_RESOURCE).finish("200"),
+                Ok(RequestEvent::Synced) => ApiCallTimer::start(&metrics, verb::WATCH, RR_RESOURCE).finish("200"),
+                Err(e) => ApiCallTimer::start(&metrics, verb::WATCH, RR_RESOURCE).finish(e.code()),
+                Ok(_) => {}
+            })
+            .boxed()
+    }
     async fn create_lease(&self, lease: &Lease) -> Result<Lease> {
         self.call(verb::CREATE, LEASE_RESOURCE, self.inner.create_lease(lease))
             .await
@@ -238,7 +256,7 @@ fn verb_of<B>(req: &http::Request<B>) -> &'static str {
     let op = req.extensions().get::<&'static str>().copied().unwrap_or("");
     match op {
         "list" | "list_metadata" => verb::LIST,
-        "watch" | "watch_metadata" => "watch",
+        "watch" | "watch_metadata" => verb::WATCH,
         "delete_collection" => "deletecollection",
         "delete" => verb::DELETE,
         o if o.starts_with("create") => verb::CREATE,

@@ -42,43 +42,19 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     resp
 }
 
-/// How recent a successful API answer must be to stand in for a readiness probe.
+/// How recent a stored signal must be to stand in for a readiness probe.
 const RECENT_SUCCESS: Duration = Duration::from_secs(5);
 
-/// Successful (2xx) API answers so far, from the API request metric.
-fn api_successes(metrics: &crate::metrics::Metrics) -> u64 {
-    use prometheus::core::Collector;
-    metrics
-        .api_requests
-        .collect()
-        .iter()
-        .flat_map(|family| family.get_metric())
-        .filter(|m| {
-            m.get_label()
-                .iter()
-                .any(|l| l.name() == "code" && l.value().starts_with('2'))
-        })
-        .map(|m| m.get_counter().get_value() as u64)
-        .sum()
-}
-
-/// Ready when not shutting down and the backend answers. API requests that succeeded within the
-/// last few seconds prove that by themselves: under load the probe's own request would queue
-/// behind signal traffic (backend.maxConcurrentRequests), time out, and take every busy replica
-/// out of its Service at once.
+/// Ready when not shutting down and the backend answers. A signal stored within the last few
+/// seconds proves that by itself: under load the probe's own request would queue behind signal
+/// traffic (backend.maxConcurrentRequests), time out, and take every busy replica out of its
+/// Service at once.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.shutting_down.load(Ordering::SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, "not ready: shutting down\n").into_response();
     }
-    let successes = api_successes(&state.metrics);
-    {
-        let mut last = state.ready_evidence.lock().expect("readiness evidence poisoned");
-        if successes > last.0 {
-            *last = (successes, tokio::time::Instant::now());
-        }
-        if last.0 > 0 && last.1.elapsed() < RECENT_SUCCESS {
-            return "ok\n".into_response();
-        }
+    if state.pipeline.latency.stored_within(RECENT_SUCCESS) {
+        return "ok\n".into_response();
     }
     match tokio::time::timeout(Duration::from_secs(3), state.cluster.check_ready(&state.namespace)).await {
         Ok(Ok(())) => "ok\n".into_response(),

@@ -49,8 +49,6 @@ pub struct AppState {
     pub in_flight: Arc<Semaphore>,
     pub max_in_flight: usize,
     pub shutting_down: AtomicBool,
-    /// (successful API answers seen, when that number last grew): readiness evidence.
-    pub ready_evidence: std::sync::Mutex<(u64, tokio::time::Instant)>,
 }
 
 pub fn signals_router(state: Arc<AppState>) -> Router {

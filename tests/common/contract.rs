@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use signal_gateway::cluster::{ApiError, Cluster, ObjectRef};
+use signal_gateway::cluster::{ApiError, Cluster, ObjectRef, RequestEvent};
 use signal_gateway::crd::{
     Deduplication, RemediationRequest, RemediationRequestSpec, RemediationRequestStatus, TargetResource,
 };
@@ -82,6 +83,7 @@ fn rv<T: kube::Resource>(o: &T) -> String {
 /// `unique` keeps names apart between runs against a long-lived server.
 pub async fn run(cluster: Arc<dyn Cluster>, ns: &str, unique: &str) {
     requests(cluster.as_ref(), ns, unique).await;
+    watch(cluster.as_ref(), ns, unique).await;
     leases(cluster.as_ref(), ns, unique).await;
     metadata(cluster.as_ref(), ns).await;
 }
@@ -183,6 +185,56 @@ async fn requests(c: &dyn Cluster, ns: &str, unique: &str) {
             .unwrap_err(),
         ApiError::Invalid(_)
     ));
+}
+
+/// The next event of the watch about `name` (others may share the namespace), within 20 s.
+async fn next_about(
+    events: &mut futures::stream::BoxStream<'static, signal_gateway::cluster::Result<RequestEvent>>,
+    name: &str,
+) -> RemediationRequest {
+    let wait = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match events.next().await.expect("the watch goes on").expect("no watch error") {
+                RequestEvent::Applied(rr) if rr.metadata.name.as_deref() == Some(name) => return rr,
+                _ => continue,
+            }
+        }
+    });
+    wait.await
+        .unwrap_or_else(|_| panic!("no watch event about {name} within 20 s"))
+}
+
+async fn watch(c: &dyn Cluster, ns: &str, unique: &str) {
+    let listed_before = format!("rr-a1-{unique}");
+    let mut events = c.watch_requests(ns);
+    // A list first: Init, every RR of the namespace, Synced.
+    assert!(matches!(events.next().await, Some(Ok(RequestEvent::Init))));
+    let mut listed = Vec::new();
+    loop {
+        match events.next().await.expect("the list completes").expect("no list error") {
+            RequestEvent::Listed(rr) => listed.push(rr.metadata.name.clone().unwrap()),
+            RequestEvent::Synced => break,
+            other => panic!("unexpected {other:?} before Synced"),
+        }
+    }
+    assert!(listed.contains(&listed_before), "the list holds existing RRs");
+
+    // Then every change, with its new resourceVersion, in order.
+    let name = format!("rr-w1-{unique}");
+    let f = fp(&format!("w-{unique}"));
+    let created = c.create_request(&rr(ns, &name, &f)).await.expect("create");
+    let seen = next_about(&mut events, &name).await;
+    assert_eq!(seen.metadata.resource_version, created.metadata.resource_version);
+    let mut next = created.clone();
+    next.status = rr(ns, &name, &f).status;
+    let updated = c.update_request_status(&next).await.expect("status update");
+    let seen = next_about(&mut events, &name).await;
+    assert_eq!(seen.metadata.resource_version, updated.metadata.resource_version);
+    assert_eq!(
+        seen.status.unwrap().deduplication.unwrap().occurrence_count,
+        99,
+        "the watch carries the status"
+    );
 }
 
 async fn leases(c: &dyn Cluster, ns: &str, unique: &str) {

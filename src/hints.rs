@@ -1,0 +1,536 @@
+//! Hints for the duplicate path: per fingerprint, the newest active RemediationRequest this
+//! replica has seen — from a watch of the namespace's RRs (so other replicas' writes arrive
+//! before our next write conflicts with them) and from this replica's own reads and writes.
+//!
+//! Everything here is a hint (ADR 0002, ADR 0007): an RR taken from it is only ever the base of a
+//! status update conditioned on its resourceVersion, and "the watch knows no active RR for this
+//! fingerprint" only lets the creator skip the list *before* the lease lock — the fresh list
+//! under the lock still decides whether to create. A stale or wrong cache costs API calls, never
+//! a duplicate or a lost count.
+//!
+//! The watch restarts (and lists again) after any error, with jittered backoff; until a list has
+//! completed it is *unsynced* and the gateway behaves as without it (fresh list on a miss, GET
+//! after a conflict).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::cluster::{Cluster, RequestEvent};
+use crate::crd::{RemediationRequest, phase_is_active};
+use crate::fingerprint::Fingerprint;
+use crate::lock::backoff;
+use crate::metrics::Metrics;
+
+/// Most RR names remembered. Beyond it the cache is cleared and stops vouching for absence
+/// until the next complete list fits (a namespace this large should not be watched whole).
+const MAX_OBJECTS: usize = 100_000;
+
+/// What the cache knows about one RR name.
+struct Known {
+    rv: String,
+    fingerprint: String,
+    /// The object while it is active; `None` once it turned terminal (a tombstone, so an older
+    /// copy of it arriving late cannot make it look active again).
+    active: Option<Arc<RemediationRequest>>,
+}
+
+#[derive(Default)]
+struct PerFingerprint {
+    /// Names of this fingerprint's active RRs (normally one).
+    active: Vec<String>,
+    /// When an RR of this fingerprint last changed, as far as we saw (own writes or the watch).
+    changed_at: Option<Instant>,
+    /// Woken on every change of this fingerprint's RRs.
+    changed: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct State {
+    /// A complete list has been applied and the watch has not failed since.
+    synced: bool,
+    /// False after an overflow, until the next list that fits.
+    complete: bool,
+    objects: HashMap<String, Known>,
+    /// How many of `objects` are active.
+    active_total: usize,
+    fingerprints: HashMap<String, PerFingerprint>,
+    /// Names seen by the list in progress (between `Init` and `Synced`).
+    listing: Option<HashMap<String, String>>,
+}
+
+/// The newest version of an RR, as far as the cache knows.
+pub enum Newer {
+    Active(Box<RemediationRequest>),
+    /// It turned terminal (or was deleted) at a version newer than the one asked about.
+    Closed,
+}
+
+pub struct HintCache {
+    state: Mutex<State>,
+    metrics: Metrics,
+}
+
+/// Compares resourceVersions. The API server's are etcd revisions (integers); anything else is
+/// compared as "different means newer", which is always safe for a hint.
+fn newer(candidate: &str, than: &str) -> bool {
+    match (candidate.parse::<u64>(), than.parse::<u64>()) {
+        (Ok(a), Ok(b)) => a > b,
+        _ => candidate != than,
+    }
+}
+
+fn rv_of(rr: &RemediationRequest) -> &str {
+    rr.metadata.resource_version.as_deref().unwrap_or_default()
+}
+
+fn is_active(rr: &RemediationRequest) -> bool {
+    phase_is_active(rr.status.as_ref().map_or("", |s| s.overall_phase.as_str()))
+}
+
+impl State {
+    /// Records `rr` if it is newer than what we hold; returns whether anything changed.
+    fn observe(&mut self, rr: &RemediationRequest, now: Instant) -> bool {
+        let Some(name) = rr.metadata.name.as_deref() else {
+            return false;
+        };
+        let rv = rv_of(rr);
+        if let Some(known) = self.objects.get(name)
+            && !newer(rv, &known.rv)
+        {
+            return false;
+        }
+        if !self.objects.contains_key(name) && self.objects.len() >= MAX_OBJECTS {
+            self.objects.clear();
+            self.active_total = 0;
+            self.fingerprints.retain(|_, f| Arc::strong_count(&f.changed) > 1);
+            for f in self.fingerprints.values_mut() {
+                f.active.clear();
+            }
+            self.complete = false;
+        }
+        let fingerprint = rr.spec.signal_fingerprint.clone();
+        let active = is_active(rr).then(|| Arc::new(rr.clone()));
+        let previous = self.objects.insert(
+            name.to_owned(),
+            Known {
+                rv: rv.to_owned(),
+                fingerprint: fingerprint.clone(),
+                active: active.clone(),
+            },
+        );
+        self.active_total += usize::from(active.is_some());
+        if let Some(prev) = previous {
+            self.active_total -= usize::from(prev.active.is_some());
+            if prev.fingerprint != fingerprint {
+                self.unindex(&prev.fingerprint, name);
+            }
+        }
+        let per = self.fingerprints.entry(fingerprint).or_default();
+        match active {
+            Some(_) if !per.active.iter().any(|n| n == name) => per.active.push(name.to_owned()),
+            Some(_) => {}
+            None => per.active.retain(|n| n != name),
+        }
+        per.changed_at = Some(now);
+        per.changed.notify_waiters();
+        true
+    }
+
+    fn forget(&mut self, rr: &RemediationRequest, now: Instant) {
+        let Some(name) = rr.metadata.name.as_deref() else {
+            return;
+        };
+        if let Some(known) = self.objects.remove(name) {
+            self.active_total -= usize::from(known.active.is_some());
+            let fingerprint = known.fingerprint;
+            self.unindex(&fingerprint, name);
+            if let Some(per) = self.fingerprints.get_mut(&fingerprint) {
+                per.changed_at = Some(now);
+                per.changed.notify_waiters();
+            }
+        }
+    }
+
+    fn unindex(&mut self, fingerprint: &str, name: &str) {
+        if let Some(per) = self.fingerprints.get_mut(fingerprint) {
+            per.active.retain(|n| n != name);
+            if per.active.is_empty() && Arc::strong_count(&per.changed) == 1 {
+                // Keep the entry while it is recently changed (hotness) — it is small; drop it
+                // otherwise so terminal fingerprints do not accumulate.
+                if per.changed_at.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    self.fingerprints.remove(fingerprint);
+                }
+            }
+        }
+    }
+
+    /// The oldest active RR of `fp` (there should be at most one), like a fresh list would pick.
+    fn active(&self, fp: &str) -> Option<Arc<RemediationRequest>> {
+        let per = self.fingerprints.get(fp)?;
+        per.active
+            .iter()
+            .filter_map(|n| self.objects.get(n)?.active.clone())
+            .min_by(|a, b| {
+                (a.metadata.creation_timestamp.as_ref().map(|t| t.0), &a.metadata.name)
+                    .cmp(&(b.metadata.creation_timestamp.as_ref().map(|t| t.0), &b.metadata.name))
+            })
+    }
+}
+
+/// Stops the watch task when dropped.
+pub struct WatchTask(JoinHandle<()>);
+
+impl Drop for WatchTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl HintCache {
+    pub fn new(metrics: Metrics) -> Arc<Self> {
+        Arc::new(HintCache {
+            state: Mutex::new(State {
+                complete: true,
+                ..State::default()
+            }),
+            metrics,
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("hint cache poisoned")
+    }
+
+    /// Starts watching `namespace` through `cluster`; the watch stops when the handle is dropped.
+    pub fn spawn_watch(self: &Arc<Self>, cluster: Arc<dyn Cluster>, namespace: String) -> WatchTask {
+        WatchTask(tokio::spawn(self.clone().watch_loop(cluster, namespace)))
+    }
+
+    async fn watch_loop(self: Arc<Self>, cluster: Arc<dyn Cluster>, namespace: String) {
+        let mut failures: u32 = 0;
+        loop {
+            let mut events = cluster.watch_requests(&namespace);
+            while let Some(item) = events.next().await {
+                match item {
+                    Ok(event) => {
+                        if self.apply(event) {
+                            failures = 0;
+                        }
+                    }
+                    Err(e) => {
+                        self.metrics.watch_errors.inc();
+                        tracing::warn!(error = %e, "RemediationRequest watch failed; listing again after a backoff");
+                        break;
+                    }
+                }
+            }
+            self.unsync();
+            let pause = backoff(failures, Duration::from_millis(200), Duration::from_secs(30));
+            failures = failures.saturating_add(1);
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Applies one watch event; true when it completed a list.
+    fn apply(&self, event: RequestEvent) -> bool {
+        let now = Instant::now();
+        let mut st = self.state();
+        let mut synced_now = false;
+        match event {
+            RequestEvent::Init => {
+                self.metrics.watch_relists.inc();
+                st.synced = false;
+                st.listing = Some(HashMap::new());
+                self.metrics.watch_synced.set(0);
+            }
+            RequestEvent::Listed(rr) => {
+                self.metrics.watch_events.with_label_values(&["listed"]).inc();
+                if let (Some(listing), Some(name)) = (st.listing.as_mut(), rr.metadata.name.clone()) {
+                    listing.insert(name, rv_of(&rr).to_owned());
+                }
+                st.observe(&rr, now);
+            }
+            RequestEvent::Synced => {
+                let listing = st.listing.take().unwrap_or_default();
+                // Names we hold that the list did not return were deleted while we were not
+                // watching — unless we learnt of them (our own write) after the list was taken.
+                let listed_max = listing.values().filter_map(|rv| rv.parse::<u64>().ok()).max();
+                let gone: Vec<String> = st
+                    .objects
+                    .iter()
+                    .filter(|(name, known)| {
+                        !listing.contains_key(*name)
+                            && match (known.rv.parse::<u64>().ok(), listed_max) {
+                                (Some(rv), Some(max)) => rv <= max,
+                                _ => true,
+                            }
+                    })
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                for name in gone {
+                    if let Some(known) = st.objects.remove(&name) {
+                        st.active_total -= usize::from(known.active.is_some());
+                        st.unindex(&known.fingerprint, &name);
+                    }
+                }
+                st.complete = st.objects.len() < MAX_OBJECTS;
+                st.synced = true;
+                synced_now = true;
+                self.metrics.watch_synced.set(1);
+            }
+            RequestEvent::Applied(rr) => {
+                self.metrics.watch_events.with_label_values(&["applied"]).inc();
+                st.observe(&rr, now);
+            }
+            RequestEvent::Deleted(rr) => {
+                self.metrics.watch_events.with_label_values(&["deleted"]).inc();
+                st.forget(&rr, now);
+            }
+        }
+        self.metrics.watch_cached.set(st.active_total as i64);
+        synced_now
+    }
+
+    fn unsync(&self) {
+        let mut st = self.state();
+        st.synced = false;
+        st.listing = None;
+        self.metrics.watch_synced.set(0);
+    }
+
+    /// A complete list has been applied and the watch is running.
+    pub fn is_synced(&self) -> bool {
+        self.state().synced
+    }
+
+    /// Records an RR this replica read or wrote (kept if newer than what the cache holds).
+    pub fn observe(&self, rr: &RemediationRequest) {
+        let mut st = self.state();
+        if st.observe(rr, Instant::now()) {
+            self.metrics.watch_cached.set(st.active_total as i64);
+        }
+    }
+
+    /// The newest active RR known for `fp`: a hint for a conditional write.
+    pub fn active(&self, fp: &Fingerprint) -> Option<RemediationRequest> {
+        self.state().active(fp.as_str()).map(|rr| (*rr).clone())
+    }
+
+    /// True only when the synced watch knows no active RR for `fp`. Lets a creator skip the list
+    /// before the lock; the list under the lock still decides.
+    pub fn knows_none_active(&self, fp: &Fingerprint) -> bool {
+        let st = self.state();
+        st.synced && st.complete && st.active(fp.as_str()).is_none()
+    }
+
+    /// Whether an RR of `fp` changed (any writer) within `window`.
+    pub fn changed_within(&self, fp: &Fingerprint, window: Duration) -> bool {
+        self.state()
+            .fingerprints
+            .get(fp.as_str())
+            .and_then(|p| p.changed_at)
+            .is_some_and(|t| t.elapsed() <= window)
+    }
+
+    /// Waits until the cache holds a version of RR `name` newer than `than_rv`, up to `until`.
+    /// `None` when none arrived in time or the watch is not synced (then ask the API server).
+    pub async fn newer_than(&self, fp: &Fingerprint, name: &str, than_rv: &str, until: Instant) -> Option<Newer> {
+        loop {
+            let changed = {
+                let mut st = self.state();
+                if !st.synced {
+                    return None;
+                }
+                match st.objects.get(name) {
+                    Some(known) if newer(&known.rv, than_rv) => {
+                        return Some(match &known.active {
+                            Some(rr) => Newer::Active(Box::new((**rr).clone())),
+                            None => Newer::Closed,
+                        });
+                    }
+                    _ => {}
+                }
+                st.fingerprints
+                    .entry(fp.as_str().to_owned())
+                    .or_default()
+                    .changed
+                    .clone()
+            };
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Re-check after registering, so a change between the check and here is not missed.
+            {
+                let st = self.state();
+                if st.objects.get(name).is_some_and(|k| newer(&k.rv, than_rv)) {
+                    continue;
+                }
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Waits up to `until` for an active RR of `fp` to appear (the lock holder's), returning it.
+    pub async fn wait_active(&self, fp: &Fingerprint, until: Instant) -> Option<RemediationRequest> {
+        loop {
+            let changed = {
+                let mut st = self.state();
+                if let Some(rr) = st.active(fp.as_str()) {
+                    return Some((*rr).clone());
+                }
+                st.fingerprints
+                    .entry(fp.as_str().to_owned())
+                    .or_default()
+                    .changed
+                    .clone()
+            };
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.state().active(fp.as_str()).is_some() {
+                continue;
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+    use crate::crd::{Deduplication, RemediationRequestSpec, RemediationRequestStatus};
+
+    fn fp(n: u8) -> Fingerprint {
+        Fingerprint::parse(&format!("{:064x}", n)).unwrap()
+    }
+
+    fn rr(name: &str, f: &Fingerprint, rv: u64, phase: &str, count: i64) -> RemediationRequest {
+        RemediationRequest {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                resource_version: Some(rv.to_string()),
+                ..Default::default()
+            },
+            spec: RemediationRequestSpec {
+                signal_fingerprint: f.to_string(),
+                ..Default::default()
+            },
+            status: Some(RemediationRequestStatus {
+                deduplication: Some(Deduplication {
+                    occurrence_count: count,
+                    ..Default::default()
+                }),
+                overall_phase: phase.into(),
+            }),
+        }
+    }
+
+    fn cache() -> Arc<HintCache> {
+        HintCache::new(Metrics::register(&prometheus::Registry::new()).unwrap())
+    }
+
+    fn count(rr: &RemediationRequest) -> i64 {
+        rr.status
+            .as_ref()
+            .unwrap()
+            .deduplication
+            .as_ref()
+            .unwrap()
+            .occurrence_count
+    }
+
+    #[test]
+    fn an_older_copy_never_replaces_a_newer_one_and_a_terminal_rr_stays_closed() {
+        let c = cache();
+        let f = fp(1);
+        c.observe(&rr("a", &f, 10, "", 5));
+        c.observe(&rr("a", &f, 7, "", 3));
+        assert_eq!(count(&c.active(&f).unwrap()), 5);
+        c.observe(&rr("a", &f, 11, "Completed", 5));
+        assert!(c.active(&f).is_none());
+        c.observe(&rr("a", &f, 10, "", 5)); // our own write result, arriving late
+        assert!(c.active(&f).is_none(), "a late older copy must not reopen a closed RR");
+    }
+
+    #[test]
+    fn absence_is_only_vouched_for_by_a_synced_watch() {
+        let c = cache();
+        let f = fp(2);
+        assert!(!c.knows_none_active(&f), "not synced: no claim");
+        c.apply(RequestEvent::Init);
+        c.apply(RequestEvent::Listed(rr("b", &fp(3), 4, "", 1)));
+        assert!(!c.knows_none_active(&f), "list not complete: no claim");
+        c.apply(RequestEvent::Synced);
+        assert!(c.knows_none_active(&f));
+        assert!(!c.knows_none_active(&fp(3)));
+        c.unsync();
+        assert!(!c.knows_none_active(&f), "a broken watch vouches for nothing");
+    }
+
+    #[test]
+    fn a_relist_drops_what_was_deleted_meanwhile_but_keeps_newer_own_writes() {
+        let c = cache();
+        let (f1, f2, f3) = (fp(4), fp(5), fp(6));
+        c.apply(RequestEvent::Init);
+        c.apply(RequestEvent::Listed(rr("x", &f1, 5, "", 1)));
+        c.apply(RequestEvent::Listed(rr("y", &f2, 6, "", 1)));
+        c.apply(RequestEvent::Synced);
+        c.unsync();
+        c.observe(&rr("z", &f3, 40, "", 1)); // our own write after the next list was taken
+        c.apply(RequestEvent::Init);
+        c.apply(RequestEvent::Listed(rr("x", &f1, 9, "", 2)));
+        c.apply(RequestEvent::Synced);
+        assert_eq!(count(&c.active(&f1).unwrap()), 2);
+        assert!(c.active(&f2).is_none(), "y was deleted while the watch was down");
+        assert!(c.active(&f3).is_some(), "z is newer than anything listed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_conflicting_writer_waits_for_the_watch_but_never_past_its_bound() {
+        let c = cache();
+        let f = fp(7);
+        c.apply(RequestEvent::Init);
+        c.apply(RequestEvent::Listed(rr("r", &f, 5, "", 1)));
+        c.apply(RequestEvent::Synced);
+        // Nothing newer arrives: the wait ends at its bound.
+        let started = Instant::now();
+        let until = started + Duration::from_millis(30);
+        assert!(c.newer_than(&f, "r", "5", until).await.is_none());
+        assert_eq!(Instant::now(), until);
+        // A newer version arrives while waiting: returned at once.
+        let c2 = c.clone();
+        let f2 = f.clone();
+        let waiter = tokio::spawn(async move {
+            let until = Instant::now() + Duration::from_secs(1);
+            match c2.newer_than(&f2, "r", "5", until).await {
+                Some(Newer::Active(rr)) => (count(&rr), Instant::now()),
+                _ => panic!("expected the newer version"),
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        let delivered = Instant::now();
+        c.apply(RequestEvent::Applied(rr("r", &f, 8, "", 4)));
+        let (n, at) = waiter.await.unwrap();
+        assert_eq!(n, 4);
+        assert_eq!(at, delivered);
+        // It turned terminal: the answer says so.
+        c.apply(RequestEvent::Applied(rr("r", &f, 9, "Failed", 4)));
+        assert!(matches!(
+            c.newer_than(&f, "r", "8", Instant::now()).await,
+            Some(Newer::Closed)
+        ));
+    }
+}
