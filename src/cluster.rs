@@ -39,6 +39,9 @@ pub enum ApiError {
     /// Transport errors, 5xx, API server unreachable.
     #[error("API server unavailable: {0}")]
     Unavailable(String),
+    /// The request waited for an API request slot until its send deadline and was never sent.
+    #[error("no API request slot before the deadline; not sent")]
+    NotSent,
 }
 
 impl ApiError {
@@ -53,6 +56,7 @@ impl ApiError {
             ApiError::Invalid(_) => "422",
             ApiError::Timeout => "<timeout>",
             ApiError::Unavailable(_) => "<error>",
+            ApiError::NotSent => "<not_sent>",
         }
     }
 }

@@ -574,11 +574,17 @@ impl Dedup {
 
     /// Sends a write only while the deadline has not passed, then waits for its outcome up to
     /// `write_grace` beyond the deadline instead of abandoning it mid-flight.
+    /// Waiting for an API request slot counts against the deadline (a write that gets none is
+    /// not sent); once sent, the client's own timeout (`backend.apiTimeout`, below the grace)
+    /// ends it first, so a write is not abandoned in flight by this bound.
     async fn write<T>(&self, deadline: Instant, fut: impl Future<Output = Result<T, ApiError>>) -> Result<T> {
         if Instant::now() >= deadline {
             return Err(DedupError::DeadlineExceeded);
         }
-        within(deadline + self.settings.write_grace, fut).await
+        match crate::backend::metered::send_by(deadline, within(deadline + self.settings.write_grace, fut)).await {
+            Err(DedupError::Api(ApiError::NotSent)) => Err(DedupError::DeadlineExceeded),
+            other => other,
+        }
     }
 }
 

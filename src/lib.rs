@@ -156,7 +156,9 @@ pub async fn serve(
         .build_info
         .with_label_values(&[VERSION, deps.cluster.backend_name(), config.dedup.strategy.as_str()])
         .set(1);
-    let cluster: Arc<dyn Cluster> = Arc::new(Metered::new(deps.cluster.clone(), metrics.clone()));
+    let cluster: Arc<dyn Cluster> = Arc::new(
+        Metered::new(deps.cluster.clone(), metrics.clone()).with_slots(config.backend.max_concurrent_requests),
+    );
     let namespace = config.namespace().to_owned();
     let authenticator = Arc::new(auth::Authenticator::new(
         &config.auth,
@@ -184,7 +186,9 @@ pub async fn serve(
             strategy: config.dedup.strategy,
             backoff_initial: config.lock.backoff_initial,
             backoff_max: config.lock.backoff_max,
-            write_grace: config.backend.api_timeout,
+            // Past the client's own request timeout, so that timeout (an honest "unknown") ends
+            // a write in flight rather than this bound.
+            write_grace: config.backend.api_timeout + std::time::Duration::from_secs(1),
             watch: config.dedup.watch,
             watch_wait: config.dedup.watch_wait,
         },

@@ -69,7 +69,9 @@ impl KubernetesCluster {
             // Innermost: metrics see each request as the API server does (queueing excluded).
             .with_layer(&ApiMetricsLayer::new(metrics))
             // A storm queues here instead of opening hundreds of TLS connections (HTTP/1.1).
-            .with_layer(&tower::limit::ConcurrencyLimitLayer::new(max_in_flight.max(1)))
+            // The port's calls queue in `Metered` (bounded by each signal's deadline); the headroom
+            // here is for the reviews, the watch and the readiness probe, which bypass the port.
+            .with_layer(&tower::limit::ConcurrencyLimitLayer::new(max_in_flight.max(1) + 16))
             .build();
         Ok(KubernetesCluster {
             client,

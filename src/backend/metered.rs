@@ -21,10 +21,23 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tracing::Instrument;
 
 use crate::cluster::{
-    Cluster, LEASE_RESOURCE, ObjectRef, RR_RESOURCE, RR_STATUS_RESOURCE, RequestEvent, Result, resource_of_kind, verb,
+    ApiError, Cluster, LEASE_RESOURCE, ObjectRef, RR_RESOURCE, RR_STATUS_RESOURCE, RequestEvent, Result,
+    resource_of_kind, verb,
 };
 use crate::crd::RemediationRequest;
 use crate::metrics::Metrics;
+
+tokio::task_local! {
+    /// The latest moment a write in this task may still be *sent* (see [`send_by`]).
+    static SEND_BY: tokio::time::Instant;
+}
+
+/// Runs `fut` so that a request it makes waits for an API request slot only until `by`: a
+/// write that got no slot by then is not sent at all (certainly not stored), and a write that got
+/// one is sent at once and awaited, never abandoned while queued-then-sent late.
+pub async fn send_by<F: Future>(by: tokio::time::Instant, fut: F) -> F::Output {
+    SEND_BY.scope(by, fut).await
+}
 
 tokio::task_local! {
     static TALLY: Arc<AtomicU32>;
@@ -82,12 +95,25 @@ pub struct Metered {
     inner: Arc<dyn Cluster>,
     /// None when the backend records its own requests.
     metrics: Option<Metrics>,
+    /// API requests in flight (`backend.maxConcurrentRequests`); a call waits for a slot here,
+    /// before it is sent, so the wait is visible to [`send_by`] and not part of its latency.
+    slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Metered {
     pub fn new(inner: Arc<dyn Cluster>, metrics: Metrics) -> Self {
         let metrics = (!inner.counts_own_requests()).then_some(metrics);
-        Metered { inner, metrics }
+        Metered {
+            inner,
+            metrics,
+            slots: None,
+        }
+    }
+
+    /// At most `n` calls in flight at once.
+    pub fn with_slots(mut self, n: usize) -> Self {
+        self.slots = Some(Arc::new(tokio::sync::Semaphore::new(n.max(1))));
+        self
     }
 
     async fn call<T>(
@@ -96,6 +122,19 @@ impl Metered {
         resource: &'static str,
         fut: impl Future<Output = Result<T>>,
     ) -> Result<T> {
+        let _permit = match &self.slots {
+            None => None,
+            Some(slots) => {
+                let acquire = slots.clone().acquire_owned();
+                let permit = match SEND_BY.try_with(|by| *by) {
+                    Ok(by) => tokio::time::timeout_at(by, acquire)
+                        .await
+                        .map_err(|_| ApiError::NotSent)?,
+                    Err(_) => acquire.await,
+                };
+                Some(permit.map_err(|_| ApiError::Unavailable("API request slots closed".into()))?)
+            }
+        };
         let _ = TALLY.try_with(|t| t.fetch_add(1, Ordering::Relaxed));
         let span = tracing::info_span!("k8s.request", verb, resource, code = tracing::field::Empty);
         let timer = self.metrics.as_ref().map(|m| ApiCallTimer::start(m, verb, resource));
@@ -320,5 +359,78 @@ mod tests {
         ] {
             assert_eq!(resource_of_path(path), want, "{path}");
         }
+    }
+
+    use super::{Metered, send_by};
+    use crate::backend::embedded::EmbeddedStore;
+    use crate::backend::faults::{Fault, Faulty, Op};
+    use crate::clock::SystemClock;
+    use crate::cluster::{ApiError, Cluster, ObjectRef};
+    use crate::crd::{RemediationRequest, RemediationRequestSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::sync::Semaphore;
+    use tokio::time::Instant;
+
+    fn rr(name: &str) -> RemediationRequest {
+        RemediationRequest {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("sg".into()),
+                ..ObjectMeta::default()
+            },
+            spec: RemediationRequestSpec {
+                signal_fingerprint: "f".repeat(64),
+                ..RemediationRequestSpec::default()
+            },
+            status: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_without_a_slot_by_its_send_deadline_is_not_sent_and_a_sent_one_is_not_abandoned() {
+        let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+        let gate = Arc::new(Semaphore::new(0));
+        let g = gate.clone();
+        let faulty = Faulty::new(store.clone(), move |op| match op {
+            Op::GetMetadata => Fault::Hang,
+            Op::CreateRequest => Fault::Gate(g.clone()),
+            _ => Fault::Pass,
+        });
+        let metrics = crate::metrics::Metrics::register(&prometheus::Registry::new()).unwrap();
+        let metered = Arc::new(Metered::new(Arc::new(faulty), metrics).with_slots(1));
+
+        // The only slot is taken by a request that never answers.
+        let busy = metered.clone();
+        let hog = tokio::spawn(async move {
+            let object = ObjectRef {
+                api_version: "v1".into(),
+                kind: "Pod".into(),
+                namespace: "shop".into(),
+                name: "p".into(),
+            };
+            busy.get_metadata(&object).await
+        });
+        tokio::task::yield_now().await;
+        let by = Instant::now() + Duration::from_millis(50);
+        let queued = send_by(by, metered.create_request(&rr("rr-queued"))).await;
+        assert_eq!(queued.unwrap_err(), ApiError::NotSent);
+        assert!(Instant::now() >= by);
+        assert!(store.all_requests().is_empty(), "never sent, so certainly not stored");
+
+        // With the slot free, a write sent before its send deadline is awaited past it.
+        hog.abort();
+        let _ = hog.await;
+        let by = Instant::now() + Duration::from_millis(20);
+        let opener = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            gate.add_permits(1);
+        });
+        let sent = send_by(by, metered.create_request(&rr("rr-sent"))).await;
+        assert!(sent.is_ok(), "{sent:?}");
+        assert!(Instant::now() > by, "answered after its send deadline");
+        assert_eq!(store.all_requests().len(), 1);
+        opener.await.unwrap();
     }
 }
