@@ -8,10 +8,13 @@
 //! on; waiters whose deadline has passed are answered DeadlineExceeded before any write is sent.
 //!
 //! Linger (`dedup.linger`, ADR 0007): when the fingerprint is *hot* — its RR was written, by any
-//! replica, within the last two lingers — the worker lets a batch gather signals until the
+//! replica, within the last two of its lingers — the worker lets a batch gather signals until the
 //! linger has passed since the batch's first signal arrived, so a storm costs far fewer writes
-//! per signal. It stops early when the batch is full, and never keeps a signal waiting more than
-//! half of the time its deadline leaves it. A lone signal (cold fingerprint) is written at once.
+//! per signal. While this fingerprint's writes keep meeting Conflicts (other replicas write the
+//! same RR), the linger doubles, up to four times `dedup.linger`, and shrinks back once writes go
+//! through: fewer, larger writes instead of a pile-up of retries. It stops early when the batch
+//! is full, and never keeps a signal waiting more than half of the time its deadline leaves it.
+//! A lone signal (cold fingerprint) is written at once.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -60,6 +63,8 @@ pub struct Coalescer {
     max_batch: usize,
     linger: Duration,
     queues: Mutex<HashMap<Fingerprint, Queue>>,
+    /// Lingers raised above `linger` because the fingerprint's writes conflicted.
+    raised: Mutex<HashMap<Fingerprint, Duration>>,
 }
 
 /// Least time a write needs; a waiter with less left is answered 503 instead of starting one.
@@ -67,6 +72,8 @@ const MIN_BUDGET: Duration = Duration::from_millis(5);
 
 /// A fingerprint is hot when its RR was written within this many lingers.
 const HOT_LINGERS: u32 = 2;
+/// The linger of a fingerprint whose writes conflict grows up to this many times `dedup.linger`.
+const MAX_LINGERS: u32 = 4;
 
 impl Coalescer {
     /// `linger` zero turns lingering off (a batch is whatever queued during the previous write).
@@ -77,6 +84,7 @@ impl Coalescer {
             max_batch: max_batch.max(1),
             linger,
             queues: Mutex::default(),
+            raised: Mutex::default(),
         })
     }
 
@@ -179,6 +187,9 @@ impl Coalescer {
             let live = batch.into_inner().expect("batch poisoned");
             self.metrics.coalesced_batch.observe(live.len() as f64);
             let per_signal = f64::from(calls) / live.len() as f64;
+            if let Ok(written) = &result {
+                self.adapt_linger(&fp, written.conflicts > 0);
+            }
             match result {
                 Ok(written) if written.n as usize == live.len() => {
                     for (i, w) in live.into_iter().enumerate() {
@@ -223,9 +234,39 @@ impl Coalescer {
         joined
     }
 
+    /// This fingerprint's linger: doubles after a write that met a Conflict (up to
+    /// `MAX_LINGERS` lingers), shrinks by a quarter after one that did not.
+    fn adapt_linger(&self, fp: &Fingerprint, conflicted: bool) {
+        if self.linger.is_zero() {
+            return;
+        }
+        let mut raised = self.raised.lock().expect("lingers poisoned");
+        let current = raised.get(fp).copied().unwrap_or(self.linger);
+        let next = if conflicted {
+            (current * 2).min(self.linger * MAX_LINGERS)
+        } else {
+            current * 3 / 4
+        };
+        if next > self.linger {
+            if raised.len() >= 10_000 && !raised.contains_key(fp) {
+                raised.clear(); // bounded: forget old raises rather than grow
+            }
+            raised.insert(fp.clone(), next);
+        } else {
+            raised.remove(fp);
+        }
+    }
+
     /// Lets the next batch of a hot fingerprint gather signals (see the module docs).
     async fn linger(&self, fp: &Fingerprint) {
-        if self.linger.is_zero() || !self.dedup.written_within(fp, self.linger * HOT_LINGERS) {
+        let linger = self
+            .raised
+            .lock()
+            .expect("lingers poisoned")
+            .get(fp)
+            .copied()
+            .unwrap_or(self.linger);
+        if linger.is_zero() || !self.dedup.written_within(fp, linger * HOT_LINGERS) {
             return;
         }
         let (until, full) = {
@@ -242,7 +283,7 @@ impl Coalescer {
                 .waiters
                 .iter()
                 .map(|w| now + w.deadline.saturating_duration_since(now) / 2)
-                .fold(first.arrived + self.linger, Instant::min);
+                .fold(first.arrived + linger, Instant::min);
             (until, queue.full.clone())
         };
         let started = Instant::now();
@@ -405,13 +446,22 @@ mod tests {
     }
 
     fn lingering(linger: Duration, max_batch: usize) -> Lingering {
+        lingering_with(linger, max_batch, false)
+    }
+
+    /// With `every_other_conflicts`, every second status update is answered 409 Conflict (as if
+    /// another replica had written first).
+    fn lingering_with(linger: Duration, max_batch: usize, every_other_conflicts: bool) -> Lingering {
         let clock: SharedClock = Arc::new(crate::clock::TokioClock::new());
         let store = Arc::new(EmbeddedStore::new(clock.clone()));
         let writes = Arc::new(AtomicUsize::new(0));
         let w = writes.clone();
         let cluster: Arc<dyn crate::cluster::Cluster> = Arc::new(Faulty::new(store, move |op| {
             if op == Op::UpdateRequestStatus {
-                w.fetch_add(1, Ordering::SeqCst);
+                let n = w.fetch_add(1, Ordering::SeqCst) + 1;
+                if every_other_conflicts && n.is_multiple_of(2) {
+                    return Fault::Fail(crate::cluster::ApiError::Conflict("written elsewhere".into()));
+                }
             }
             Fault::Pass
         }));
@@ -527,5 +577,21 @@ mod tests {
             assert!(at < t + Duration::from_secs(1), "waited {:?}", at - t);
         }
         assert_eq!(l.writes.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_linger_of_a_fingerprint_whose_writes_conflict_doubles_up_to_four_lingers() {
+        let linger = Duration::from_millis(20);
+        let l = lingering_with(linger, 1000, true);
+        l.submit(BUDGET).await.unwrap().0.unwrap();
+        let mut waited = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let (ack, at) = l.submit(BUDGET).await.unwrap();
+            ack.unwrap();
+            waited.push((at - t).as_millis());
+        }
+        // Each batch met one Conflict, so the next one lingers twice as long, up to 4 x 20 ms.
+        assert_eq!(waited, [20, 40, 80, 80, 80]);
     }
 }

@@ -102,6 +102,8 @@ pub struct Written {
     pub before: i64,
     /// Signals this write counted (the batch may have grown while it was being written).
     pub n: u32,
+    /// Status updates of this write rejected with Conflict before it succeeded.
+    pub conflicts: u32,
     /// This batch created the RR.
     pub created: bool,
 }
@@ -501,6 +503,7 @@ impl Dedup {
                         rr: updated,
                         before,
                         n,
+                        conflicts,
                         created: false,
                     };
                     return Ok((Step::Done(Box::new(written)), conflicts));
@@ -509,19 +512,20 @@ impl Dedup {
                     conflicts += 1;
                     self.metrics.status_conflicts.inc();
                     self.metrics.retries.with_label_values(&["conflict"]).inc();
-                    let sent = rr.metadata.resource_version.clone().unwrap_or_default();
-                    match self.refresh(fp, &name, &sent, deadline).await? {
-                        Some(fresh) => rr = fresh,
-                        None => return Ok((Step::Gone, conflicts)),
-                    }
                     if attempt > 3 {
-                        // Heavy contention on one RR: spread the retries out a little.
+                        // Heavy contention on one RR: spread the retries out a little. Before
+                        // the refresh, so the retry starts from the newest version there is.
                         tokio::time::sleep(backoff(
                             attempt - 3,
                             self.settings.backoff_initial,
                             self.settings.backoff_max,
                         ))
                         .await;
+                    }
+                    let sent = rr.metadata.resource_version.clone().unwrap_or_default();
+                    match self.refresh(fp, &name, &sent, deadline).await? {
+                        Some(fresh) => rr = fresh,
+                        None => return Ok((Step::Gone, conflicts)),
                     }
                 }
                 Err(DedupError::Api(ApiError::NotFound)) => return Ok((Step::Gone, conflicts)),
