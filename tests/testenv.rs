@@ -678,8 +678,12 @@ async fn with_the_watch_replicas_taking_turns_on_one_incident_rarely_conflict() 
     let with = conflicts_of_alternating_writers(CONFIG, "turns", 30).await;
     let without = conflicts_of_alternating_writers(NO_WATCH, "turns-nowatch", 30).await;
     eprintln!("30 alternating duplicates: {with} conflicts with the watch, {without} without");
-    assert!(with <= 6.0, "with the watch, conflicts are rare: {with} of 30");
+    // Relative, measured in one run: how late a watch event arrives depends on the machine's load.
     assert!(without >= 15.0, "without it they are the rule: {without} of 30");
+    assert!(
+        with * 3.0 <= without,
+        "with the watch, conflicts are rare: {with} of 30 (without: {without})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
