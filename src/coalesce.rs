@@ -281,6 +281,9 @@ impl Coalescer {
 
     /// Lets the next batch of a hot fingerprint gather signals (see the module docs).
     async fn linger(&self, fp: &Fingerprint) {
+        if self.dedup.strategy() != crate::dedup::Strategy::Optimistic {
+            return; // always-lock is kept as the original design it is measured as
+        }
         let linger = self.linger_for(fp);
         if linger.is_zero() || !self.dedup.written_within(fp, linger * HOT_LINGERS) {
             return;
