@@ -10,8 +10,9 @@
 //! Linger (`dedup.linger`, ADR 0007): when the fingerprint is *hot* — its RR was written, by any
 //! replica, within the last two of its lingers — the worker lets a batch gather signals until the
 //! linger has passed since the batch's first signal arrived, so a storm costs far fewer writes
-//! per signal. While this fingerprint's writes keep meeting Conflicts (other replicas write the
-//! same RR), the linger doubles, up to four times `dedup.linger`, and shrinks back once writes go
+//! per signal. The linger is at most two status-update round trips (recent average), so a fast
+//! backend barely lingers. While this fingerprint's writes keep meeting Conflicts (other replicas
+//! write the same RR), its linger doubles, up to four times, and shrinks back once writes go
 //! through: fewer, larger writes instead of a pile-up of retries. It stops early when the batch
 //! is full, and never keeps a signal waiting more than half of the time its deadline leaves it.
 //! A lone signal (cold fingerprint) is written at once.
@@ -63,8 +64,8 @@ pub struct Coalescer {
     max_batch: usize,
     linger: Duration,
     queues: Mutex<HashMap<Fingerprint, Queue>>,
-    /// Lingers raised above `linger` because the fingerprint's writes conflicted.
-    raised: Mutex<HashMap<Fingerprint, Duration>>,
+    /// Linger factors (percent, above 100) of fingerprints whose writes conflicted.
+    raised: Mutex<HashMap<Fingerprint, u32>>,
 }
 
 /// Least time a write needs; a waiter with less left is answered 503 instead of starting one.
@@ -72,8 +73,12 @@ const MIN_BUDGET: Duration = Duration::from_millis(5);
 
 /// A fingerprint is hot when its RR was written within this many lingers.
 const HOT_LINGERS: u32 = 2;
-/// The linger of a fingerprint whose writes conflict grows up to this many times `dedup.linger`.
+/// The linger of a fingerprint whose writes conflict grows up to this many times its base.
 const MAX_LINGERS: u32 = 4;
+/// The base linger is at most this many status-update round trips: waiting longer than a write
+/// takes gathers little that coalescing behind the write would not, so a fast backend (the
+/// embedded store, a healthy API server) barely lingers.
+const WRITE_LINGERS: u32 = 2;
 
 impl Coalescer {
     /// `linger` zero turns lingering off (a batch is whatever queued during the previous write).
@@ -234,20 +239,20 @@ impl Coalescer {
         joined
     }
 
-    /// This fingerprint's linger: doubles after a write that met a Conflict (up to
-    /// `MAX_LINGERS` lingers), shrinks by a quarter after one that did not.
+    /// This fingerprint's linger factor: doubles after a write that met a Conflict (up to
+    /// `MAX_LINGERS`), shrinks by a quarter after one that did not.
     fn adapt_linger(&self, fp: &Fingerprint, conflicted: bool) {
         if self.linger.is_zero() {
             return;
         }
         let mut raised = self.raised.lock().expect("lingers poisoned");
-        let current = raised.get(fp).copied().unwrap_or(self.linger);
+        let current = raised.get(fp).copied().unwrap_or(100);
         let next = if conflicted {
-            (current * 2).min(self.linger * MAX_LINGERS)
+            (current * 2).min(100 * MAX_LINGERS)
         } else {
             current * 3 / 4
         };
-        if next > self.linger {
+        if next > 100 {
             if raised.len() >= 10_000 && !raised.contains_key(fp) {
                 raised.clear(); // bounded: forget old raises rather than grow
             }
@@ -257,15 +262,29 @@ impl Coalescer {
         }
     }
 
-    /// Lets the next batch of a hot fingerprint gather signals (see the module docs).
-    async fn linger(&self, fp: &Fingerprint) {
-        let linger = self
+    /// The linger for `fp` now: `dedup.linger`, at most `WRITE_LINGERS` recent status-update
+    /// latencies, times the fingerprint's conflict factor.
+    fn linger_for(&self, fp: &Fingerprint) -> Duration {
+        let base = match self.dedup.write_latency() {
+            Some(write) => self.linger.min(write * WRITE_LINGERS),
+            None => self.linger,
+        };
+        let factor = self
             .raised
             .lock()
             .expect("lingers poisoned")
             .get(fp)
             .copied()
-            .unwrap_or(self.linger);
+            .unwrap_or(100);
+        base * factor / 100
+    }
+
+    /// Lets the next batch of a hot fingerprint gather signals (see the module docs).
+    async fn linger(&self, fp: &Fingerprint) {
+        if self.dedup.strategy() != crate::dedup::Strategy::Optimistic {
+            return; // always-lock is kept as the original design it is measured as
+        }
+        let linger = self.linger_for(fp);
         if linger.is_zero() || !self.dedup.written_within(fp, linger * HOT_LINGERS) {
             return;
         }
@@ -445,23 +464,19 @@ mod tests {
         spec: RemediationRequestSpec,
     }
 
-    fn lingering(linger: Duration, max_batch: usize) -> Lingering {
-        lingering_with(linger, max_batch, false)
-    }
-
-    /// With `every_other_conflicts`, every second status update is answered 409 Conflict (as if
-    /// another replica had written first).
-    fn lingering_with(linger: Duration, max_batch: usize, every_other_conflicts: bool) -> Lingering {
+    /// `status_update(i)` decides the fault of the i-th status update (1-based).
+    fn lingering(
+        linger: Duration,
+        max_batch: usize,
+        status_update: impl Fn(usize) -> Fault + Send + Sync + 'static,
+    ) -> Lingering {
         let clock: SharedClock = Arc::new(crate::clock::TokioClock::new());
         let store = Arc::new(EmbeddedStore::new(clock.clone()));
         let writes = Arc::new(AtomicUsize::new(0));
         let w = writes.clone();
         let cluster: Arc<dyn crate::cluster::Cluster> = Arc::new(Faulty::new(store, move |op| {
             if op == Op::UpdateRequestStatus {
-                let n = w.fetch_add(1, Ordering::SeqCst) + 1;
-                if every_other_conflicts && n.is_multiple_of(2) {
-                    return Fault::Fail(crate::cluster::ApiError::Conflict("written elsewhere".into()));
-                }
+                return status_update(w.fetch_add(1, Ordering::SeqCst) + 1);
             }
             Fault::Pass
         }));
@@ -521,12 +536,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_hot_fingerprint_lingers_at_most_the_linger_and_writes_what_gathered_once() {
         let linger = Duration::from_millis(50);
-        let l = lingering(linger, 1000);
+        // Status updates take 25 ms: the linger may be up to two of them, i.e. all 50 ms.
+        let write = Duration::from_millis(25);
+        let l = lingering(linger, 1000, move |_| Fault::Delay(write));
         // The first signal of a cold fingerprint is written at once.
         let t0 = Instant::now();
         let (first, at) = l.submit(BUDGET).await.unwrap();
         assert!(first.unwrap().created);
-        assert_eq!(at, t0, "a lone signal is not delayed");
+        assert_eq!(at, t0 + write, "a lone signal is not delayed");
         // Now it is hot: the next batch waits for company, up to the linger after its first signal.
         let t1 = Instant::now();
         let lead = l.submit(BUDGET);
@@ -534,10 +551,10 @@ mod tests {
         let rest: Vec<_> = (0..9).map(|_| l.submit(BUDGET)).collect();
         let (ack, at) = lead.await.unwrap();
         let mut counts = vec![ack.unwrap().occurrence_count];
-        assert!(at <= t1 + linger, "answered {:?} after arrival", at - t1);
+        assert_eq!(at, t1 + linger + write, "lingered exactly the linger, then wrote");
         for r in rest {
             let (ack, at) = r.await.unwrap();
-            assert!(at <= t1 + linger);
+            assert_eq!(at, t1 + linger + write);
             counts.push(ack.unwrap().occurrence_count);
         }
         counts.sort();
@@ -552,12 +569,33 @@ mod tests {
         let t2 = Instant::now();
         let (ack, at) = l.submit(BUDGET).await.unwrap();
         assert_eq!(ack.unwrap().occurrence_count, 12);
-        assert_eq!(at, t2);
+        assert_eq!(at, t2 + write);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_backend_barely_lingers() {
+        // Writes take 1 ms: lingering 50 ms would gather little that queueing behind a write does
+        // not, so the linger is capped at two writes.
+        let write = Duration::from_millis(1);
+        let l = lingering(Duration::from_millis(50), 1000, move |_| Fault::Delay(write));
+        l.submit(BUDGET).await.unwrap().0.unwrap();
+        let t = Instant::now();
+        let (ack, at) = l.submit(BUDGET).await.unwrap();
+        ack.unwrap();
+        assert_eq!(at, t + write * 2 + write);
     }
 
     #[tokio::test(start_paused = true)]
     async fn lingering_never_takes_more_than_half_of_what_a_deadline_leaves() {
-        let l = lingering(Duration::from_secs(1), 1000);
+        // One slow write (500 ms) makes a 1 s linger allowed; the later writes are instant.
+        let slow_first = |i| {
+            if i == 1 {
+                Fault::Delay(Duration::from_millis(500))
+            } else {
+                Fault::Pass
+            }
+        };
+        let l = lingering(Duration::from_secs(1), 1000, slow_first);
         l.submit(BUDGET).await.unwrap().0.unwrap();
         let t = Instant::now();
         let (ack, at) = l.submit(Duration::from_millis(100)).await.unwrap();
@@ -567,7 +605,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_full_batch_is_written_without_waiting_out_the_linger() {
-        let l = lingering(Duration::from_secs(1), 5);
+        let slow_first = |i| {
+            if i == 1 {
+                Fault::Delay(Duration::from_millis(500))
+            } else {
+                Fault::Pass
+            }
+        };
+        let l = lingering(Duration::from_secs(1), 5, slow_first);
         l.submit(BUDGET).await.unwrap().0.unwrap();
         let t = Instant::now();
         let five: Vec<_> = (0..5).map(|_| l.submit(BUDGET)).collect();
@@ -582,7 +627,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_linger_of_a_fingerprint_whose_writes_conflict_doubles_up_to_four_lingers() {
         let linger = Duration::from_millis(20);
-        let l = lingering_with(linger, 1000, true);
+        let write = Duration::from_millis(10);
+        // Every second status update is answered 409 (as if another replica wrote first).
+        let l = lingering(linger, 1000, move |i| {
+            if i % 2 == 0 {
+                Fault::Fail(crate::cluster::ApiError::Conflict("written elsewhere".into()))
+            } else {
+                Fault::Delay(write)
+            }
+        });
         l.submit(BUDGET).await.unwrap().0.unwrap();
         let mut waited = Vec::new();
         for _ in 0..5 {
@@ -591,7 +644,8 @@ mod tests {
             ack.unwrap();
             waited.push((at - t).as_millis());
         }
-        // Each batch met one Conflict, so the next one lingers twice as long, up to 4 x 20 ms.
-        assert_eq!(waited, [20, 40, 80, 80, 80]);
+        // Each batch met one Conflict (then a successful 10 ms write), so the next one lingers
+        // twice as long, up to 4 x 20 ms.
+        assert_eq!(waited, [30, 50, 90, 90, 90]);
     }
 }

@@ -20,7 +20,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -177,6 +177,8 @@ pub struct Dedup {
     hints: Arc<HintCache>,
     /// The watch feeding `hints` (stopped when the Dedup is dropped).
     _watch: Option<WatchTask>,
+    /// Moving average of status-update latency in nanoseconds (`u64::MAX`: none measured yet).
+    write_nanos: AtomicU64,
 }
 
 impl Dedup {
@@ -200,7 +202,26 @@ impl Dedup {
             settings,
             hints,
             _watch: watch,
+            write_nanos: AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// Recent latency of successful status updates (moving average, 1/8 weight per write);
+    /// `None` before the first.
+    pub fn write_latency(&self) -> Option<Duration> {
+        let nanos = self.write_nanos.load(Ordering::Relaxed);
+        (nanos != u64::MAX).then(|| Duration::from_nanos(nanos))
+    }
+
+    fn record_write_latency(&self, took: Duration) {
+        let sample = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX - 1);
+        let old = self.write_nanos.load(Ordering::Relaxed);
+        let new = if old == u64::MAX {
+            sample
+        } else {
+            old - old / 8 + sample / 8
+        };
+        self.write_nanos.store(new, Ordering::Relaxed);
     }
 
     /// The hints (tests observe whether the watch has caught up).
@@ -495,7 +516,12 @@ impl Dedup {
                 last_seen_at: now,
                 occurrence_count: before + i64::from(n),
             });
-            match self.write(deadline, self.cluster.update_request_status(&next)).await {
+            let sent_at = Instant::now();
+            let outcome = self.write(deadline, self.cluster.update_request_status(&next)).await;
+            if outcome.is_ok() {
+                self.record_write_latency(sent_at.elapsed());
+            }
+            match outcome {
                 Ok(updated) => {
                     self.metrics.occurrences.inc_by(u64::from(n));
                     self.hints.observe(&updated);

@@ -640,9 +640,13 @@ async fn three_replicas_sharing_hot_fingerprints_keep_exact_counts_and_resolve_c
 }
 
 /// Conflicts of `signals` duplicates sent one after another, round-robin over three fresh
-/// replicas with `config`, one every 100 ms (so no two writes are in flight at once).
+/// replicas with `config`, one every 300 ms (so no two writes are in flight at once, and the
+/// watch, even of a loaded API server, has delivered each write before the next one).
 async fn conflicts_of_alternating_writers(config: &str, tag: &str, signals: usize) -> f64 {
     let (replicas, client) = start_replicas(&format!("{tag}-{}", unique()), 3, config).await;
+    if config == CONFIG {
+        wait_synced(&replicas, &client).await;
+    }
     let ns = format!("shop-{}", unique());
     let body = webhook(vec![pod_alert(&ns, "alternating")]);
     let created = client
@@ -653,7 +657,7 @@ async fn conflicts_of_alternating_writers(config: &str, tag: &str, signals: usiz
         .unwrap();
     assert_eq!(created.status(), StatusCode::CREATED);
     let before = total(&replicas, &client, "gateway_dedup_status_update_conflicts_total", &[]).await;
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(Duration::from_millis(300));
     for i in 0..signals {
         tick.tick().await;
         let r = client
@@ -675,14 +679,14 @@ async fn with_the_watch_replicas_taking_turns_on_one_incident_rarely_conflict() 
     let _one_storm_at_a_time = STORMS.lock().await;
     // Without the watch, a replica's hint is its own last write: after another replica wrote, its
     // next write conflicts (and costs a GET). With it, the hint has caught up by then.
-    let with = conflicts_of_alternating_writers(CONFIG, "turns", 30).await;
-    let without = conflicts_of_alternating_writers(NO_WATCH, "turns-nowatch", 30).await;
-    eprintln!("30 alternating duplicates: {with} conflicts with the watch, {without} without");
+    let with = conflicts_of_alternating_writers(CONFIG, "turns", 20).await;
+    let without = conflicts_of_alternating_writers(NO_WATCH, "turns-nowatch", 20).await;
+    eprintln!("20 alternating duplicates: {with} conflicts with the watch, {without} without");
     // Relative, measured in one run: how late a watch event arrives depends on the machine's load.
-    assert!(without >= 15.0, "without it they are the rule: {without} of 30");
+    assert!(without >= 10.0, "without it they are the rule: {without} of 20");
     assert!(
         with * 3.0 <= without,
-        "with the watch, conflicts are rare: {with} of 30 (without: {without})"
+        "with the watch, conflicts are rare: {with} of 20 (without: {without})"
     );
 }
 

@@ -45,6 +45,8 @@ pub enum Fault {
     HideResults,
     /// Wait for a permit of this gate, then pass.
     Gate(Arc<Semaphore>),
+    /// Take this long, then pass (a slow API server).
+    Delay(std::time::Duration),
 }
 
 type Hook = dyn Fn(Op) -> Fault + Send + Sync;
@@ -74,6 +76,10 @@ async fn apply(hook: &Hook, op: Op) -> Result<bool> {
         Fault::Fail(e) => Err(e),
         Fault::Hang => futures::future::pending().await,
         Fault::HideResults => Ok(true),
+        Fault::Delay(d) => {
+            tokio::time::sleep(d).await;
+            Ok(false)
+        }
         Fault::Gate(gate) => {
             let permit = gate
                 .acquire()
