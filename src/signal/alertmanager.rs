@@ -160,7 +160,8 @@ fn to_signal(hook: &Webhook, alert: Alert, raw: &serde_json::Value) -> Result<Re
         .unwrap_or_else(|| "unknown".into());
     Ok(Ok(Signal {
         source: Source::Prometheus,
-        name,
+        // Found by fuzzing: spec.signalName admits 253 characters, as event reasons are cut.
+        name: truncate(name, 253),
         severity,
         sender: hook.receiver.clone(),
         target,
