@@ -538,15 +538,19 @@ impl Dedup {
                     conflicts += 1;
                     self.metrics.status_conflicts.inc();
                     self.metrics.retries.with_label_values(&["conflict"]).inc();
-                    if attempt > 3 {
-                        // Heavy contention on one RR: spread the retries out a little. Before
-                        // the refresh, so the retry starts from the newest version there is.
-                        tokio::time::sleep(backoff(
-                            attempt - 3,
-                            self.settings.backoff_initial,
-                            self.settings.backoff_max,
-                        ))
-                        .await;
+                    if attempt > 1 {
+                        // Several replicas keep writing this RR: spread the retries (before the
+                        // refresh, so the retry starts from the newest version there is). At
+                        // first by up to one write's latency — replicas that lost to the same
+                        // write then rarely collide again, and a longer wait would only let
+                        // more writes in first; exponentially only if it goes on and on.
+                        let pause = if attempt <= 8 {
+                            let write = self.write_latency().unwrap_or(self.settings.backoff_initial);
+                            write.min(Duration::from_millis(50)).mul_f64(fastrand::f64())
+                        } else {
+                            backoff(attempt - 8, self.settings.backoff_initial, self.settings.backoff_max)
+                        };
+                        tokio::time::sleep(pause).await;
                     }
                     let sent = rr.metadata.resource_version.clone().unwrap_or_default();
                     match self.refresh(fp, &name, &sent, deadline).await? {
