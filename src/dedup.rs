@@ -206,8 +206,8 @@ impl Dedup {
         }
     }
 
-    /// Recent latency of successful status updates (moving average, 1/8 weight per write);
-    /// `None` before the first.
+    /// Recent latency of successful status updates (moving average, 1/8 weight per write, each
+    /// sample capped at twice the average); `None` before the first.
     pub fn write_latency(&self) -> Option<Duration> {
         let nanos = self.write_nanos.load(Ordering::Relaxed);
         (nanos != u64::MAX).then(|| Duration::from_nanos(nanos))
@@ -216,10 +216,12 @@ impl Dedup {
     fn record_write_latency(&self, took: Duration) {
         let sample = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX - 1);
         let old = self.write_nanos.load(Ordering::Relaxed);
+        // A sample counts at most twice the average: a write that took long because this process
+        // was not scheduled (a busy machine) moves the average up gradually, not in one jump.
         let new = if old == u64::MAX {
             sample
         } else {
-            old - old / 8 + sample / 8
+            old - old / 8 + sample.min(old.saturating_mul(2).max(1)) / 8
         };
         self.write_nanos.store(new, Ordering::Relaxed);
     }
