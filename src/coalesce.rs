@@ -79,7 +79,8 @@ const MAX_LINGERS: u32 = 4;
 /// takes gathers little that coalescing behind the write would not, so a fast backend (the
 /// embedded store, a healthy API server) barely lingers.
 const WRITE_LINGERS: u32 = 2;
-/// Lingers shorter than this are skipped.
+/// Lingers shorter than this are skipped: they gather next to nothing and cost a timer wake-up
+/// (a fingerprint whose writes conflict still lingers: its factor raises it past this).
 const MIN_LINGER: Duration = Duration::from_millis(2);
 
 impl Coalescer {
@@ -287,7 +288,6 @@ impl Coalescer {
             return; // always-lock is kept as the original design it is measured as
         }
         let linger = self.linger_for(fp);
-        // Shorter than a couple of timer ticks it would gather nothing and only add a wake-up.
         if linger < MIN_LINGER || !self.dedup.written_within(fp, linger * HOT_LINGERS) {
             return;
         }
