@@ -33,6 +33,9 @@ use crate::metrics::Metrics;
 const MAX_OBJECTS: usize = 100_000;
 const MAX_ACTIVE: usize = 20_000;
 
+/// A watch that failed after running this long restarts with the shortest backoff again.
+const HEALTHY_WATCH: Duration = Duration::from_secs(60);
+
 /// What the cache knows about one RR name.
 struct Known {
     rv: String,
@@ -223,13 +226,12 @@ impl HintCache {
     async fn watch_loop(self: Arc<Self>, cluster: Arc<dyn Cluster>, namespace: String) {
         let mut failures: u32 = 0;
         loop {
+            let started = Instant::now();
             let mut events = cluster.watch_requests(&namespace);
             while let Some(item) = events.next().await {
                 match item {
                     Ok(event) => {
-                        if self.apply(event) {
-                            failures = 0;
-                        }
+                        self.apply(event);
                     }
                     Err(e) => {
                         self.metrics.watch_errors.inc();
@@ -239,17 +241,22 @@ impl HintCache {
                 }
             }
             self.unsync();
+            // Only a watch that ran for a while resets the backoff: one that lists and then
+            // fails at once (e.g. `list` allowed but `watch` forbidden) must not relist the
+            // namespace every few hundred milliseconds.
+            if started.elapsed() >= HEALTHY_WATCH {
+                failures = 0;
+            }
             let pause = backoff(failures, Duration::from_millis(200), Duration::from_secs(30));
             failures = failures.saturating_add(1);
             tokio::time::sleep(pause).await;
         }
     }
 
-    /// Applies one watch event; true when it completed a list.
-    fn apply(&self, event: RequestEvent) -> bool {
+    /// Applies one watch event.
+    fn apply(&self, event: RequestEvent) {
         let now = Instant::now();
         let mut st = self.state();
-        let mut synced_now = false;
         match event {
             RequestEvent::Init => {
                 self.metrics.watch_relists.inc();
@@ -290,7 +297,6 @@ impl HintCache {
                 }
                 st.complete = !st.overflowed_in_list;
                 st.synced = true;
-                synced_now = true;
                 self.metrics.watch_synced.set(1);
             }
             RequestEvent::Applied(rr) => {
@@ -303,7 +309,6 @@ impl HintCache {
             }
         }
         self.metrics.watch_cached.set(st.active_total as i64);
-        synced_now
     }
 
     fn unsync(&self) {
