@@ -79,6 +79,9 @@ const MAX_LINGERS: u32 = 4;
 /// takes gathers little that coalescing behind the write would not, so a fast backend (the
 /// embedded store, a healthy API server) barely lingers.
 const WRITE_LINGERS: u32 = 2;
+/// Lingers shorter than this are skipped: they gather next to nothing and cost a timer wake-up
+/// (a fingerprint whose writes conflict still lingers: its factor raises it past this).
+const MIN_LINGER: Duration = Duration::from_millis(2);
 
 impl Coalescer {
     /// `linger` zero turns lingering off (a batch is whatever queued during the previous write).
@@ -285,7 +288,7 @@ impl Coalescer {
             return; // always-lock is kept as the original design it is measured as
         }
         let linger = self.linger_for(fp);
-        if linger.is_zero() || !self.dedup.written_within(fp, linger * HOT_LINGERS) {
+        if linger < MIN_LINGER || !self.dedup.written_within(fp, linger * HOT_LINGERS) {
             return;
         }
         let (until, full) = {
@@ -574,15 +577,22 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_fast_backend_barely_lingers() {
-        // Writes take 1 ms: lingering 50 ms would gather little that queueing behind a write does
+        // Writes take 3 ms: lingering 50 ms would gather little that queueing behind a write does
         // not, so the linger is capped at two writes.
-        let write = Duration::from_millis(1);
+        let write = Duration::from_millis(3);
         let l = lingering(Duration::from_millis(50), 1000, move |_| Fault::Delay(write));
         l.submit(BUDGET).await.unwrap().0.unwrap();
         let t = Instant::now();
         let (ack, at) = l.submit(BUDGET).await.unwrap();
         ack.unwrap();
         assert_eq!(at, t + write * 2 + write);
+        // Instant writes (the embedded store): no linger at all.
+        let l = lingering(Duration::from_millis(50), 1000, |_| Fault::Pass);
+        l.submit(BUDGET).await.unwrap().0.unwrap();
+        let t = Instant::now();
+        let (ack, at) = l.submit(BUDGET).await.unwrap();
+        ack.unwrap();
+        assert_eq!(at, t);
     }
 
     #[tokio::test(start_paused = true)]

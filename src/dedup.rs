@@ -206,8 +206,8 @@ impl Dedup {
         }
     }
 
-    /// Recent latency of successful status updates (moving average, 1/8 weight per write);
-    /// `None` before the first.
+    /// Recent latency of successful status updates (moving average, 1/8 weight per write, each
+    /// sample capped at twice the average); `None` before the first.
     pub fn write_latency(&self) -> Option<Duration> {
         let nanos = self.write_nanos.load(Ordering::Relaxed);
         (nanos != u64::MAX).then(|| Duration::from_nanos(nanos))
@@ -216,10 +216,12 @@ impl Dedup {
     fn record_write_latency(&self, took: Duration) {
         let sample = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX - 1);
         let old = self.write_nanos.load(Ordering::Relaxed);
+        // A sample counts at most twice the average: a write that took long because this process
+        // was not scheduled (a busy machine) moves the average up gradually, not in one jump.
         let new = if old == u64::MAX {
             sample
         } else {
-            old - old / 8 + sample / 8
+            old - old / 8 + sample.min(old.saturating_mul(2).max(1)) / 8
         };
         self.write_nanos.store(new, Ordering::Relaxed);
     }
@@ -538,15 +540,19 @@ impl Dedup {
                     conflicts += 1;
                     self.metrics.status_conflicts.inc();
                     self.metrics.retries.with_label_values(&["conflict"]).inc();
-                    if attempt > 3 {
-                        // Heavy contention on one RR: spread the retries out a little. Before
-                        // the refresh, so the retry starts from the newest version there is.
-                        tokio::time::sleep(backoff(
-                            attempt - 3,
-                            self.settings.backoff_initial,
-                            self.settings.backoff_max,
-                        ))
-                        .await;
+                    if attempt > 1 {
+                        // Several replicas keep writing this RR: spread the retries (before the
+                        // refresh, so the retry starts from the newest version there is). At
+                        // first by up to one write's latency — replicas that lost to the same
+                        // write then rarely collide again, and a longer wait would only let
+                        // more writes in first; exponentially only if it goes on and on.
+                        let pause = if attempt <= 8 {
+                            let write = self.write_latency().unwrap_or(self.settings.backoff_initial);
+                            write.min(Duration::from_millis(50)).mul_f64(fastrand::f64())
+                        } else {
+                            backoff(attempt - 8, self.settings.backoff_initial, self.settings.backoff_max)
+                        };
+                        tokio::time::sleep(pause).await;
                     }
                     let sent = rr.metadata.resource_version.clone().unwrap_or_default();
                     match self.refresh(fp, &name, &sent, deadline).await? {

@@ -27,9 +27,14 @@ use crate::fingerprint::Fingerprint;
 use crate::lock::backoff;
 use crate::metrics::Metrics;
 
-/// Most RR names remembered. Beyond it the cache is cleared and stops vouching for absence
-/// until the next complete list fits (a namespace this large should not be watched whole).
+/// Most RR names remembered, and most active RRs held whole (as the per-replica hints were
+/// before the watch). Beyond either the cache is cleared and stops vouching for absence until the
+/// next complete list fits (a namespace this large should not be watched whole).
 const MAX_OBJECTS: usize = 100_000;
+const MAX_ACTIVE: usize = 20_000;
+
+/// A watch that failed after running this long restarts with the shortest backoff again.
+const HEALTHY_WATCH: Duration = Duration::from_secs(60);
 
 /// What the cache knows about one RR name.
 struct Known {
@@ -56,6 +61,8 @@ struct State {
     synced: bool,
     /// False after an overflow, until the next list that fits.
     complete: bool,
+    /// The list in progress overflowed (then it cannot vouch for absence either).
+    overflowed_in_list: bool,
     objects: HashMap<String, Known>,
     /// How many of `objects` are active.
     active_total: usize,
@@ -105,7 +112,10 @@ impl State {
         {
             return false;
         }
-        if !self.objects.contains_key(name) && self.objects.len() >= MAX_OBJECTS {
+        let adds_active = is_active(rr) && self.objects.get(name).is_none_or(|k| k.active.is_none());
+        if (!self.objects.contains_key(name) && self.objects.len() >= MAX_OBJECTS)
+            || (adds_active && self.active_total >= MAX_ACTIVE)
+        {
             self.objects.clear();
             self.active_total = 0;
             self.fingerprints.retain(|_, f| Arc::strong_count(&f.changed) > 1);
@@ -113,6 +123,7 @@ impl State {
                 f.active.clear();
             }
             self.complete = false;
+            self.overflowed_in_list = true;
         }
         let fingerprint = rr.spec.signal_fingerprint.clone();
         let active = is_active(rr).then(|| Arc::new(rr.clone()));
@@ -215,13 +226,12 @@ impl HintCache {
     async fn watch_loop(self: Arc<Self>, cluster: Arc<dyn Cluster>, namespace: String) {
         let mut failures: u32 = 0;
         loop {
+            let started = Instant::now();
             let mut events = cluster.watch_requests(&namespace);
             while let Some(item) = events.next().await {
                 match item {
                     Ok(event) => {
-                        if self.apply(event) {
-                            failures = 0;
-                        }
+                        self.apply(event);
                     }
                     Err(e) => {
                         self.metrics.watch_errors.inc();
@@ -231,21 +241,27 @@ impl HintCache {
                 }
             }
             self.unsync();
+            // Only a watch that ran for a while resets the backoff: one that lists and then
+            // fails at once (e.g. `list` allowed but `watch` forbidden) must not relist the
+            // namespace every few hundred milliseconds.
+            if started.elapsed() >= HEALTHY_WATCH {
+                failures = 0;
+            }
             let pause = backoff(failures, Duration::from_millis(200), Duration::from_secs(30));
             failures = failures.saturating_add(1);
             tokio::time::sleep(pause).await;
         }
     }
 
-    /// Applies one watch event; true when it completed a list.
-    fn apply(&self, event: RequestEvent) -> bool {
+    /// Applies one watch event.
+    fn apply(&self, event: RequestEvent) {
         let now = Instant::now();
         let mut st = self.state();
-        let mut synced_now = false;
         match event {
             RequestEvent::Init => {
                 self.metrics.watch_relists.inc();
                 st.synced = false;
+                st.overflowed_in_list = false;
                 st.listing = Some(HashMap::new());
                 self.metrics.watch_synced.set(0);
             }
@@ -279,9 +295,8 @@ impl HintCache {
                         st.unindex(&known.fingerprint, &name);
                     }
                 }
-                st.complete = st.objects.len() < MAX_OBJECTS;
+                st.complete = !st.overflowed_in_list;
                 st.synced = true;
-                synced_now = true;
                 self.metrics.watch_synced.set(1);
             }
             RequestEvent::Applied(rr) => {
@@ -294,7 +309,6 @@ impl HintCache {
             }
         }
         self.metrics.watch_cached.set(st.active_total as i64);
-        synced_now
     }
 
     fn unsync(&self) {
@@ -532,5 +546,19 @@ mod tests {
             c.newer_than(&f, "r", "8", Instant::now()).await,
             Some(Newer::Closed)
         ));
+    }
+
+    #[test]
+    fn a_namespace_too_large_to_hold_is_never_vouched_for() {
+        let c = cache();
+        c.apply(RequestEvent::Init);
+        for i in 0..=MAX_ACTIVE as u64 {
+            let f = Fingerprint::parse(&format!("{:064x}", 1_000_000 + i)).unwrap();
+            c.apply(RequestEvent::Listed(rr(&format!("rr-{i}"), &f, i + 1, "", 1)));
+        }
+        c.apply(RequestEvent::Synced);
+        assert!(c.is_synced());
+        // The cache had to drop RRs it listed: it cannot say that any fingerprint has none.
+        assert!(!c.knows_none_active(&fp(9)));
     }
 }

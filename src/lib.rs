@@ -193,6 +193,13 @@ pub async fn serve(
             watch_wait: config.dedup.watch_wait,
         },
     ));
+    // Lingering saves API-server writes; the in-process store has none to save (its "latency" is
+    // this process's own scheduling, which lingering would only lengthen).
+    let linger = if deps.embedded.is_some() {
+        std::time::Duration::ZERO
+    } else {
+        config.dedup.linger
+    };
     let pipeline = pipeline::Pipeline {
         latency: pipeline::LatencyTracker::default(),
         freshness: admission::Freshness::new(&config.freshness),
@@ -203,7 +210,7 @@ pub async fn serve(
             config.owner_resolution.max_depth,
             config.owner_resolution.cache_ttl,
         ),
-        coalescer: coalesce::Coalescer::new(dedup, metrics.clone(), config.dedup.max_batch, config.dedup.linger),
+        coalescer: coalesce::Coalescer::new(dedup, metrics.clone(), config.dedup.max_batch, linger),
         clock: deps.clock.clone(),
         metrics: metrics.clone(),
         cluster_id: config.backend.cluster_id.clone(),
