@@ -16,6 +16,7 @@
 //! | `LOADTEST_USERS` | from the rate | concurrent goose users |
 //! | `LOADTEST_ACK_FILE` | none | where to write what was acknowledged (JSON) |
 //! | `LOADTEST_THRESHOLD` | `0.95` | exit 3 when achieved signals/s < threshold x target (0: off) |
+//! | `LOADTEST_WARMUP` | `0` | `1`: the warm-up of `mixed`, `batch` or `events`: one signal per request about the standing incidents in rank order (run it before the measured run so their RRs exist) |
 //!
 //! Pacing: every request reserves its signals on one global schedule (signal k is due at
 //! start + k / rate) and waits for its slot before it is sent, so the signal rate is exact for any
@@ -121,13 +122,19 @@ fn load_state() -> Result<State, String> {
     if targets.is_empty() {
         return Err("LOADTEST_TARGETS names no gateway".into());
     }
-    let workload = Workload::new(
+    let mut workload = Workload::new(
         scenario,
         env_or("LOADTEST_NAMESPACE", "load"),
         env_parse("LOADTEST_STANDING", "200")?,
         env_parse("LOADTEST_NEW_FRACTION", "0.05")?,
         parse_batch(&env_or("LOADTEST_BATCH", "10-50"))?,
     )?;
+    if env_or("LOADTEST_WARMUP", "0") == "1" {
+        if matches!(scenario, Kind::Storm | Kind::Unique) {
+            return Err(format!("{} has no standing incidents to warm up", scenario.name()));
+        }
+        workload = workload.warming_up();
+    }
     // Requests per second needed for the signal rate.
     let rate_req = rate / workload.mean_batch();
     // Closed loop: each user keeps one request in flight, so at ~100 ms per answer a user

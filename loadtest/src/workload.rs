@@ -87,6 +87,9 @@ pub struct Workload {
     next_unique: AtomicU64,
     /// Process-wide counter of batch notifications (drives the batch size sequence).
     next_batch: AtomicU64,
+    /// Warm-up phase: requests walk the standing incidents in rank order instead of drawing.
+    warmup: bool,
+    next_warmup: AtomicU64,
     /// Stride through the batch sizes; coprime with the span so every size comes up once per cycle.
     batch_stride: u64,
     starts_at: String,
@@ -164,16 +167,27 @@ impl Workload {
             cdf,
             next_unique: AtomicU64::new(0),
             next_batch: AtomicU64::new(0),
+            warmup: false,
+            next_warmup: AtomicU64::new(0),
             batch_stride: stride,
             starts_at: rfc3339(SystemTime::now()),
         })
+    }
+
+    /// Turns this workload into the warm-up of its scenario: one signal per request, about the
+    /// standing incidents in rank order (0, 1, ..., standing - 1, 0, ...), so that a run measures
+    /// the steady state its definition describes (standing incidents already have their RR; only
+    /// `new_fraction` of the signals are new incidents) whatever its duration.
+    pub fn warming_up(mut self) -> Self {
+        self.warmup = true;
+        self
     }
 
     /// Mean signals per request (the batch size sequence cycles through every size in the
     /// range exactly once per `max - min + 1` notifications, so this is exact per cycle).
     pub fn mean_batch(&self) -> f64 {
         match self.scenario {
-            Scenario::Batch => (self.batch_min + self.batch_max) as f64 / 2.0,
+            Scenario::Batch if !self.warmup => (self.batch_min + self.batch_max) as f64 / 2.0,
             _ => 1.0,
         }
     }
@@ -238,6 +252,25 @@ impl Workload {
     /// The next request of this scenario.
     pub fn next_request(&self, rng: &mut fastrand::Rng) -> Request {
         let scenario = self.scenario;
+        if self.warmup {
+            let rank = self.next_warmup.fetch_add(1, Ordering::Relaxed) as usize % self.standing;
+            let target = match scenario {
+                // Nothing stands in these: a storm's one incident is created by its first signal,
+                // and `unique` has none (the driver does not warm them up).
+                Scenario::Storm | Scenario::Unique => Target::Storm,
+                _ => Target::Standing(rank),
+            };
+            if scenario == Scenario::Events {
+                let seq = self.next_unique.fetch_add(1, Ordering::Relaxed);
+                return Request {
+                    path: EVENT_PATH,
+                    body: self.event(&target, seq).to_string(),
+                    signals: 1,
+                    pods: vec![target.pod(scenario)],
+                };
+            }
+            return self.alerts_request(&[target]);
+        }
         match scenario {
             Scenario::Storm => self.alerts_request(&[Target::Storm]),
             Scenario::Mixed => self.alerts_request(&[self.mixed(rng)]),
@@ -497,6 +530,26 @@ mod tests {
         assert_eq!(body["type"], "Warning");
         assert_eq!(body["involvedObject"]["kind"], "Pod");
         assert_eq!(body["involvedObject"]["namespace"], "load-test");
+    }
+
+    #[test]
+    fn the_warm_up_walks_every_standing_incident_once_per_round() {
+        for scenario in [Scenario::Mixed, Scenario::Batch, Scenario::Events] {
+            let w = Workload::new(scenario, "ns".into(), 7, 0.5, (10, 50))
+                .unwrap()
+                .warming_up();
+            assert_eq!(w.mean_batch(), 1.0);
+            let mut rng = fastrand::Rng::with_seed(1);
+            let pods: Vec<String> = (0..14)
+                .map(|_| {
+                    let r = w.next_request(&mut rng);
+                    assert_eq!(r.signals, 1);
+                    r.pods.into_iter().next().unwrap()
+                })
+                .collect();
+            let expected: Vec<String> = (0..14).map(|i| format!("standing-{}", i % 7)).collect();
+            assert_eq!(pods, expected, "{scenario:?}");
+        }
     }
 
     #[test]
