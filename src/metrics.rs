@@ -412,3 +412,36 @@ impl Metrics {
         String::from_utf8(buf).expect("prometheus text is UTF-8")
     }
 }
+
+/// Severities that are label values of `gateway_signals_received_total` as they are (after
+/// lowercasing); every other value counts as `other`. A sender chooses the severity label freely,
+/// so passing it through would let one sender create any number of series.
+const KNOWN_SEVERITIES: &[&str] = &[
+    "critical", "error", "warning", "info", "page", "high", "medium", "low", "none",
+];
+
+/// The `severity` label value for a signal's severity: a bounded set.
+pub fn severity_label(severity: &str) -> &'static str {
+    KNOWN_SEVERITIES
+        .iter()
+        .find(|known| known.eq_ignore_ascii_case(severity.trim()))
+        .copied()
+        .unwrap_or("other")
+}
+
+#[cfg(test)]
+mod severity_tests {
+    use super::severity_label;
+
+    #[test]
+    fn severity_labels_are_a_bounded_set() {
+        assert_eq!(severity_label("critical"), "critical");
+        assert_eq!(severity_label(" Warning "), "warning");
+        assert_eq!(severity_label(""), "other");
+        assert_eq!(severity_label("sev-1234-attacker-chosen"), "other");
+        // However many distinct values senders use, at most ten label values come out.
+        let distinct: std::collections::BTreeSet<&str> =
+            (0..10_000).map(|i| severity_label(&format!("s{i}"))).collect();
+        assert_eq!(distinct.len(), 1);
+    }
+}

@@ -59,7 +59,7 @@ impl Pipeline {
     pub fn skipped(&self, source: Source, severity: &str, skip: Skip) -> Outcome {
         self.metrics
             .signals_received
-            .with_label_values(&[source.as_str(), severity])
+            .with_label_values(&[source.as_str(), crate::metrics::severity_label(severity)])
             .inc();
         self.metrics.dedup_decisions.with_label_values(&[skip.status()]).inc();
         tracing::info!(
@@ -88,7 +88,7 @@ impl Pipeline {
         }
         let m = &self.metrics;
         m.signals_received
-            .with_label_values(&[signal.source.as_str(), &signal.severity])
+            .with_label_values(&[signal.source.as_str(), crate::metrics::severity_label(&signal.severity)])
             .inc();
         m.signals_in_flight.inc();
         let (target, mut owner_calls) = tallied(self.resolver.resolve(signal.target.clone())).await;
