@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Gateway, eventually, pod_alert, test_config, webhook};
+use common::{Gateway, eventually, metric_sum, pod_alert, test_config, webhook};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use reqwest::StatusCode;
 use serde_json::json;
@@ -173,6 +173,43 @@ async fn every_response_carries_security_headers_and_a_request_id() {
         assert!(h.contains_key("x-request-id"));
         assert!(!h.contains_key("strict-transport-security"), "HSTS only on TLS");
     }
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn sender_chosen_strings_never_become_metric_label_values() {
+    let gw = Gateway::embedded(test_config()).await;
+    for i in 0..20 {
+        let mut alert = pod_alert("shop", &format!("web-{i}"));
+        alert["labels"]["severity"] = json!(format!("attacker-severity-{i}"));
+        let (status, _, _) = gw.alerts(&webhook(vec![alert])).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let method = reqwest::Method::from_bytes(format!("ATTACK{i}").as_bytes()).unwrap();
+        let resp = gw
+            .client
+            .request(method, format!("{}{PROMETHEUS}", gw.base))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_client_error(), "{}", resp.status());
+    }
+    let metrics = gw.metrics().await;
+    assert!(
+        !metrics.contains("attacker-severity"),
+        "severity values are a bounded set"
+    );
+    assert!(!metrics.contains("ATTACK"), "methods are a bounded set");
+    assert_eq!(
+        metric_sum(&metrics, "gateway_signals_received_total", &["severity=\"other\""]),
+        20.0
+    );
+    assert!(
+        metric_sum(
+            &metrics,
+            "gateway_http_request_duration_seconds_count",
+            &["method=\"other\""]
+        ) >= 20.0
+    );
     gw.stop().await.unwrap();
 }
 
