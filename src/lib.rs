@@ -230,6 +230,7 @@ pub async fn serve(
         in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
         max_in_flight: config.server.max_in_flight,
         shutting_down: AtomicBool::new(false),
+        resends: Default::default(),
     });
 
     let (stop_signals, mut signals_stopped) = watch::channel(false);

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub signal_duration: HistogramVec,
     pub signals_in_flight: IntGauge,
     pub signals_shed: IntCounter,
+    pub signals_resent: IntCounter,
     pub http_duration: HistogramVec,
     pub batch_size: Histogram,
 
@@ -168,6 +169,11 @@ impl Metrics {
                 r,
                 "gateway_signals_shed_total",
                 "Signals refused with 503 because the in-flight cap was reached or the gateway is shutting down.",
+            )?,
+            signals_resent: counter(
+                r,
+                "gateway_signals_resent_total",
+                "Alerts of a resent notification (same body within 5 minutes of a 503 answer) that this replica had already stored: answered from memory, not counted again.",
             )?,
             http_duration: histogram_vec(
                 r,

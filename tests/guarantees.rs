@@ -419,3 +419,66 @@ async fn under_sustained_overload_new_signals_are_shed_fast_and_admitted_again_w
     .await;
     gw.stop().await.unwrap();
 }
+
+/// A notification of several alerts is answered 503 when one of them could not be stored, and
+/// Alertmanager resends it byte for byte: the alerts stored the first time must not be counted
+/// twice, and the one that failed must be stored by the resend.
+#[tokio::test]
+async fn a_resent_notification_counts_its_stored_alerts_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+    let fail_next_create = Arc::new(AtomicBool::new(false));
+    let flag = fail_next_create.clone();
+    let backend = Faulty::new(store.clone(), move |op| {
+        if op == Op::CreateRequest && flag.swap(false, Ordering::SeqCst) {
+            Fault::Fail(signal_gateway::cluster::ApiError::Unavailable("injected".into()))
+        } else {
+            Fault::Pass
+        }
+    });
+    let gw = Gateway::on(Arc::new(backend), Some(store.clone()), test_config()).await;
+    // "web-0" already has its RR; "web-1" is a new incident whose first creation fails.
+    let (status, _, _) = gw.alerts(&webhook(vec![pod_alert("shop", "web-0")])).await;
+    assert_eq!(status, StatusCode::CREATED);
+    fail_next_create.store(true, Ordering::SeqCst);
+    let notification = webhook(vec![pod_alert("shop", "web-0"), pod_alert("shop", "web-1")]);
+    let (status, _, body) = gw.alerts(&notification).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["results"]["results"][0]["status"], "duplicate", "{body}");
+    assert_eq!(body["results"]["results"][1]["status"], "failed", "{body}");
+
+    // Alertmanager resends the same notification.
+    let (status, _, body) = gw.alerts(&notification).await;
+    assert_eq!(status, StatusCode::MULTI_STATUS, "{body}");
+    assert_eq!(body["results"][0]["status"], "duplicate", "{body}");
+    assert_eq!(
+        body["results"][0]["occurrenceCount"], 2,
+        "answered as stored the first time: {body}"
+    );
+    assert_eq!(body["results"][1]["status"], "created", "{body}");
+
+    let counts: std::collections::BTreeMap<String, i64> = store
+        .all_requests()
+        .iter()
+        .map(|rr| (rr.spec.target_resource.name.clone(), count_of(rr)))
+        .collect();
+    assert_eq!(
+        counts.get("web-0"),
+        Some(&2),
+        "one signal, then one notification: {counts:?}"
+    );
+    assert_eq!(counts.get("web-1"), Some(&1), "{counts:?}");
+    assert_eq!(gw.metric("gateway_signals_resent_total", &[]).await, 1.0);
+
+    // A later, different notification is processed as usual; the same body again (a repeat
+    // after a 2xx answer) is counted again: only resends of a 503 answer are remembered.
+    let (status, _, _) = gw.alerts(&notification).await;
+    assert_eq!(status, StatusCode::MULTI_STATUS);
+    let web0 = store
+        .all_requests()
+        .into_iter()
+        .find(|rr| rr.spec.target_resource.name == "web-0")
+        .unwrap();
+    assert_eq!(count_of(&web0), 3);
+    gw.stop().await.unwrap();
+}

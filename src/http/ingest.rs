@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use super::AppState;
 use super::problem::Problem;
+use super::resend;
 use crate::pipeline::Outcome;
 use crate::signal::{Source, alertmanager, event};
 
@@ -44,9 +45,21 @@ pub async fn prometheus(State(state): State<Arc<AppState>>, req: Request) -> Res
     };
     let deadline = Instant::now() + state.request_timeout;
     let total = batch.alerts.len();
-    let outcomes = futures::future::join_all(batch.alerts.into_iter().map(|item| {
+    // A notification answered 503 earlier comes again: its alerts stored then are answered as
+    // they were, not counted twice (resend.rs).
+    let key = (total > 1).then(|| resend::key_of(&body));
+    let mut remembered = key
+        .as_ref()
+        .and_then(|k| state.resends.take(k, total))
+        .unwrap_or_default();
+    remembered.resize(total, None);
+    let outcomes = futures::future::join_all(batch.alerts.into_iter().zip(remembered).map(|(item, known)| {
         let state = state.clone();
         async move {
+            if let Some(stored) = known {
+                state.metrics.signals_resent.inc();
+                return stored;
+            }
             match item {
                 Ok(signal) => state.pipeline.process(signal, deadline).await,
                 Err(skip) => state.pipeline.skipped(Source::Prometheus, "none", skip),
@@ -55,10 +68,14 @@ pub async fn prometheus(State(state): State<Arc<AppState>>, req: Request) -> Res
     }))
     .await;
     if total == 1 {
-        single_response(outcomes.into_iter().next().expect("one outcome"), &path)
-    } else {
-        batch_response(outcomes, &path)
+        return single_response(outcomes.into_iter().next().expect("one outcome"), &path);
     }
+    if let Some(key) = key
+        && outcomes.iter().any(|o| matches!(o, Outcome::Failed { .. }))
+    {
+        state.resends.remember(key, &outcomes);
+    }
+    batch_response(outcomes, &path)
 }
 
 pub async fn kubernetes_event(State(state): State<Arc<AppState>>, req: Request) -> Response {

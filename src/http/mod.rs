@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod ingest;
 pub mod problem;
+pub mod resend;
 pub mod server;
 
 use opentelemetry::trace::TraceContextExt as _;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub in_flight: Arc<Semaphore>,
     pub max_in_flight: usize,
     pub shutting_down: AtomicBool,
+    /// Stored alerts of multi-alert notifications answered 503, for their resend.
+    pub resends: resend::ResendMemory,
 }
 
 pub fn signals_router(state: Arc<AppState>) -> Router {
