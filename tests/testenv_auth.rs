@@ -45,8 +45,13 @@ async fn service_account_tokens_are_reviewed_and_authorized_by_the_api_server() 
         StatusCode::UNAUTHORIZED,
     )
     .await;
-    // A real token whose signature the API server cannot verify.
-    let forged = format!("{}x", &allowed[..allowed.len() - 1]);
+    // A real token whose signature the API server cannot verify: one character of the signature
+    // changed. Not the last one: a base64url signature's last character carries padding bits, so
+    // some replacements there decode to the same signature.
+    let i = allowed.len() - 10;
+    let swapped = if &allowed[i..=i] == "A" { "B" } else { "A" };
+    let forged = format!("{}{swapped}{}", &allowed[..i], &allowed[i + 1..]);
+    assert_ne!(forged, allowed);
     assert_problem(send(&client, &replica, Some(&forged)).await, StatusCode::UNAUTHORIZED).await;
     let forbidden = send(&client, &replica, Some(&denied)).await;
     assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
