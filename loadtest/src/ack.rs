@@ -85,6 +85,10 @@ pub struct Record {
     /// Per-alert `created`/`duplicate` results inside non-2xx answers (a 503 batch): stored
     /// by the gateway but not acknowledged to the sender, by fingerprint.
     pub stored_in_error_requests: BTreeMap<String, u64>,
+    /// Answers 503 to a multi-alert notification that the load test resent, as Alertmanager does
+    /// (each also counts in `requests`, `status_counts` and `error_requests`; the resend's answer
+    /// is recorded on its own).
+    pub resent_requests: u64,
     /// Signals in error requests by target pod name (the pods of the run's namespace): a 503
     /// says "not stored", so an RR whose count exceeds its acknowledged signals can be matched
     /// against these.
@@ -167,6 +171,17 @@ impl Record {
         ok
     }
 
+    /// Records a 5xx answer to a notification that is about to be resent: an error request, but
+    /// its signals are not given up (the resend's answer decides them).
+    pub fn resending(&mut self, status: u16, body: &str) {
+        self.requests += 1;
+        self.error_requests += 1;
+        self.server_error_requests += 1;
+        self.resent_requests += 1;
+        *self.status_counts.entry(status.to_string()).or_default() += 1;
+        self.sample(format!("HTTP {status} (resent): {}", truncate(body, 400)));
+    }
+
     /// Records a request that got no HTTP answer (connect error, timeout).
     pub fn transport_error(&mut self, pods: &[String], error: &str) {
         let signals = pods.len() as u64;
@@ -202,6 +217,18 @@ fn truncate(s: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resent_notification_counts_its_signals_once() {
+        let mut r = Record::default();
+        r.resending(503, "{}");
+        let body = r#"{"results":[
+            {"status":"duplicate","fingerprint":"aa"},{"status":"created","fingerprint":"bb"}]}"#;
+        assert!(r.answered(207, &pods(2), body));
+        assert_eq!((r.requests, r.error_requests, r.resent_requests), (2, 1, 1));
+        assert_eq!((r.signals_sent, r.acknowledged, r.signals_in_error_requests), (2, 2, 0));
+        assert!(r.errors_by_pod.is_empty() && r.stored_in_error_requests.is_empty());
+    }
 
     fn pods(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("pod-{i}")).collect()

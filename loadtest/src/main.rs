@@ -179,45 +179,61 @@ async fn send_signal(user: &mut GooseUser) -> TransactionResult {
     let i = st.next_target.fetch_add(1, Ordering::Relaxed) as usize;
     let url = format!("{}{}", st.settings.targets[i % st.settings.targets.len()], request.path);
     let name = request.path;
-    let builder = user
-        .get_request_builder(&GooseMethod::Post, &url)?
-        .header("content-type", "application/json")
-        .body(request.body);
-    let goose_request = GooseRequest::builder()
-        .method(GooseMethod::Post)
-        .path(url.as_str())
-        .name(name)
-        .set_request_builder(builder)
-        .build();
     st.pacer.wait(request.signals).await;
-    let mut goose = user.request(goose_request).await?;
-    match goose.response {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            let body = response.text().await.unwrap_or_default();
-            let ok = st
-                .record
-                .lock()
-                .expect("record lock")
-                .answered(status, &request.pods, &body);
-            if !ok {
-                return user.set_failure(
-                    "2xx answer that does not account for every signal",
-                    &mut goose.request,
-                    None,
-                    Some(&body),
-                );
+    let mut resends = 0;
+    loop {
+        let builder = user
+            .get_request_builder(&GooseMethod::Post, &url)?
+            .header("content-type", "application/json")
+            .body(request.body.clone());
+        let goose_request = GooseRequest::builder()
+            .method(GooseMethod::Post)
+            .path(url.as_str())
+            .name(name)
+            .set_request_builder(builder)
+            .build();
+        let mut goose = user.request(goose_request).await?;
+        let response = match goose.response {
+            Ok(response) => response,
+            Err(e) => {
+                st.record
+                    .lock()
+                    .expect("record lock")
+                    .transport_error(&request.pods, &e.to_string());
+                return Ok(());
             }
+        };
+        let status = response.status().as_u16();
+        let body = response.text().await.unwrap_or_default();
+        // Alertmanager resends a notification answered 503, byte for byte, over the same
+        // connection (here: to the same replica), with a growing pause.
+        if status == 503 && request.signals > 1 && resends < RESENDS {
+            st.record.lock().expect("record lock").resending(status, &body);
+            resends += 1;
+            tokio::time::sleep(RESEND_PAUSE * resends).await;
+            continue;
         }
-        Err(e) => {
-            st.record
-                .lock()
-                .expect("record lock")
-                .transport_error(&request.pods, &e.to_string());
+        let ok = st
+            .record
+            .lock()
+            .expect("record lock")
+            .answered(status, &request.pods, &body);
+        if !ok {
+            return user.set_failure(
+                "2xx answer that does not account for every signal",
+                &mut goose.request,
+                None,
+                Some(&body),
+            );
         }
+        return Ok(());
     }
-    Ok(())
 }
+
+/// Resends of a notification answered 503 (Alertmanager keeps retrying until its next
+/// group interval; three is enough to see the resend answered).
+const RESENDS: u32 = 3;
+const RESEND_PAUSE: Duration = Duration::from_millis(500);
 
 fn goose_err(e: GooseError) -> String {
     format!("goose: {e}")
