@@ -1,12 +1,14 @@
 //! Owner resolution: climbs controller ownerReferences from the labelled object
 //! (Pod -> ReplicaSet -> Deployment, Pod -> Job -> CronJob, ...) so all pods of one workload
-//! share one fingerprint. Reads only metadata, caches answers for a short TTL, and falls back
+//! share one fingerprint. Reads only metadata (one read per object at a time: concurrent signals
+//! share it), caches answers for a short TTL, and falls back
 //! to the deepest object it could identify when a read fails: a signal is never dropped here.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use crate::cluster::{ApiError, Cluster, ObjectRef};
@@ -20,8 +22,11 @@ const FOLLOW: &[(&str, &[&str])] = &[
     ("Job", &["CronJob"]),
 ];
 
+type Key = (String, String, String);
 /// (kind, namespace, name) -> (when read, controller owner; None: it has none or does not exist).
-type OwnerCache = HashMap<(String, String, String), (Instant, Option<TargetResource>)>;
+type OwnerCache = HashMap<Key, (Instant, Option<TargetResource>)>;
+/// One read per object at a time: concurrent signals about an object not cached share its read.
+type InFlight = HashMap<Key, Arc<OnceCell<Result<Option<TargetResource>, ApiError>>>>;
 
 #[derive(Clone)]
 pub struct OwnerResolver {
@@ -30,6 +35,7 @@ pub struct OwnerResolver {
     max_depth: usize,
     ttl: Duration,
     cache: Arc<Mutex<OwnerCache>>,
+    inflight: Arc<Mutex<InFlight>>,
 }
 
 const CACHE_MAX_ENTRIES: usize = 50_000;
@@ -42,6 +48,7 @@ impl OwnerResolver {
             max_depth,
             ttl,
             cache: Default::default(),
+            inflight: Default::default(),
         }
     }
 
@@ -75,6 +82,25 @@ impl OwnerResolver {
         {
             return Ok(owner.clone());
         }
+        // A storm about an object not cached yet: the first signal reads it, the others wait for
+        // that read (if the first is cancelled, a waiter takes the read over).
+        let cell = self
+            .inflight
+            .lock()
+            .expect("owner reads poisoned")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let result = cell.get_or_init(|| self.read_owner(obj, key.clone())).await.clone();
+        let mut inflight = self.inflight.lock().expect("owner reads poisoned");
+        if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            inflight.remove(&key);
+        }
+        result
+    }
+
+    /// Reads `obj`'s metadata and caches its controller owner (errors are not cached).
+    async fn read_owner(&self, obj: &TargetResource, key: Key) -> Result<Option<TargetResource>, ApiError> {
         let reference = ObjectRef {
             api_version: if obj.api_version.is_empty() {
                 default_api_version(&obj.kind).into()
@@ -210,6 +236,26 @@ mod tests {
             2,
             "second resolution comes from the cache"
         );
+    }
+
+    #[tokio::test]
+    async fn concurrent_signals_about_one_uncached_pod_share_its_reads() {
+        let store = store_with_deployment();
+        let reads = Arc::new(AtomicUsize::new(0));
+        let r = reads.clone();
+        let slow = Arc::new(Faulty::new(store, move |_| {
+            r.fetch_add(1, Ordering::SeqCst);
+            Fault::Delay(Duration::from_millis(30))
+        }));
+        let resolver = OwnerResolver::new(slow, true, 5, Duration::from_secs(30));
+        let tops = futures::future::join_all((0..20).map(|_| resolver.resolve(pod("api-7d9f-x1")))).await;
+        assert!(tops.iter().all(|t| t.kind == "Deployment" && t.name == "api"));
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            2,
+            "one Pod read and one ReplicaSet read for all 20"
+        );
+        assert!(resolver.inflight.lock().unwrap().is_empty(), "nothing left in flight");
     }
 
     #[tokio::test]
