@@ -116,13 +116,7 @@ impl Scope {
         if target.namespace.is_empty() {
             return Ok(false);
         }
-        let namespace = ObjectRef {
-            api_version: "v1".into(),
-            kind: "Namespace".into(),
-            namespace: String::new(),
-            name: target.namespace.clone(),
-        };
-        Ok(self.label(namespace).await? == Some(true))
+        Ok(self.label(ObjectRef::namespace(&target.namespace)).await? == Some(true))
     }
 
     async fn label(&self, object: ObjectRef) -> Result<Label, ApiError> {
@@ -244,15 +238,6 @@ mod tests {
         )
     }
 
-    fn namespace(name: &str) -> ObjectRef {
-        ObjectRef {
-            api_version: "v1".into(),
-            kind: "Namespace".into(),
-            namespace: String::new(),
-            name: name.into(),
-        }
-    }
-
     fn enabled() -> config::Scope {
         config::Scope {
             require_managed_label: true,
@@ -263,8 +248,8 @@ mod tests {
     #[tokio::test]
     async fn scope_follows_the_target_label_then_the_namespace_label() {
         let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
-        store.put_object(namespace("managed"), labelled(Some("true")));
-        store.put_object(namespace("plain"), labelled(None));
+        store.put_object(ObjectRef::namespace("managed"), labelled(Some("true")));
+        store.put_object(ObjectRef::namespace("plain"), labelled(None));
         let cases = [
             ("managed", "inherits", None, true),
             ("managed", "opted-out", Some("false"), false),
@@ -298,7 +283,7 @@ mod tests {
         use crate::backend::faults::{Fault, Op};
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
-        store.put_object(namespace("managed"), labelled(Some("true")));
+        store.put_object(ObjectRef::namespace("managed"), labelled(Some("true")));
         let reads = Arc::new(AtomicUsize::new(0));
         let down = Arc::new(AtomicBool::new(false));
         let (r, d) = (reads.clone(), down.clone());

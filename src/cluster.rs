@@ -70,6 +70,18 @@ pub struct ObjectRef {
     pub name: String,
 }
 
+impl ObjectRef {
+    /// The (cluster-scoped) Namespace `name`.
+    pub fn namespace(name: &str) -> Self {
+        ObjectRef {
+            api_version: "v1".into(),
+            kind: "Namespace".into(),
+            namespace: String::new(),
+            name: name.into(),
+        }
+    }
+}
+
 /// One item of a RemediationRequest watch ([`Cluster::watch_requests`]), shaped like
 /// kube-runtime's watcher events: every (re)start is a complete list (`Init`, one `Listed` per
 /// object, `Synced`), then changes in resourceVersion order.

@@ -278,15 +278,6 @@ async fn implausible_timestamps_are_rejected_with_a_reason_and_never_stored() {
     gw.stop().await.unwrap();
 }
 
-fn namespace(name: &str) -> ObjectRef {
-    ObjectRef {
-        api_version: "v1".into(),
-        kind: "Namespace".into(),
-        namespace: String::new(),
-        name: name.into(),
-    }
-}
-
 fn managed(value: &str) -> ObjectMeta {
     ObjectMeta {
         labels: Some([("kubernaut.ai/managed".to_owned(), value.to_owned())].into()),
@@ -300,8 +291,8 @@ async fn with_scope_on_only_opted_in_targets_produce_requests() {
     config.scope.require_managed_label = true;
     let deps = Deps::embedded(Arc::new(SystemClock));
     let store = deps.embedded.clone().unwrap();
-    store.put_object(namespace("shop"), managed("true"));
-    store.put_object(namespace("lab"), ObjectMeta::default());
+    store.put_object(ObjectRef::namespace("shop"), managed("true"));
+    store.put_object(ObjectRef::namespace("lab"), ObjectMeta::default());
     let pod = |ns: &str, name: &str| ObjectRef {
         api_version: "v1".into(),
         kind: "Pod".into(),

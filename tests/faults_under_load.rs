@@ -18,12 +18,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use common::testenv::{Replica, admin, testenv, testenv_cmd, unique};
-use common::{count_of, metric_sum, pod_alert, webhook};
+use common::{count_of, fp_of_pod, metric_sum, pod_alert, webhook};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, ListParams};
-use signal_gateway::crd::{RemediationRequest, TargetResource, phase_is_active};
-use signal_gateway::fingerprint::Fingerprint;
+use signal_gateway::crd::{RemediationRequest, phase_is_active};
 
 /// Signals per second offered (open loop: new signals follow the schedule whatever the answers;
 /// retries come on top). `FAULTS_RATE` overrides it.
@@ -141,20 +140,6 @@ impl Load {
     }
 }
 
-fn fp_of(namespace: &str, pod: &str) -> String {
-    Fingerprint::of(
-        "",
-        &TargetResource {
-            kind: "Pod".into(),
-            name: pod.into(),
-            namespace: namespace.into(),
-            api_version: "v1".into(),
-        },
-    )
-    .as_str()
-    .to_owned()
-}
-
 async fn classify(res: reqwest::Result<reqwest::Response>, fp: &str) -> Outcome {
     let resp = match res {
         Err(e) if e.is_connect() => return Outcome::Refused,
@@ -237,7 +222,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// load ends.
 async fn send_signal(load: Arc<Load>, signal: u64, pool: usize, pod: String) {
     let namespace = load.pool_namespace(pool);
-    let fp: Arc<str> = fp_of(&namespace, &pod).into();
+    let fp: Arc<str> = fp_of_pod(&namespace, &pod).into();
     let body = webhook(vec![pod_alert(&namespace, &pod)]).to_string();
     let mut backoff = RETRY_FIRST;
     loop {
@@ -719,7 +704,7 @@ async fn faults_under_mixed_load_lose_no_ack_create_no_duplicate_leak_no_lease_a
         if resp.as_ref().ok() != Some(&201) {
             failures.push(format!("a fresh signal on {} answered {resp:?}, not 201", r.name));
         }
-        fresh.push(fp_of(&namespace, &pod));
+        fresh.push(fp_of_pod(&namespace, &pod));
         let held = r.metric(&probe, "gateway_locks_held", &[]).await;
         if held != 0.0 {
             failures.push(format!("{} still holds {held} locks", r.name));

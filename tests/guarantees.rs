@@ -7,7 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Gateway, count_of, eventually, pod_alert, test_config, webhook};
+use common::{Gateway, count_of, eventually, fp_of_pod, pod_alert, test_config, webhook};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use reqwest::StatusCode;
@@ -159,20 +159,10 @@ fn lock_name_of(fingerprint: &str) -> String {
     format!("gw-lock-{}", &fingerprint[..16])
 }
 
-fn fingerprint_of_pod(pod: &str) -> String {
-    let target = signal_gateway::crd::TargetResource {
-        kind: "Pod".into(),
-        name: pod.into(),
-        namespace: "shop".into(),
-        api_version: "v1".into(),
-    };
-    signal_gateway::fingerprint::Fingerprint::of("", &target).to_string()
-}
-
 #[tokio::test]
 async fn a_lease_left_by_a_dead_holder_is_taken_over() {
     let gw = Gateway::embedded(test_config()).await;
-    let fp = fingerprint_of_pod("api-0");
+    let fp = fp_of_pod("shop", "api-0");
     gw.store()
         .create_lease(&foreign_lease(&lock_name_of(&fp), "crashed-replica", 90))
         .await
@@ -192,7 +182,7 @@ async fn a_lease_left_by_a_dead_holder_is_taken_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_foreign_lease_delays_the_signal_which_then_counts_as_duplicate() {
     let gw = Gateway::embedded(config(Strategy::Optimistic)).await;
-    let fp = fingerprint_of_pod("api-0");
+    let fp = fp_of_pod("shop", "api-0");
     let lease = gw
         .store()
         .create_lease(&foreign_lease(&lock_name_of(&fp), "replica-b", 0))
@@ -288,7 +278,7 @@ async fn a_live_foreign_lease_that_never_resolves_answers_503_within_the_deadlin
     let mut c = test_config();
     c.server.request_timeout = Duration::from_millis(600);
     let gw = Gateway::embedded(c).await;
-    let fp = fingerprint_of_pod("api-0");
+    let fp = fp_of_pod("shop", "api-0");
     gw.store()
         .create_lease(&foreign_lease(&lock_name_of(&fp), "replica-b", 0))
         .await

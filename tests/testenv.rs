@@ -8,33 +8,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::testenv::{Replica, admin, client_for, requests_for, testenv, unique};
-use common::{count_of, eventually, pod_alert, webhook};
+use common::{count_of, eventually, fp_of_pod, pod_alert, webhook};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use reqwest::StatusCode;
 use serde_json::json;
-use signal_gateway::crd::{RemediationRequest, TargetResource};
-use signal_gateway::fingerprint::Fingerprint;
+use signal_gateway::crd::RemediationRequest;
 
 // The API server, etcd, three replicas and the test share two cores: one API request can take
 // longer than the production apiTimeout (4 s) while APF queues are full. These tests are about
 // duplicates, counts and leases, so they give the API server time rather than expect 503s.
 const CONFIG: &str = "logging:\n  format: json\nserver:\n  requestTimeout: 20s\nbackend:\n  apiTimeout: 15s\n";
 const ALWAYS_LOCK: &str = "logging:\n  format: json\nserver:\n  requestTimeout: 20s\nbackend:\n  apiTimeout: 15s\ndedup:\n  strategy: always-lock\n";
-
-fn fp_of_pod(namespace: &str, pod: &str) -> String {
-    Fingerprint::of(
-        "",
-        &TargetResource {
-            kind: "Pod".into(),
-            name: pod.into(),
-            namespace: namespace.into(),
-            api_version: "v1".into(),
-        },
-    )
-    .to_string()
-}
 
 async fn start_replicas(prefix: &str, n: usize, config: &str) -> (Vec<Replica>, reqwest::Client) {
     let client = reqwest::Client::builder().pool_max_idle_per_host(200).build().unwrap();

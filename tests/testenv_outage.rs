@@ -6,10 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::testenv::{Replica, admin, requests_for, sender, testenv, testenv_cmd, unique};
-use common::{count_of, eventually, pod_alert, webhook};
+use common::{count_of, eventually, fp_of_pod, pod_alert, webhook};
 use reqwest::StatusCode;
-use signal_gateway::crd::TargetResource;
-use signal_gateway::fingerprint::Fingerprint;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_server_down_means_fast_503s_and_unready_then_recovery_without_restart_and_no_lost_ack() {
@@ -112,16 +110,8 @@ async fn api_server_down_means_fast_503s_and_unready_then_recovery_without_resta
     let admin = admin().await;
     let mut stored = 0;
     for pod in pods {
-        let fp = Fingerprint::of(
-            "",
-            &TargetResource {
-                kind: "Pod".into(),
-                name: pod.into(),
-                namespace: ns.clone(),
-                api_version: "v1".into(),
-            },
-        );
-        let rrs = requests_for(&admin, &testenv().namespace, fp.as_str()).await;
+        let fp = fp_of_pod(&ns, pod);
+        let rrs = requests_for(&admin, &testenv().namespace, &fp).await;
         assert_eq!(rrs.len(), 1, "{pod}");
         stored += count_of(&rrs[0]);
     }

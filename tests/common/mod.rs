@@ -204,3 +204,18 @@ pub fn count_of(rr: &signal_gateway::crd::RemediationRequest) -> i64 {
         .and_then(|s| s.deduplication.as_ref())
         .map_or(0, |d| d.occurrence_count)
 }
+
+/// The fingerprint of signals about Pod `pod` in `namespace` (no cluster id, no owner: the
+/// tests' pods do not exist).
+pub fn fp_of_pod(namespace: &str, pod: &str) -> String {
+    signal_gateway::fingerprint::Fingerprint::of(
+        "",
+        &signal_gateway::crd::TargetResource {
+            kind: "Pod".into(),
+            name: pod.into(),
+            namespace: namespace.into(),
+            api_version: "v1".into(),
+        },
+    )
+    .to_string()
+}
