@@ -1,8 +1,8 @@
 //! Owner resolution: climbs controller ownerReferences from the labelled object
 //! (Pod -> ReplicaSet -> Deployment, Pod -> Job -> CronJob, ...) so all pods of one workload
 //! share one fingerprint. Reads only metadata (one read per object at a time: concurrent signals
-//! share it), caches answers for a short TTL, and falls back
-//! to the deepest object it could identify when a read fails: a signal is never dropped here.
+//! share it), caches answers for a short TTL, and falls back to the deepest object it could
+//! identify when a read fails: a signal is never dropped here.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
