@@ -88,6 +88,16 @@ fn seed_path(target: &str, name: &str) -> PathBuf {
 // Finding 1 (event target): `involvedObject.apiVersion` / `regarding.apiVersion` was copied as
 // sent; the Kubernetes backend builds the owner lookup's URL path from it. Minimised from
 // fuzz/artifacts/event/crash-61c7bfca… (the mutator turned `apps/v1` into `apps.v1`).
+
+/// A Warning event about Deployment shop/web with this apiVersion.
+fn deployment_event(api_version: &str) -> String {
+    serde_json::json!({
+        "regarding": {"kind": "Deployment", "name": "web", "namespace": "shop", "apiVersion": api_version},
+        "reason": "ProgressDeadlineExceeded", "type": "Warning"
+    })
+    .to_string()
+}
+
 #[test]
 fn an_event_whose_api_version_is_no_group_version_is_rejected() {
     for api_version in [
@@ -99,11 +109,7 @@ fn an_event_whose_api_version_is_no_group_version_is_rejected() {
         "/v1",
         "apps/",
     ] {
-        let body = serde_json::json!({
-            "regarding": {"kind": "Deployment", "name": "web", "namespace": "shop", "apiVersion": api_version},
-            "reason": "ProgressDeadlineExceeded", "type": "Warning"
-        })
-        .to_string();
+        let body = deployment_event(api_version);
         assert_eq!(
             signal_gateway::signal::event::parse(body.as_bytes()),
             Ok(Err(signal_gateway::signal::Skip::Rejected(
@@ -121,11 +127,7 @@ fn an_event_whose_api_version_is_no_group_version_is_rejected() {
         "autoscaling/v2",
         "kubernaut.ai/v1alpha1",
     ] {
-        let body = serde_json::json!({
-            "regarding": {"kind": "Deployment", "name": "web", "namespace": "shop", "apiVersion": api_version},
-            "reason": "ProgressDeadlineExceeded", "type": "Warning"
-        })
-        .to_string();
+        let body = deployment_event(api_version);
         let signal = signal_gateway::signal::event::parse(body.as_bytes()).unwrap().unwrap();
         assert_eq!(signal.target.api_version, api_version);
         invariants::check_event(body.as_bytes());
