@@ -6,17 +6,16 @@
 //! - **scope** (`scope.requireManagedLabel`): the gateway acts only on targets opted in with the
 //!   Kubernaut label `kubernaut.ai/managed=true`, on the (resolved) target or on its namespace;
 //!   `kubernaut.ai/managed=false` on the target opts it out of a managed namespace. Others are
-//!   answered `rejected` with reason `unmanaged_resource`. Label reads are cached for a short TTL.
+//!   answered `rejected` with reason `unmanaged_resource`. Label reads are cached for a short TTL
+//!   (one read per object at a time, as owner reads: [`crate::readcache`]).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 use crate::cluster::{ApiError, Cluster, ObjectRef};
 use crate::config;
 use crate::crd::TargetResource;
+use crate::readcache::ReadCache;
 use crate::signal::{Signal, Skip};
 
 pub const MANAGED_LABEL: &str = "kubernaut.ai/managed";
@@ -69,8 +68,7 @@ type Label = Option<bool>;
 pub struct Scope {
     cluster: Arc<dyn Cluster>,
     enabled: bool,
-    ttl: Duration,
-    cache: Arc<Mutex<HashMap<ObjectRef, (Instant, Label)>>>,
+    cache: Arc<ReadCache<ObjectRef, Label>>,
 }
 
 const SCOPE_CACHE_MAX: usize = 50_000;
@@ -80,8 +78,7 @@ impl Scope {
         Scope {
             cluster,
             enabled: config.require_managed_label,
-            ttl: config.cache_ttl,
-            cache: Arc::default(),
+            cache: Arc::new(ReadCache::new(config.cache_ttl, SCOPE_CACHE_MAX)),
         }
     }
 
@@ -120,12 +117,11 @@ impl Scope {
     }
 
     async fn label(&self, object: ObjectRef) -> Result<Label, ApiError> {
-        if let Some((at, label)) = self.cache.lock().expect("scope cache poisoned").get(&object)
-            && at.elapsed() < self.ttl
-        {
-            return Ok(*label);
-        }
-        let label = match self.cluster.get_metadata(&object).await {
+        self.cache.get_or_read(&object, || self.read_label(&object)).await
+    }
+
+    async fn read_label(&self, object: &ObjectRef) -> Result<Label, ApiError> {
+        Ok(match self.cluster.get_metadata(object).await {
             Ok(meta) => match meta.labels.unwrap_or_default().get(MANAGED_LABEL).map(String::as_str) {
                 Some("true") => Some(true),
                 Some("false") => Some(false),
@@ -133,13 +129,7 @@ impl Scope {
             },
             Err(ApiError::NotFound) => None,
             Err(e) => return Err(e),
-        };
-        let mut cache = self.cache.lock().expect("scope cache poisoned");
-        if cache.len() >= SCOPE_CACHE_MAX {
-            cache.clear();
-        }
-        cache.insert(object, (Instant::now(), label));
-        Ok(label)
+        })
     }
 }
 

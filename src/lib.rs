@@ -19,6 +19,7 @@ pub mod http;
 pub mod lock;
 pub mod metrics;
 pub mod pipeline;
+pub mod readcache;
 pub mod signal;
 pub mod target;
 pub mod telemetry;

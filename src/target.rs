@@ -4,15 +4,12 @@
 //! share it), caches answers for a short TTL, and falls back to the deepest object it could
 //! identify when a read fails: a signal is never dropped here.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::sync::OnceCell;
-use tokio::time::Instant;
 
 use crate::cluster::{ApiError, Cluster, ObjectRef};
 use crate::crd::TargetResource;
+use crate::readcache::ReadCache;
 use crate::signal::{is_valid_api_version, is_valid_object_name};
 
 /// Kinds whose controller owner we follow, and the owner kinds we accept.
@@ -22,20 +19,15 @@ const FOLLOW: &[(&str, &[&str])] = &[
     ("Job", &["CronJob"]),
 ];
 
-type Key = (String, String, String);
-/// (kind, namespace, name) -> (when read, controller owner; None: it has none or does not exist).
-type OwnerCache = HashMap<Key, (Instant, Option<TargetResource>)>;
-/// One read per object at a time: concurrent signals about an object not cached share its read.
-type InFlight = HashMap<Key, Arc<OnceCell<Result<Option<TargetResource>, ApiError>>>>;
+/// (kind, namespace, name) -> controller owner (None: it has none or does not exist).
+type OwnerCache = ReadCache<(String, String, String), Option<TargetResource>>;
 
 #[derive(Clone)]
 pub struct OwnerResolver {
     cluster: Arc<dyn Cluster>,
     enabled: bool,
     max_depth: usize,
-    ttl: Duration,
-    cache: Arc<Mutex<OwnerCache>>,
-    inflight: Arc<Mutex<InFlight>>,
+    cache: Arc<OwnerCache>,
 }
 
 const CACHE_MAX_ENTRIES: usize = 50_000;
@@ -46,9 +38,7 @@ impl OwnerResolver {
             cluster,
             enabled,
             max_depth,
-            ttl,
-            cache: Default::default(),
-            inflight: Default::default(),
+            cache: Arc::new(ReadCache::new(ttl, CACHE_MAX_ENTRIES)),
         }
     }
 
@@ -77,30 +67,12 @@ impl OwnerResolver {
 
     async fn owner_of(&self, obj: &TargetResource) -> Result<Option<TargetResource>, ApiError> {
         let key = (obj.kind.clone(), obj.namespace.clone(), obj.name.clone());
-        if let Some((at, owner)) = self.cache.lock().expect("owner cache poisoned").get(&key)
-            && at.elapsed() < self.ttl
-        {
-            return Ok(owner.clone());
-        }
-        // A storm about an object not cached yet: the first signal reads it, the others wait for
-        // that read (if the first is cancelled, a waiter takes the read over).
-        let cell = self
-            .inflight
-            .lock()
-            .expect("owner reads poisoned")
-            .entry(key.clone())
-            .or_default()
-            .clone();
-        let result = cell.get_or_init(|| self.read_owner(obj, key.clone())).await.clone();
-        let mut inflight = self.inflight.lock().expect("owner reads poisoned");
-        if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            inflight.remove(&key);
-        }
-        result
+        // A storm about an object not cached yet: one read, the other signals wait for it.
+        self.cache.get_or_read(&key, || self.read_owner(obj)).await
     }
 
-    /// Reads `obj`'s metadata and caches its controller owner (errors are not cached).
-    async fn read_owner(&self, obj: &TargetResource, key: Key) -> Result<Option<TargetResource>, ApiError> {
+    /// Reads `obj`'s metadata: its accepted controller owner.
+    async fn read_owner(&self, obj: &TargetResource) -> Result<Option<TargetResource>, ApiError> {
         let reference = ObjectRef {
             api_version: if obj.api_version.is_empty() {
                 default_api_version(&obj.kind).into()
@@ -137,11 +109,6 @@ impl OwnerResolver {
             Err(ApiError::NotFound) => None,
             Err(e) => return Err(e),
         };
-        let mut cache = self.cache.lock().expect("owner cache poisoned");
-        if cache.len() >= CACHE_MAX_ENTRIES {
-            cache.clear();
-        }
-        cache.insert(key, (Instant::now(), owner.clone()));
         Ok(owner)
     }
 }
@@ -255,7 +222,7 @@ mod tests {
             2,
             "one Pod read and one ReplicaSet read for all 20"
         );
-        assert!(resolver.inflight.lock().unwrap().is_empty(), "nothing left in flight");
+        assert_eq!(resolver.cache.reads_in_flight(), 0, "nothing left in flight");
     }
 
     #[tokio::test]
