@@ -7,6 +7,7 @@
 pub mod admission;
 pub mod auth;
 pub mod backend;
+pub mod bounded;
 pub mod clock;
 pub mod cluster;
 pub mod coalesce;
