@@ -229,7 +229,7 @@ pub struct StaticTokens {
 
 impl StaticTokens {
     pub fn load(path: PathBuf, metrics: Metrics) -> anyhow::Result<Self> {
-        let digests = read_tokens(&path)?;
+        let digests = read_tokens(&path).map_err(|e| anyhow::anyhow!("tokens file: {e}"))?;
         tracing::info!(path = %path.display(), tokens = digests.len(), "loaded static tokens");
         Ok(StaticTokens {
             path,
@@ -238,25 +238,32 @@ impl StaticTokens {
         })
     }
 
-    /// Re-reads the file; a file that cannot be read or holds no token keeps the old tokens.
+    /// Re-reads the file. A file that cannot be read or holds no token means no tokens at all
+    /// (revocation must not fail open); a file that changes while being read is read again at
+    /// its next change, the old tokens staying until then.
     pub fn reload(&self) {
-        match read_tokens(&self.path) {
+        let (digests, result) = match read_tokens(&self.path) {
             Ok(d) => {
                 tracing::info!(path = %self.path.display(), tokens = d.len(), "reloaded static tokens");
-                *self.digests.write().expect("tokens lock poisoned") = d;
-                self.metrics
-                    .file_reloads
-                    .with_label_values(&["auth_tokens", "ok"])
-                    .inc();
+                (d, "ok")
             }
-            Err(e) => {
-                tracing::error!(error = %e, "could not reload the tokens file; keeping the previous tokens");
-                self.metrics
-                    .file_reloads
-                    .with_label_values(&["auth_tokens", "error"])
-                    .inc();
+            Err(TokensError::Changing) => {
+                tracing::warn!(path = %self.path.display(), "the tokens file changed while being read; reading it again when it settles");
+                return;
             }
-        }
+            Err(TokensError::Unusable(e)) => {
+                tracing::error!(
+                    error = %e,
+                    "the tokens file cannot be used: NO static token is accepted until it holds tokens again"
+                );
+                (Vec::new(), "error")
+            }
+        };
+        *self.digests.write().expect("tokens lock poisoned") = digests;
+        self.metrics
+            .file_reloads
+            .with_label_values(&["auth_tokens", result])
+            .inc();
     }
 
     fn verdict(&self, token: &str) -> Verdict {
@@ -278,30 +285,75 @@ impl StaticTokens {
     }
 }
 
-fn read_tokens(path: &Path) -> anyhow::Result<Vec<Digest32>> {
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+#[derive(Debug, thiserror::Error)]
+enum TokensError {
+    #[error("the file changed while it was being read")]
+    Changing,
+    #[error("{0}")]
+    Unusable(String),
+}
+
+fn read_tokens(path: &Path) -> Result<Vec<Digest32>, TokensError> {
+    let text = read_whole(path).map_err(|e| match e {
+        ReadError::Changing => TokensError::Changing,
+        ReadError::Io(e) => TokensError::Unusable(format!("cannot read {}: {e}", path.display())),
+    })?;
     let digests: Vec<Digest32> = text
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(digest)
         .collect();
-    anyhow::ensure!(!digests.is_empty(), "{} holds no token", path.display());
+    if digests.is_empty() {
+        return Err(TokensError::Unusable(format!("{} holds no token", path.display())));
+    }
     Ok(digests)
 }
 
-/// Calls `changed` whenever the file's modification time or length changes (checked every
-/// second); stops when `changed` returns false.
+pub(crate) enum ReadError {
+    Changing,
+    Io(std::io::Error),
+}
+
+/// Modification time and length: what [`watch_file`] compares.
+type Stamp = Option<(Option<std::time::SystemTime>, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    std::fs::metadata(path).ok().map(|m| (m.modified().ok(), m.len()))
+}
+
+/// The file's contents, read so that they are one version of it: unchanged (modification time
+/// and length) from before the read to after it.
+pub(crate) fn read_whole(path: &Path) -> Result<String, ReadError> {
+    for _ in 0..3 {
+        let before = stamp(path);
+        let text = std::fs::read_to_string(path).map_err(ReadError::Io)?;
+        if stamp(path) == before {
+            return Ok(text);
+        }
+    }
+    Err(ReadError::Changing)
+}
+
+/// How often watched files are checked.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Calls `changed` once the file's modification time or length has changed and then stayed the
+/// same for one check (checked every [`WATCH_INTERVAL`]): a writer that is not atomic is not
+/// read half-way. Stops when `changed` returns false.
 pub async fn watch_file(path: PathBuf, mut changed: impl FnMut() -> bool + Send + 'static) {
-    let stamp = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.modified().ok(), m.len()));
     let mut last = stamp(&path);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut settling = false;
+    let mut tick = tokio::time::interval(WATCH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let now = stamp(&path);
         if now != last {
             last = now;
+            settling = true;
+        } else if settling {
+            settling = false;
             if !changed() {
                 return;
             }
@@ -592,16 +644,75 @@ mod tests {
         tokens.reload();
         assert!(ok(auth.check(&headers(Some("Bearer gamma-token"))).await.unwrap()));
         assert!(!ok(auth.check(&headers(Some("Bearer alpha-token"))).await.unwrap()));
-        std::fs::write(&path, "# emptied by mistake\n").unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_emptied_or_deleted_tokens_file_lets_no_one_in() {
+        let dir = std::env::temp_dir().join(format!("sg-revoke-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokens");
+        std::fs::write(&path, "alpha-token\n").unwrap();
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        let tokens = StaticTokens::load(path.clone(), metrics.clone()).unwrap();
+        let ok = |t: &StaticTokens, token| matches!(t.verdict(token), Verdict::Allowed { .. });
+        assert!(ok(&tokens, "alpha-token"));
+
+        // Revoking by emptying the file (or commenting every token out) revokes.
+        std::fs::write(&path, "# revoked\n").unwrap();
         tokens.reload();
-        assert!(
-            ok(auth.check(&headers(Some("Bearer gamma-token"))).await.unwrap()),
-            "a file without tokens keeps the previous ones"
-        );
+        assert!(!ok(&tokens, "alpha-token"), "an emptied file means no tokens");
         assert_eq!(
             metrics.file_reloads.with_label_values(&["auth_tokens", "error"]).get(),
             1
         );
+        std::fs::write(&path, "alpha-token\n").unwrap();
+        tokens.reload();
+        assert!(ok(&tokens, "alpha-token"));
+        // Deleting the file (a Secret removed, a mount gone) revokes as well.
+        std::fs::remove_file(&path).unwrap();
+        tokens.reload();
+        assert!(!ok(&tokens, "alpha-token"), "an unreadable file means no tokens");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Lets the watcher task run until it waits on its next tick.
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_changed_file_is_read_only_once_it_has_stopped_changing() {
+        let dir = std::env::temp_dir().join(format!("sg-settle-{}-{}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokens");
+        std::fs::write(&path, "alpha-token\n").unwrap();
+        let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+        let (s, p) = (seen.clone(), path.clone());
+        let watcher = tokio::spawn(watch_file(path.clone(), move || {
+            s.lock().unwrap().push(std::fs::read_to_string(&p).unwrap_or_default());
+            true
+        }));
+        settle().await;
+        // A writer that is not atomic: first a prefix of the new token...
+        std::fs::write(&path, "beta-tok").unwrap();
+        tokio::time::advance(WATCH_INTERVAL).await;
+        settle().await;
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "read while still being written: {:?}",
+            seen.lock().unwrap()
+        );
+        // ... then the rest.
+        std::fs::write(&path, "beta-token\n").unwrap();
+        for _ in 0..3 {
+            tokio::time::advance(WATCH_INTERVAL).await;
+            settle().await;
+        }
+        assert_eq!(*seen.lock().unwrap(), ["beta-token\n"], "read once, whole");
+        watcher.abort();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

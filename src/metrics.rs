@@ -216,7 +216,7 @@ impl Metrics {
             file_reloads: counter_vec(
                 r,
                 "gateway_file_reloads_total",
-                "Re-reads of changed files (tls_certificate, auth_tokens) by result: ok, error (the old contents stay in use).",
+                "Re-reads of changed files (tls_certificate, auth_tokens) by result: ok, error (tls_certificate: the previous certificate stays in use; auth_tokens: no static token is accepted until the file holds tokens again).",
                 &["file", "result"],
             )?,
 

@@ -200,11 +200,17 @@ impl ResolvesServerCert for ReloadingCert {
 }
 
 fn load_certified_key(cert_file: &Path, key_file: &Path) -> anyhow::Result<CertifiedKey> {
-    let chain = CertificateDer::pem_file_iter(cert_file)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+    let read = |path: &Path| {
+        crate::auth::read_whole(path).map_err(|e| match e {
+            crate::auth::ReadError::Changing => anyhow::anyhow!("{} changed while being read", path.display()),
+            crate::auth::ReadError::Io(e) => anyhow::anyhow!("cannot read {}: {e}", path.display()),
+        })
+    };
+    let chain = CertificateDer::pem_slice_iter(read(cert_file)?.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("cannot read certificates from {}: {e}", cert_file.display()))?;
     anyhow::ensure!(!chain.is_empty(), "{} holds no certificate", cert_file.display());
-    let key = PrivateKeyDer::from_pem_file(key_file)
+    let key = PrivateKeyDer::from_pem_slice(read(key_file)?.as_bytes())
         .map_err(|e| anyhow::anyhow!("cannot read a private key from {}: {e}", key_file.display()))?;
     let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)
         .map_err(|e| anyhow::anyhow!("unsupported private key in {}: {e}", key_file.display()))?;
