@@ -19,6 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use axum::http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
+use subtle::{ConditionallySelectable, ConstantTimeEq};
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
@@ -215,11 +216,6 @@ fn digest(token: &str) -> Digest32 {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// Equality of two digests without an early exit.
-fn digests_equal(a: &Digest32, b: &Digest32) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Tokens from a file, one per line; blank lines and `#` comments ignored.
 pub struct StaticTokens {
     path: PathBuf,
@@ -269,14 +265,14 @@ impl StaticTokens {
     fn verdict(&self, token: &str) -> Verdict {
         let presented = digest(token);
         let digests = self.digests.read().expect("tokens lock poisoned");
-        // Compare with every token, without stopping at a match.
-        let mut matched: Option<usize> = None;
+        // Compare with every token in constant time, without stopping at a match.
+        let (mut index, mut found) = (0u64, subtle::Choice::from(0));
         for (i, d) in digests.iter().enumerate() {
-            if digests_equal(d, &presented) {
-                matched = Some(i);
-            }
+            let equal = d.ct_eq(&presented);
+            index.conditional_assign(&(i as u64), equal);
+            found |= equal;
         }
-        match matched {
+        match bool::from(found).then_some(index) {
             Some(i) => Verdict::Allowed {
                 user: format!("static-token-{}", i + 1),
             },

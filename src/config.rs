@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use crate::dedup::Strategy;
 
@@ -37,10 +37,10 @@ pub struct Server {
     /// Signals processed at once; more are refused with 503 + Retry-After.
     pub max_in_flight: usize,
     /// Time a signal may take until its outcome is stored; past it the answer is 503.
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub request_timeout: Duration,
     /// Drain deadline after SIGTERM; keep it below the pod's terminationGracePeriodSeconds.
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub shutdown_timeout: Duration,
     /// Largest request head (request line plus headers); larger ones are refused (431).
     pub max_header_bytes: usize,
@@ -48,10 +48,10 @@ pub struct Server {
     pub max_headers: usize,
     /// Time a client has to send a request head (also the idle keep-alive limit); slower
     /// connections are closed.
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub header_read_timeout: Duration,
     /// Time a client has to send the whole request body; past it the answer is 408.
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub body_read_timeout: Duration,
     /// TLS for both ports when set (PEM files, re-read when they change).
     pub tls: Option<Tls>,
@@ -66,7 +66,7 @@ pub struct Tls {
     pub key_file: std::path::PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
     /// Bearer tokens checked with TokenReview and authorized with a SubjectAccessReview.
@@ -95,18 +95,10 @@ pub struct Auth {
     /// `static`: file with one token per line (`#` comments); re-read when it changes.
     pub tokens_file: Option<std::path::PathBuf>,
     /// `kubernetes`: how long an allowed or denied token is remembered (keyed by its SHA-256).
-    #[serde(
-        rename = "cacheTTL",
-        deserialize_with = "duration",
-        serialize_with = "format_duration"
-    )]
+    #[serde(rename = "cacheTTL", with = "friendly_duration")]
     pub cache_ttl: Duration,
     /// `kubernetes`: how long an unknown (unauthenticated) token is remembered.
-    #[serde(
-        rename = "negativeCacheTTL",
-        deserialize_with = "duration",
-        serialize_with = "format_duration"
-    )]
+    #[serde(rename = "negativeCacheTTL", with = "friendly_duration")]
     pub negative_cache_ttl: Duration,
     /// `kubernetes`: TokenReview audiences (empty: the API server's).
     pub audiences: Vec<String>,
@@ -135,11 +127,7 @@ pub struct Scope {
     /// or its namespace; `kubernaut.ai/managed=false` on the target opts it out).
     pub require_managed_label: bool,
     /// How long a label read is remembered.
-    #[serde(
-        rename = "cacheTTL",
-        deserialize_with = "duration",
-        serialize_with = "format_duration"
-    )]
+    #[serde(rename = "cacheTTL", with = "friendly_duration")]
     pub cache_ttl: Duration,
 }
 
@@ -147,10 +135,10 @@ pub struct Scope {
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct Freshness {
     /// Signals timestamped further than this in the future are rejected (`future_timestamp`).
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub max_future_skew: Duration,
     /// Signals older than this are rejected (`stale_signal`); `0s` turns the check off.
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub max_age: Duration,
 }
 
@@ -198,7 +186,7 @@ impl Default for Freshness {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// Kubernetes when a cluster is configured (in-cluster or kubeconfig), else embedded.
@@ -218,7 +206,7 @@ pub struct Backend {
     #[serde(rename = "clusterID")]
     pub cluster_id: String,
     /// Per-request timeout of Kubernetes API calls.
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub api_timeout: Duration,
     /// Most Kubernetes API requests in flight per replica; more wait in the replica. The kube
     /// client speaks HTTP/1.1, so this also bounds its connections to the API server.
@@ -228,11 +216,11 @@ pub struct Backend {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct Lock {
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub lease_duration: Duration,
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub backoff_initial: Duration,
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub backoff_max: Duration,
 }
 
@@ -246,10 +234,10 @@ pub struct Dedup {
     pub watch: bool,
     /// After a status-update conflict, how long to wait for the watch to deliver the newer
     /// version before reading it from the API server.
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub watch_wait: Duration,
     /// Group commit: how long a hot fingerprint's batch may wait for more signals before its write.
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub linger: Duration,
 }
 
@@ -258,15 +246,11 @@ pub struct Dedup {
 pub struct OwnerResolution {
     pub enabled: bool,
     pub max_depth: usize,
-    #[serde(
-        rename = "cacheTTL",
-        deserialize_with = "duration",
-        serialize_with = "format_duration"
-    )]
+    #[serde(rename = "cacheTTL", with = "friendly_duration")]
     pub cache_ttl: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -462,40 +446,19 @@ impl Config {
     }
 }
 
-/// Parses `250ms`, `30s`, `5m`, `1h` (one unit).
+/// Parses a duration in jiff's friendly format (`250ms`, `30s`, `1m30s`, `1.5s`, `2 hours`) or
+/// ISO 8601 (`PT30S`); never negative.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h)"))?;
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("invalid duration unit in {s:?}; use ms, s, m or h")),
-    })
+    let signed: jiff::SignedDuration = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("invalid duration {s:?} (write it like 250ms, 30s or 1m30s): {e}"))?;
+    Duration::try_from(signed).map_err(|_| format!("invalid duration {s:?}: must not be negative"))
 }
 
-fn format_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    let ms = d.as_millis();
-    let text = if ms.is_multiple_of(3_600_000) && ms > 0 {
-        format!("{}h", ms / 3_600_000)
-    } else if ms.is_multiple_of(60_000) && ms > 0 {
-        format!("{}m", ms / 60_000)
-    } else if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    };
-    s.serialize_str(&text)
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s).map_err(serde::de::Error::custom)
+/// Durations in the file: jiff's friendly format (or ISO 8601) in, friendly compact out.
+mod friendly_duration {
+    pub use jiff::fmt::serde::unsigned_duration::friendly::compact::required::{deserialize, serialize};
 }
 
 #[cfg(test)]
@@ -527,11 +490,32 @@ mod tests {
     }
 
     #[test]
+    fn durations_take_several_units_and_survive_a_round_trip() {
+        let c = Config::from_yaml(
+            "lock:\n  leaseDuration: 1m30s\nserver:\n  requestTimeout: 1.5s\n  shutdownTimeout: 20 seconds\n",
+        )
+        .unwrap();
+        assert_eq!(c.lock.lease_duration, Duration::from_secs(90));
+        assert_eq!(c.server.request_timeout, Duration::from_millis(1500));
+        assert_eq!(c.server.shutdown_timeout, Duration::from_secs(20));
+        assert_eq!(parse_duration("2h5m"), Ok(Duration::from_secs(7500)));
+        let text = serde_saphyr::to_string(&c).unwrap();
+        let again = Config::from_yaml(&text).unwrap();
+        assert_eq!(again.lock.lease_duration, c.lock.lease_duration, "{text}");
+        assert_eq!(again.server.request_timeout, c.server.request_timeout, "{text}");
+        assert!(
+            text.contains("leaseDuration: 1m 30s") || text.contains("leaseDuration: 1m30s"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn bad_values_are_explained() {
         let err = Config::from_yaml("lock:\n  leaseDuration: 30\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("needs a unit"), "{err}");
+        assert!(err.contains("leaseDuration") && err.contains("unit"), "{err}");
+        assert!(parse_duration("-5s").is_err(), "durations are never negative");
         let err = Config::from_yaml("dedup:\n  strategy: sometimes\n")
             .unwrap_err()
             .to_string();

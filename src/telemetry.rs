@@ -83,15 +83,3 @@ pub fn init(format: LogFormat, level: &str, otlp_endpoint: &str) -> anyhow::Resu
         .try_init()?;
     Ok(Telemetry { provider })
 }
-
-/// Reads W3C trace context from HTTP headers.
-pub struct HeaderExtractor<'a>(pub &'a http::HeaderMap);
-
-impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|k| k.as_str()).collect()
-    }
-}

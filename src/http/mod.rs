@@ -7,7 +7,9 @@ pub mod problem;
 pub mod resend;
 pub mod server;
 
+use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry::trace::TraceContextExt as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -155,25 +157,6 @@ async fn method_not_allowed(req: Request) -> Response {
 #[derive(Debug, Clone)]
 pub struct TraceId(pub String);
 
-pub fn trace_id_from(traceparent: Option<&str>) -> String {
-    if let Some(tp) = traceparent {
-        let parts: Vec<&str> = tp.trim().split('-').collect();
-        if parts.len() >= 4
-            && parts[0].len() == 2
-            && parts[0] != "ff"
-            && parts[1].len() == 32
-            && parts[1]
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-            && parts[1].bytes().any(|b| b != b'0')
-            && parts[2].len() == 16
-        {
-            return parts[1].to_owned();
-        }
-    }
-    format!("{:016x}{:016x}", fastrand::u64(1..), fastrand::u64(..))
-}
-
 /// Per request: trace id (header, span field), latency histogram by endpoint and code.
 async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -197,19 +180,21 @@ async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Nex
         endpoint = %endpoint,
         method = %method
     );
-    // With OTLP export on, the span continues the caller's W3C trace (or starts one) and its
-    // OpenTelemetry trace id is the one we answer with; without it, the id comes from the
-    // traceparent header or is generated.
-    let parent = opentelemetry::global::get_text_map_propagator(|p| {
-        p.extract(&crate::telemetry::HeaderExtractor(req.headers()))
-    });
+    // The span continues the caller's W3C trace (a valid `traceparent`, as the W3C propagator
+    // reads it) and answers with its trace id. With OTLP export on, the span's own OpenTelemetry
+    // trace id is that id (or a new one); without export, a request without a valid
+    // traceparent gets a random id.
+    let parent = TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(req.headers()));
+    let remote = parent.span().span_context().trace_id();
     let _ = span.set_parent(parent);
     let otel_trace = span.context().span().span_context().trace_id();
-    let trace_id = if otel_trace == opentelemetry::trace::TraceId::INVALID {
-        trace_id_from(req.headers().get("traceparent").and_then(|v| v.to_str().ok()))
-    } else {
-        otel_trace.to_string()
-    };
+    let trace_id = [otel_trace, remote]
+        .into_iter()
+        .find(|t| *t != opentelemetry::trace::TraceId::INVALID)
+        .map_or_else(
+            || format!("{:016x}{:016x}", fastrand::u64(1..), fastrand::u64(..)),
+            |t| t.to_string(),
+        );
     span.record("trace_id", trace_id.as_str());
     req.extensions_mut().insert(TraceId(trace_id.clone()));
     let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
