@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::bounded::Limits;
 use crate::cluster::{ApiError, Cluster, ObjectRef};
 use crate::config;
 use crate::crd::TargetResource;
@@ -71,14 +72,18 @@ pub struct Scope {
     cache: Arc<ReadCache<ObjectRef, Label>>,
 }
 
-const SCOPE_CACHE_MAX: usize = 50_000;
+/// Label answers remembered (keys are sender-chosen: bounded in entries and bytes).
+const SCOPE_CACHE_LIMITS: Limits = Limits {
+    entries: 50_000,
+    bytes: 16 * 1024 * 1024,
+};
 
 impl Scope {
     pub fn new(cluster: Arc<dyn Cluster>, config: &config::Scope) -> Self {
         Scope {
             cluster,
             enabled: config.require_managed_label,
-            cache: Arc::new(ReadCache::new(config.cache_ttl, SCOPE_CACHE_MAX)),
+            cache: Arc::new(ReadCache::new(config.cache_ttl, SCOPE_CACHE_LIMITS)),
         }
     }
 

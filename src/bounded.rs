@@ -149,6 +149,47 @@ impl<K: Eq + Hash + Clone, V> BoundedMap<K, V> {
     }
 }
 
+/// Heap bytes a value holds beyond its inline size: what an entry costs a [`BoundedMap`]
+/// besides the inline sizes the map counts itself.
+pub trait HeapSize {
+    fn heap_size(&self) -> usize;
+}
+
+impl HeapSize for String {
+    fn heap_size(&self) -> usize {
+        self.capacity()
+    }
+}
+
+impl<T: HeapSize> HeapSize for Option<T> {
+    fn heap_size(&self) -> usize {
+        self.as_ref().map_or(0, HeapSize::heap_size)
+    }
+}
+
+impl<A: HeapSize, B: HeapSize, C: HeapSize> HeapSize for (A, B, C) {
+    fn heap_size(&self) -> usize {
+        self.0.heap_size() + self.1.heap_size() + self.2.heap_size()
+    }
+}
+
+macro_rules! no_heap {
+    ($($t:ty),*) => {$(impl HeapSize for $t { fn heap_size(&self) -> usize { 0 } })*};
+}
+no_heap!(bool, u8, u32, u64, usize, [u8; 32]);
+
+impl HeapSize for crate::cluster::ObjectRef {
+    fn heap_size(&self) -> usize {
+        self.api_version.heap_size() + self.kind.heap_size() + self.namespace.heap_size() + self.name.heap_size()
+    }
+}
+
+impl HeapSize for crate::crd::TargetResource {
+    fn heap_size(&self) -> usize {
+        self.api_version.heap_size() + self.kind.heap_size() + self.namespace.heap_size() + self.name.heap_size()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::bounded::Limits;
 use crate::cluster::{ApiError, Cluster, ObjectRef};
 use crate::crd::TargetResource;
 use crate::readcache::ReadCache;
@@ -30,7 +31,11 @@ pub struct OwnerResolver {
     cache: Arc<OwnerCache>,
 }
 
-const CACHE_MAX_ENTRIES: usize = 50_000;
+/// Owner answers remembered (keys are sender-chosen: bounded in entries and bytes).
+const CACHE_LIMITS: Limits = Limits {
+    entries: 50_000,
+    bytes: 16 * 1024 * 1024,
+};
 
 impl OwnerResolver {
     pub fn new(cluster: Arc<dyn Cluster>, enabled: bool, max_depth: usize, ttl: Duration) -> Self {
@@ -38,7 +43,7 @@ impl OwnerResolver {
             cluster,
             enabled,
             max_depth,
-            cache: Arc::new(ReadCache::new(ttl, CACHE_MAX_ENTRIES)),
+            cache: Arc::new(ReadCache::new(ttl, CACHE_LIMITS)),
         }
     }
 
