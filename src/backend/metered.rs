@@ -312,9 +312,41 @@ fn verb_of<B>(req: &http::Request<B>) -> &'static str {
     }
 }
 
+/// The resources whose name a metric label may carry: the ones the gateway itself uses. Any
+/// other path (an owner or label read of a kind a sender named, with a plural of the sender's
+/// choosing) is `other`, so the label's values stay a fixed set however many kinds arrive.
+const LABELLED_RESOURCES: &[&str] = &[
+    "remediationrequests",
+    "remediationrequests/status",
+    "leases",
+    "tokenreviews",
+    "subjectaccessreviews",
+    "selfsubjectaccessreviews",
+    "namespaces",
+    "pods",
+    "replicasets",
+    "deployments",
+    "statefulsets",
+    "daemonsets",
+    "jobs",
+    "cronjobs",
+];
+
 /// `resource` or `resource/subresource` from an API path such as
-/// `/apis/kubernaut.ai/v1alpha1/namespaces/ns/remediationrequests/name/status`.
+/// `/apis/kubernaut.ai/v1alpha1/namespaces/ns/remediationrequests/name/status`, when it is one
+/// of the [`LABELLED_RESOURCES`]; `discovery` for the discovery documents; else `other`.
 pub fn resource_of_path(path: &str) -> String {
+    let resource = path_resource(path);
+    if LABELLED_RESOURCES.contains(&resource.as_str()) {
+        resource
+    } else if matches!(path.trim_end_matches('/'), "/api" | "/apis") {
+        "discovery".into()
+    } else {
+        "other".into()
+    }
+}
+
+fn path_resource(path: &str) -> String {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let rest: &[&str] = match parts.first() {
         Some(&"api") => parts.get(2..).unwrap_or(&[]),
@@ -356,9 +388,26 @@ mod tests {
             ),
             ("/api/v1/namespaces", "namespaces"),
             ("/version", "other"),
+            ("/apis", "discovery"),
         ] {
             assert_eq!(resource_of_path(path), want, "{path}");
         }
+    }
+
+    #[test]
+    fn resource_labels_stay_a_fixed_set_whatever_kinds_senders_name() {
+        let mut labels = std::collections::HashSet::new();
+        for i in 0..10_000 {
+            for path in [
+                format!("/api/v1/namespaces/shop/kind{i}s/web-1"),
+                format!("/apis/group{i}.example/v1/namespaces/shop/widget{i}s/w"),
+                format!("/apis/apps/v1beta{i}/namespaces/shop/deployment{i}/api/status"),
+                format!("/api/v1/nodes{i}/n"),
+            ] {
+                labels.insert(resource_of_path(&path));
+            }
+        }
+        assert_eq!(labels.into_iter().collect::<Vec<_>>(), ["other"]);
     }
 
     use super::{Metered, send_by};
