@@ -3,9 +3,17 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
 use common::{Gateway, count_of, fixture, pod_alert, test_config, webhook};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use signal_gateway::backend::embedded::EmbeddedStore;
+use signal_gateway::backend::faults::{Fault, Faulty, Op};
+use signal_gateway::clock::SystemClock;
+use tokio::sync::Semaphore;
 
 fn assert_problem(status: StatusCode, headers: &reqwest::header::HeaderMap, body: &Value, want: StatusCode) {
     assert_eq!(status, want, "{body}");
@@ -322,17 +330,73 @@ async fn unknown_paths_and_methods_are_problems() {
 }
 
 #[tokio::test]
-async fn more_signals_than_the_in_flight_cap_get_503_with_retry_after() {
+async fn a_notification_with_more_alerts_than_the_in_flight_cap_is_stored_in_turns() {
+    // Creates begun, and the most ever in progress at once (begun, not yet stored).
+    let (begun, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+    let (b, m, st) = (begun.clone(), most.clone(), store.clone());
+    let counting = Faulty::new(store.clone(), move |op| {
+        if op == Op::CreateRequest {
+            let in_progress = b.fetch_add(1, Ordering::SeqCst) + 1 - st.all_requests().len();
+            m.fetch_max(in_progress, Ordering::SeqCst);
+            return Fault::Delay(Duration::from_millis(5));
+        }
+        Fault::Pass
+    });
     let mut config = test_config();
     config.server.max_in_flight = 2;
-    let gw = Gateway::embedded(config).await;
-    let body = webhook((0..3).map(|i| pod_alert("shop", &format!("p-{i}"))).collect());
-    let (s, h, b) = gw.alerts(&body).await;
+    let gw = Gateway::on(Arc::new(counting), Some(store.clone()), config).await;
+    let body = webhook((0..7).map(|i| pod_alert("shop", &format!("p-{i}"))).collect());
+    let (s, _, b) = gw.alerts(&body).await;
+    assert_eq!(
+        s,
+        StatusCode::MULTI_STATUS,
+        "a notification larger than the cap can succeed: {b}"
+    );
+    assert_eq!(b["summary"]["created"], 7, "{b}");
+    assert_eq!(store.all_requests().len(), 7);
+    assert!(
+        most.load(Ordering::SeqCst) <= 2,
+        "never more than server.maxInFlight signals at once: {}",
+        most.load(Ordering::SeqCst)
+    );
+    assert_eq!(gw.metric("gateway_signals_shed_total", &[]).await, 0.0);
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn signals_beyond_the_in_flight_cap_get_503_with_retry_after() {
+    let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    let gated = Faulty::new(store.clone(), move |op| match op {
+        Op::ListRequests => Fault::Gate(g.clone()),
+        _ => Fault::Pass,
+    });
+    let mut config = test_config();
+    config.server.max_in_flight = 2;
+    let gw = Arc::new(Gateway::on(Arc::new(gated), Some(store.clone()), config).await);
+    // Two signals take both places and wait in the store.
+    let busy = {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            gw.alerts(&webhook(vec![pod_alert("shop", "a"), pod_alert("shop", "b")]))
+                .await
+        })
+    };
+    common::eventually(Duration::from_secs(10), "both places taken", || async {
+        (gw.metric("gateway_signals_in_flight", &[]).await == 2.0).then_some(())
+    })
+    .await;
+    let (s, h, b) = gw.alerts(&webhook(vec![pod_alert("shop", "c")])).await;
     assert_problem(s, &h, &b, StatusCode::SERVICE_UNAVAILABLE);
     assert!(h.contains_key("retry-after"));
-    assert!(gw.store().all_requests().is_empty(), "a refused batch stores nothing");
-    assert_eq!(gw.metric("gateway_signals_shed_total", &[]).await, 3.0);
-    gw.stop().await.unwrap();
+    assert_eq!(gw.metric("gateway_signals_shed_total", &[]).await, 1.0);
+    gate.add_permits(1000);
+    let (s, _, b) = busy.await.unwrap();
+    assert_eq!(s, StatusCode::MULTI_STATUS, "{b}");
+    assert_eq!(store.all_requests().len(), 2, "the refused signal stored nothing");
+    Arc::into_inner(gw).expect("one owner").stop().await.unwrap();
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use http_body_util::{BodyExt, Limited};
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
@@ -39,7 +40,11 @@ pub async fn prometheus(State(state): State<Arc<AppState>>, req: Request) -> Res
         );
     }
     let firing = batch.alerts.iter().filter(|a| a.is_ok()).count();
-    let _permits = match admit(&state, firing, &path) {
+    // A notification with more firing alerts than server.maxInFlight takes every place and
+    // stores its alerts in turns, so it can succeed (issue 13, 7); signals in flight never
+    // exceed the cap.
+    let places = firing.min(state.max_in_flight);
+    let _permits = match admit(&state, firing, places, &path) {
         Ok(p) => p,
         Err(p) => return p.into_response(),
     };
@@ -53,20 +58,23 @@ pub async fn prometheus(State(state): State<Arc<AppState>>, req: Request) -> Res
         .and_then(|k| state.resends.take(k, total))
         .unwrap_or_default();
     remembered.resize(total, None);
-    let outcomes = futures::future::join_all(batch.alerts.into_iter().zip(remembered).map(|(item, known)| {
-        let state = state.clone();
-        async move {
-            if let Some(stored) = known {
-                state.metrics.signals_resent.inc();
-                return stored;
+    let outcomes: Vec<Outcome> =
+        futures::stream::iter(batch.alerts.into_iter().zip(remembered).map(|(item, known)| {
+            let state = state.clone();
+            async move {
+                if let Some(stored) = known {
+                    state.metrics.signals_resent.inc();
+                    return stored;
+                }
+                match item {
+                    Ok(signal) => state.pipeline.process(signal, deadline).await,
+                    Err(skip) => state.pipeline.skipped(Source::Prometheus, "none", skip),
+                }
             }
-            match item {
-                Ok(signal) => state.pipeline.process(signal, deadline).await,
-                Err(skip) => state.pipeline.skipped(Source::Prometheus, "none", skip),
-            }
-        }
-    }))
-    .await;
+        }))
+        .buffered(places.max(1))
+        .collect()
+        .await;
     if total == 1 {
         return single_response(outcomes.into_iter().next().expect("one outcome"), &path);
     }
@@ -90,7 +98,7 @@ pub async fn kubernetes_event(State(state): State<Arc<AppState>>, req: Request) 
     };
     let outcome = match parsed {
         Ok(signal) => {
-            let _permit = match admit(&state, 1, &path) {
+            let _permit = match admit(&state, 1, 1, &path) {
                 Ok(p) => p,
                 Err(p) => return p.into_response(),
             };
@@ -107,9 +115,10 @@ pub async fn kubernetes_event(State(state): State<Arc<AppState>>, req: Request) 
 /// Share of `server.requestTimeout` that recent signals may take before new ones are shed.
 const SHED_AT: f64 = 0.8;
 
-/// Load shedding: one permit per signal; none left, recent signals near their deadline, or
-/// shutting down -> 503 + Retry-After.
-fn admit(state: &AppState, signals: usize, path: &str) -> Result<Option<OwnedSemaphorePermit>, Problem> {
+/// Load shedding for `signals` signals that need `places` permits (one per signal processed at
+/// once); too few left, recent signals near their deadline, or shutting down -> 503 +
+/// Retry-After.
+fn admit(state: &AppState, signals: usize, places: usize, path: &str) -> Result<Option<OwnedSemaphorePermit>, Problem> {
     if state.shutting_down.load(Ordering::SeqCst) {
         state.metrics.signals_shed.inc_by(signals as u64);
         return Err(Problem::unavailable(
@@ -133,7 +142,7 @@ fn admit(state: &AppState, signals: usize, path: &str) -> Result<Option<OwnedSem
             path,
         ));
     }
-    let wanted = u32::try_from(signals).unwrap_or(u32::MAX);
+    let wanted = u32::try_from(places).unwrap_or(u32::MAX);
     match state.in_flight.clone().try_acquire_many_owned(wanted) {
         Ok(p) => Ok(Some(p)),
         Err(_) => {
