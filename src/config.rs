@@ -50,7 +50,8 @@ pub struct Server {
     /// connections are closed.
     #[serde(with = "friendly_duration")]
     pub header_read_timeout: Duration,
-    /// Time a client has to send the whole request body; past it the answer is 408.
+    /// Time a client has to send the whole request body; past it the answer is 503 +
+    /// Retry-After (a stalled body may be the network: the sender retries).
     #[serde(with = "friendly_duration")]
     pub body_read_timeout: Duration,
     /// TLS for both ports when set (PEM files, re-read when they change).

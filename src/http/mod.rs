@@ -42,7 +42,7 @@ pub struct AppState {
     pub embedded: Option<Arc<EmbeddedStore>>,
     pub namespace: String,
     pub max_body_bytes: usize,
-    /// Time a client has to send the body (408 beyond).
+    /// Time a client has to send the body (503 + Retry-After beyond).
     pub body_read_timeout: Duration,
     pub request_timeout: Duration,
     pub auth: Arc<Authenticator>,
