@@ -36,6 +36,10 @@ pub struct Server {
     pub max_body_bytes: usize,
     /// Signals processed at once; more are refused with 503 + Retry-After.
     pub max_in_flight: usize,
+    /// Request bodies held in memory at once, in bytes (each counted at its Content-Length, or
+    /// at `maxBodyBytes` when chunked, from before it is read until its answer); a body that
+    /// does not fit is refused with 503 + Retry-After.
+    pub max_buffered_body_bytes: usize,
     /// Time a signal may take until its outcome is stored; past it the answer is 503.
     #[serde(with = "friendly_duration")]
     pub request_timeout: Duration,
@@ -289,6 +293,7 @@ impl Default for Server {
             admin_listen: ([0, 0, 0, 0], 9090).into(),
             max_body_bytes: 1024 * 1024,
             max_in_flight: 4096,
+            max_buffered_body_bytes: 32 * 1024 * 1024,
             request_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(20),
             max_header_bytes: 16 * 1024,
@@ -414,6 +419,10 @@ impl Config {
         anyhow::ensure!(
             self.server.max_body_bytes >= 1024,
             "server.maxBodyBytes must be at least 1024"
+        );
+        anyhow::ensure!(
+            self.server.max_buffered_body_bytes >= self.server.max_body_bytes,
+            "server.maxBufferedBodyBytes must be at least server.maxBodyBytes"
         );
         anyhow::ensure!(
             crate::signal::is_valid_namespace(self.namespace()),

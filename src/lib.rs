@@ -230,6 +230,9 @@ pub async fn serve(
         auth: authenticator,
         tls: transport.is_tls(),
         in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
+        body_budget: Arc::new(Semaphore::new(
+            config.server.max_buffered_body_bytes / http::ingest::BODY_BUDGET_UNIT,
+        )),
         max_in_flight: config.server.max_in_flight,
         shutting_down: AtomicBool::new(false),
         resends: Default::default(),

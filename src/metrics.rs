@@ -26,6 +26,7 @@ pub struct Metrics {
     pub dedup_decisions: IntCounterVec,
     pub signal_duration: HistogramVec,
     pub signals_in_flight: IntGauge,
+    pub body_bytes_buffered: IntGauge,
     pub signals_shed: IntCounter,
     pub signals_resent: IntCounter,
     pub http_duration: HistogramVec,
@@ -165,6 +166,11 @@ impl Metrics {
                 SIGNAL_LATENCY_BUCKETS,
             )?,
             signals_in_flight: gauge(r, "gateway_signals_in_flight", "Signals being processed now.")?,
+            body_bytes_buffered: gauge(
+                r,
+                "gateway_http_body_bytes_buffered",
+                "Bytes of request bodies held in memory now, as counted against server.maxBufferedBodyBytes.",
+            )?,
             signals_shed: counter(
                 r,
                 "gateway_signals_shed_total",

@@ -364,8 +364,17 @@ async fn a_notification_with_more_alerts_than_the_in_flight_cap_is_stored_in_tur
     gw.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn signals_beyond_the_in_flight_cap_get_503_with_retry_after() {
+/// A gateway whose store holds every list until the gate opens, with all `places` of
+/// `server.maxInFlight` taken by one notification waiting there (the task answers it).
+async fn gateway_with_every_place_taken(
+    places: usize,
+    mut config: signal_gateway::config::Config,
+) -> (
+    Arc<Gateway>,
+    Arc<Semaphore>,
+    Arc<EmbeddedStore>,
+    tokio::task::JoinHandle<(StatusCode, reqwest::header::HeaderMap, Value)>,
+) {
     let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
     let gate = Arc::new(Semaphore::new(0));
     let g = gate.clone();
@@ -373,21 +382,23 @@ async fn signals_beyond_the_in_flight_cap_get_503_with_retry_after() {
         Op::ListRequests => Fault::Gate(g.clone()),
         _ => Fault::Pass,
     });
-    let mut config = test_config();
-    config.server.max_in_flight = 2;
+    config.server.max_in_flight = places;
     let gw = Arc::new(Gateway::on(Arc::new(gated), Some(store.clone()), config).await);
-    // Two signals take both places and wait in the store.
     let busy = {
         let gw = gw.clone();
-        tokio::spawn(async move {
-            gw.alerts(&webhook(vec![pod_alert("shop", "a"), pod_alert("shop", "b")]))
-                .await
-        })
+        let alerts = (0..places).map(|i| pod_alert("shop", &format!("busy-{i}"))).collect();
+        tokio::spawn(async move { gw.alerts(&webhook(alerts)).await })
     };
-    common::eventually(Duration::from_secs(10), "both places taken", || async {
-        (gw.metric("gateway_signals_in_flight", &[]).await == 2.0).then_some(())
+    common::eventually(Duration::from_secs(10), "every place taken", || async {
+        (gw.metric("gateway_signals_in_flight", &[]).await == places as f64).then_some(())
     })
     .await;
+    (gw, gate, store, busy)
+}
+
+#[tokio::test]
+async fn signals_beyond_the_in_flight_cap_get_503_with_retry_after() {
+    let (gw, gate, store, busy) = gateway_with_every_place_taken(2, test_config()).await;
     let (s, h, b) = gw.alerts(&webhook(vec![pod_alert("shop", "c")])).await;
     assert_problem(s, &h, &b, StatusCode::SERVICE_UNAVAILABLE);
     assert!(h.contains_key("retry-after"));
@@ -579,5 +590,104 @@ async fn a_replica_storing_signals_stays_ready_even_when_its_probe_request_canno
         "signals just stored prove the backend answers"
     );
     cluster.hang.store(false, Ordering::SeqCst);
+    gw.stop().await.unwrap();
+}
+
+/// Sends a POST head announcing `length` body bytes, then `body` (possibly only a part).
+async fn post_head(gw: &Gateway, length: usize, body: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr = gw.base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/signals/prometheus HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    stream
+}
+
+/// The status code of the first response on `stream`, read within `within`.
+async fn status_within(stream: &mut tokio::net::TcpStream, within: Duration) -> Option<u16> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
+    };
+    tokio::time::timeout(within, read).await.ok().flatten()
+}
+
+/// A webhook of one alert padded with whitespace to exactly `len` bytes.
+fn padded_webhook(pod: &str, len: usize) -> Vec<u8> {
+    let mut body = webhook(vec![pod_alert("shop", pod)]).to_string().into_bytes();
+    assert!(body.len() <= len);
+    body.resize(len, b' ');
+    body
+}
+
+#[tokio::test]
+async fn an_overloaded_gateway_refuses_a_request_before_reading_its_body() {
+    let mut config = test_config();
+    // A server that read the body first would wait a minute for this one.
+    config.server.body_read_timeout = Duration::from_secs(60);
+    let (gw, gate, _store, busy) = gateway_with_every_place_taken(1, config).await;
+    // A 1 MiB body announced and never sent: shed on the head alone.
+    let mut stream = post_head(&gw, 1024 * 1024, b"").await;
+    assert_eq!(
+        status_within(&mut stream, Duration::from_secs(20)).await,
+        Some(503),
+        "answered 503 without reading (or waiting for) the body"
+    );
+    gate.add_permits(1000);
+    assert_eq!(busy.await.unwrap().0, StatusCode::CREATED);
+    Arc::into_inner(gw).expect("one owner").stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn request_bodies_held_in_memory_are_bounded_in_bytes() {
+    let mut config = test_config();
+    config.server.max_body_bytes = 1024 * 1024;
+    config.server.max_buffered_body_bytes = 2 * 1024 * 1024;
+    let gw = Gateway::embedded(config).await;
+    let size = 1024 * 1024;
+    // Two senders each hold 1 MiB of the budget with a body half sent.
+    let (a, b) = (padded_webhook("a", size), padded_webhook("b", size));
+    let mut first = post_head(&gw, size, &a[..size / 2]).await;
+    let mut second = post_head(&gw, size, &b[..size / 2]).await;
+    common::eventually(Duration::from_secs(10), "both bodies being read", || async {
+        (gw.metric("gateway_http_body_bytes_buffered", &[]).await >= (2 * size) as f64).then_some(())
+    })
+    .await;
+    // A third 1 MiB body does not fit: 503, at once.
+    let (s, h, b3) = gw
+        .post(
+            "/api/v1/signals/prometheus",
+            "application/json",
+            padded_webhook("c", size),
+        )
+        .await;
+    assert_problem(s, &h, &b3, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(h.contains_key("retry-after"));
+    // The two finish and are stored; their budget comes back.
+    use tokio::io::AsyncWriteExt;
+    first.write_all(&a[size / 2..]).await.unwrap();
+    second.write_all(&b[size / 2..]).await.unwrap();
+    assert_eq!(status_within(&mut first, Duration::from_secs(20)).await, Some(201));
+    assert_eq!(status_within(&mut second, Duration::from_secs(20)).await, Some(201));
+    let (s, _, b4) = gw
+        .post(
+            "/api/v1/signals/prometheus",
+            "application/json",
+            padded_webhook("c", size),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b4}");
     gw.stop().await.unwrap();
 }

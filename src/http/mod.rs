@@ -50,6 +50,8 @@ pub struct AppState {
     pub tls: bool,
     /// One permit per signal being processed.
     pub in_flight: Arc<Semaphore>,
+    /// `server.maxBufferedBodyBytes` in units of [`ingest::BODY_BUDGET_UNIT`].
+    pub body_budget: Arc<Semaphore>,
     pub max_in_flight: usize,
     pub shutting_down: AtomicBool,
     /// Stored alerts of multi-alert notifications answered 503, for their resend.
