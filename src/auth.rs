@@ -11,7 +11,6 @@
 //!   time); the file is re-read when it changes.
 //! - `none`: everyone is let in (a startup warning says so).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -20,12 +19,14 @@ use async_trait::async_trait;
 use axum::http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
-use tokio::sync::OnceCell;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::bounded::{BoundedMap, Limits};
 use crate::cluster::ApiError;
 use crate::config::{AccessAttributes, Auth, AuthMode};
 use crate::metrics::Metrics;
+use crate::readcache::SingleFlight;
 
 /// Who a TokenReview says the token belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -74,10 +75,25 @@ impl Verdict {
     }
 }
 
-/// The review API could not answer: the request is answered 503, the sender retries.
+/// No verdict now: the request is answered 503, the sender retries.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("authentication is unavailable: {0}")]
-pub struct Unavailable(pub String);
+pub enum Unavailable {
+    /// The review API failed (the reason is for the log, not for the caller).
+    #[error("the token review failed: {0}")]
+    ReviewFailed(String),
+    /// The budget of reviews for tokens not known to be a sender's is used up (a flood).
+    #[error("too many token reviews at once")]
+    Limited,
+}
+
+impl Unavailable {
+    fn result_label(&self) -> &'static str {
+        match self {
+            Unavailable::ReviewFailed(_) => "error",
+            Unavailable::Limited => "limited",
+        }
+    }
+}
 
 pub struct Authenticator {
     mode: AuthMode,
@@ -99,7 +115,7 @@ impl Authenticator {
         reviewer: Option<Arc<dyn Reviewer>>,
         metrics: Metrics,
     ) -> anyhow::Result<Self> {
-        for result in ["allowed", "unauthenticated", "forbidden", "error"] {
+        for result in ["allowed", "unauthenticated", "forbidden", "error", "limited"] {
             metrics.auth_requests.with_label_values(&[config.mode.as_str(), result]);
         }
         let inner = match config.mode {
@@ -127,14 +143,7 @@ impl Authenticator {
                 if attributes.namespace.is_empty() {
                     attributes.namespace = namespace.to_owned();
                 }
-                Inner::Kubernetes(Box::new(KubernetesAuth {
-                    reviewer,
-                    attributes,
-                    audiences: config.audiences.clone(),
-                    ttl: config.cache_ttl,
-                    negative_ttl: config.negative_cache_ttl,
-                    cache: Mutex::default(),
-                }))
+                Inner::Kubernetes(Box::new(KubernetesAuth::new(reviewer, attributes, config)))
             }
         };
         Ok(Authenticator {
@@ -181,7 +190,7 @@ impl Authenticator {
         };
         let label = match &result {
             Ok(v) => v.result_label(),
-            Err(_) => "error",
+            Err(e) => e.result_label(),
         };
         self.metrics
             .auth_requests
@@ -357,8 +366,68 @@ pub async fn watch_file(path: PathBuf, mut changed: impl FnMut() -> bool + Send 
     }
 }
 
-/// A remembered review outcome; failures are remembered briefly too.
-type Cached = (Result<Verdict, Unavailable>, Instant);
+/// A review's outcome: a verdict, or no verdict now.
+type Reviewed = Result<Verdict, Unavailable>;
+
+/// An allowed or forbidden verdict, fresh until `fresh_until`.
+#[derive(Clone)]
+struct Known {
+    verdict: Verdict,
+    fresh_until: Instant,
+}
+
+/// Why a token is refused without a review: unknown to the API server, or its review just failed.
+#[derive(Clone)]
+enum Refusal {
+    Unknown,
+    Failed(String),
+}
+
+/// Verdicts for the tokens of senders. Kept past their TTL for [`KNOWN_KEEP`] as the mark of a
+/// sender seen before, whose re-review is not held up by a flood of bogus tokens.
+const KNOWN_LIMITS: Limits = Limits {
+    entries: 10_000,
+    bytes: 8 * 1024 * 1024,
+};
+const KNOWN_KEEP: Duration = Duration::from_secs(3600);
+/// Tokens the API server did not accept, and reviews that failed: small entries (a digest), many
+/// of them, in a map of their own so that a flood of them never evicts a sender's verdict.
+const REFUSED_LIMITS: Limits = Limits {
+    entries: 100_000,
+    bytes: 16 * 1024 * 1024,
+};
+const FAILURE_TTL: Duration = Duration::from_secs(1);
+/// Reviews of known senders in flight at once, apart from those of unknown tokens.
+pub const KNOWN_REVIEW_SLOTS: usize = 2;
+/// How long a review may wait for a slot before the request is answered 503.
+const SLOT_WAIT: Duration = Duration::from_secs(1);
+
+/// A token bucket: `rate` tokens per second, at most `burst` saved up.
+struct Budget {
+    rate: f64,
+    burst: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Budget {
+    fn new(rate: u32, burst: u32) -> Self {
+        Budget {
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            state: Mutex::new((f64::from(burst), Instant::now())),
+        }
+    }
+
+    fn try_take(&self) -> bool {
+        let mut state = self.state.lock().expect("budget poisoned");
+        let now = Instant::now();
+        let (tokens, at) = *state;
+        let tokens = (tokens + now.duration_since(at).as_secs_f64() * self.rate).min(self.burst);
+        let taken = tokens >= 1.0;
+        *state = (if taken { tokens - 1.0 } else { tokens }, now);
+        taken
+    }
+}
 
 struct KubernetesAuth {
     reviewer: Arc<dyn Reviewer>,
@@ -366,56 +435,121 @@ struct KubernetesAuth {
     audiences: Vec<String>,
     ttl: Duration,
     negative_ttl: Duration,
-    /// Token digest -> the (possibly pending) outcome of its review.
-    cache: Mutex<HashMap<Digest32, Arc<OnceCell<Cached>>>>,
+    known: Mutex<BoundedMap<Digest32, Known>>,
+    refused: Mutex<BoundedMap<Digest32, Refusal>>,
+    /// Concurrent requests with one token share one review.
+    reviews: SingleFlight<Digest32, Reviewed>,
+    /// Rate of reviews of tokens not known to be a sender's.
+    new_tokens: Budget,
+    new_slots: Semaphore,
+    known_slots: Semaphore,
 }
 
-const AUTH_CACHE_MAX: usize = 10_000;
-const FAILURE_TTL: Duration = Duration::from_secs(1);
-
 impl KubernetesAuth {
-    async fn verdict(&self, token: &str, metrics: &Metrics) -> Result<Verdict, Unavailable> {
+    fn new(reviewer: Arc<dyn Reviewer>, attributes: AccessAttributes, config: &Auth) -> Self {
+        KubernetesAuth {
+            reviewer,
+            attributes,
+            audiences: config.audiences.clone(),
+            ttl: config.cache_ttl,
+            negative_ttl: config.negative_cache_ttl,
+            known: Mutex::new(BoundedMap::new(KNOWN_LIMITS)),
+            refused: Mutex::new(BoundedMap::new(REFUSED_LIMITS)),
+            reviews: SingleFlight::default(),
+            new_tokens: Budget::new(config.review_rate, config.review_burst),
+            new_slots: Semaphore::new(config.max_concurrent_reviews.max(1)),
+            known_slots: Semaphore::new(KNOWN_REVIEW_SLOTS),
+        }
+    }
+
+    async fn verdict(&self, token: &str, metrics: &Metrics) -> Reviewed {
         let key = digest(token);
-        let cell = {
-            let mut cache = self.cache.lock().expect("auth cache poisoned");
-            let now = Instant::now();
-            let fresh = cache
-                .get(&key)
-                .filter(|c| c.get().is_none_or(|(_, expires)| *expires > now))
-                .cloned();
-            match fresh {
-                Some(cell) => cell,
-                None => {
-                    if cache.len() >= AUTH_CACHE_MAX {
-                        cache.retain(|_, c| c.get().is_none_or(|(_, expires)| *expires > now));
-                        if cache.len() >= AUTH_CACHE_MAX {
-                            cache.clear();
-                        }
-                    }
-                    let cell = Arc::new(OnceCell::new());
-                    cache.insert(key, cell.clone());
-                    cell
-                }
+        let now = Instant::now();
+        let mut seen_before = false;
+        if let Some(k) = self.known.lock().expect("auth cache poisoned").get(&key, now) {
+            if k.fresh_until > now {
+                metrics.auth_cache.with_label_values(&["hit"]).inc();
+                return Ok(k.verdict.clone());
             }
-        };
-        let mut reviewed = false;
-        let (result, _) = cell
-            .get_or_init(|| {
-                reviewed = true;
-                self.review(token)
-            })
+            seen_before = true;
+        }
+        if let Some(refusal) = self.refused.lock().expect("auth cache poisoned").get(&key, now) {
+            metrics.auth_cache.with_label_values(&["hit"]).inc();
+            return match refusal {
+                Refusal::Unknown => Ok(Verdict::Unauthenticated(NOT_ACCEPTED)),
+                Refusal::Failed(why) => Err(Unavailable::ReviewFailed(why.clone())),
+            };
+        }
+        let (result, ran) = self
+            .reviews
+            .run(&key, || self.review_within_budget(token, key, seen_before))
             .await;
         metrics
             .auth_cache
-            .with_label_values(&[if reviewed { "miss" } else { "hit" }])
+            .with_label_values(&[if ran { "miss" } else { "hit" }])
             .inc();
-        result.clone()
+        result
     }
 
-    async fn review(&self, token: &str) -> Cached {
+    /// Reviews the token if the budget allows, and remembers the outcome.
+    async fn review_within_budget(&self, token: &str, key: Digest32, seen_before: bool) -> Reviewed {
+        let slots = if seen_before {
+            &self.known_slots
+        } else {
+            if !self.new_tokens.try_take() {
+                return Err(Unavailable::Limited);
+            }
+            &self.new_slots
+        };
+        let Ok(Ok(_slot)) = tokio::time::timeout(SLOT_WAIT, slots.acquire()).await else {
+            return Err(Unavailable::Limited);
+        };
+        let outcome = self.review(token).await;
+        let now = Instant::now();
+        match &outcome {
+            Ok(Verdict::Unauthenticated(_)) => {
+                self.known.lock().expect("auth cache poisoned").remove(&key);
+                self.refused.lock().expect("auth cache poisoned").insert(
+                    key,
+                    Refusal::Unknown,
+                    0,
+                    now + self.negative_ttl,
+                );
+            }
+            Ok(verdict) => {
+                let cost = match verdict {
+                    Verdict::Allowed { user } => user.capacity(),
+                    Verdict::Forbidden { user, reason } => user.capacity() + reason.capacity(),
+                    Verdict::Unauthenticated(_) => 0,
+                };
+                let known = Known {
+                    verdict: verdict.clone(),
+                    fresh_until: now + self.ttl,
+                };
+                self.known.lock().expect("auth cache poisoned").insert(
+                    key,
+                    known,
+                    cost,
+                    now + self.ttl.max(KNOWN_KEEP),
+                );
+            }
+            Err(Unavailable::ReviewFailed(why)) => {
+                self.refused.lock().expect("auth cache poisoned").insert(
+                    key,
+                    Refusal::Failed(why.clone()),
+                    why.capacity(),
+                    now + FAILURE_TTL,
+                );
+            }
+            Err(Unavailable::Limited) => {}
+        }
+        outcome
+    }
+
+    async fn review(&self, token: &str) -> Reviewed {
         let outcome = async {
             let Some(user) = self.reviewer.review_token(token, &self.audiences).await? else {
-                return Ok(Verdict::Unauthenticated("the API server does not accept this token"));
+                return Ok(Verdict::Unauthenticated(NOT_ACCEPTED));
             };
             Ok(match self.reviewer.review_access(&user, &self.attributes).await? {
                 Ok(()) => Verdict::Allowed { user: user.username },
@@ -426,18 +560,14 @@ impl KubernetesAuth {
             })
         }
         .await;
-        let now = Instant::now();
-        match outcome {
-            Ok(v @ Verdict::Unauthenticated(_)) => (Ok(v), now + self.negative_ttl),
-            Ok(v) => (Ok(v), now + self.ttl),
-            Err(e) => {
-                let e: ApiError = e;
-                tracing::warn!(error = %e, "token or access review failed; answering 503");
-                (Err(Unavailable(e.to_string())), now + FAILURE_TTL)
-            }
-        }
+        outcome.map_err(|e: ApiError| {
+            tracing::warn!(error = %e, "token or access review failed; answering 503");
+            Unavailable::ReviewFailed(e.to_string())
+        })
     }
 }
+
+const NOT_ACCEPTED: &str = "the API server does not accept this token";
 
 #[cfg(test)]
 mod tests {
@@ -449,6 +579,8 @@ mod tests {
     #[derive(Default)]
     struct Counting {
         tokens: AtomicUsize,
+        /// Reviews of the token "good".
+        good: AtomicUsize,
         access: AtomicUsize,
         down: std::sync::atomic::AtomicBool,
     }
@@ -457,6 +589,9 @@ mod tests {
     impl Reviewer for Counting {
         async fn review_token(&self, token: &str, _: &[String]) -> Result<Option<UserInfo>, ApiError> {
             self.tokens.fetch_add(1, Ordering::SeqCst);
+            if token == "good" {
+                self.good.fetch_add(1, Ordering::SeqCst);
+            }
             tokio::task::yield_now().await;
             if self.down.load(Ordering::SeqCst) {
                 return Err(ApiError::Unavailable("connection refused".into()));
@@ -600,6 +735,109 @@ mod tests {
             auth.check(&headers(Some("Bearer good"))).await.unwrap(),
             Verdict::Allowed { .. }
         ));
+    }
+
+    /// `n` requests with distinct tokens nobody issued, all at once.
+    async fn flood(auth: &Arc<Authenticator>, from: usize, n: usize) -> Vec<Result<Verdict, Unavailable>> {
+        futures::future::join_all((from..from + n).map(|i| {
+            let auth = auth.clone();
+            async move { auth.check(&headers(Some(&format!("Bearer random-{i}")))).await }
+        }))
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_of_unknown_tokens_costs_reviews_at_the_configured_rate_only() {
+        let reviewer = Arc::new(Counting::default());
+        let (auth, metrics) = kubernetes(reviewer.clone());
+        let auth = Arc::new(auth);
+        let config = Auth::default();
+        let answers = flood(&auth, 0, 10_000).await;
+        let reviews = reviewer.tokens.load(Ordering::SeqCst);
+        assert!(
+            reviews <= config.review_burst as usize,
+            "10 000 bogus tokens at once: {reviews} TokenReviews (burst {})",
+            config.review_burst
+        );
+        assert!(reviews > 0);
+        let limited = answers
+            .iter()
+            .filter(|a| matches!(a, Err(Unavailable::Limited)))
+            .count();
+        assert_eq!(
+            limited + reviews,
+            10_000,
+            "the others are 503 (retry later), never let in"
+        );
+        assert!(answers.iter().all(|a| !matches!(a, Ok(Verdict::Allowed { .. }))));
+        assert_eq!(
+            metrics
+                .auth_requests
+                .with_label_values(&["kubernetes", "limited"])
+                .get(),
+            limited as u64
+        );
+        // A second later the budget has grown by the rate, not more.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        flood(&auth, 10_000, 10_000).await;
+        let more = reviewer.tokens.load(Ordering::SeqCst) - reviews;
+        assert!(
+            more <= config.review_rate as usize + 1,
+            "{more} reviews in the next second (rate {})",
+            config.review_rate
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn known_senders_keep_their_verdict_through_a_flood_of_reviewed_unknown_tokens() {
+        let reviewer = Arc::new(Counting::default());
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        // A budget so large that every bogus token is reviewed and remembered as unknown.
+        let config = Auth {
+            review_rate: 1_000_000,
+            review_burst: 1_000_000,
+            max_concurrent_reviews: 1024,
+            ..Auth::default()
+        };
+        let auth = Arc::new(Authenticator::new(&config, "gw", Some(reviewer.clone()), metrics).unwrap());
+        let good = || async { auth.check(&headers(Some("Bearer good"))).await };
+        assert!(matches!(good().await, Ok(Verdict::Allowed { .. })));
+        // More than the whole verdict cache held (and was cleared at) before: 10 000.
+        for wave in 0..2 {
+            flood(&auth, wave * 6_000, 6_000).await;
+            assert!(matches!(good().await, Ok(Verdict::Allowed { .. })), "wave {wave}");
+        }
+        assert!(
+            reviewer.tokens.load(Ordering::SeqCst) > 12_000,
+            "every bogus token was reviewed"
+        );
+        assert_eq!(
+            reviewer.good.load(Ordering::SeqCst),
+            1,
+            "the sender's verdict stayed cached"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_known_sender_is_reviewed_again_while_a_flood_uses_up_the_budget() {
+        let reviewer = Arc::new(Counting::default());
+        let (auth, _) = kubernetes(reviewer.clone());
+        let auth = Arc::new(auth);
+        let good = || async { auth.check(&headers(Some("Bearer good"))).await };
+        assert!(matches!(good().await, Ok(Verdict::Allowed { .. })));
+        // Its TTL passes while a flood has used up the budget of new tokens: the known sender is
+        // reviewed again anyway, and let in.
+        tokio::time::advance(Auth::default().cache_ttl).await;
+        flood(&auth, 0, 10_000).await;
+        assert!(
+            matches!(
+                auth.check(&headers(Some("Bearer never-seen"))).await,
+                Err(Unavailable::Limited)
+            ),
+            "the budget for new tokens is used up"
+        );
+        assert!(matches!(good().await, Ok(Verdict::Allowed { .. })));
+        assert_eq!(reviewer.good.load(Ordering::SeqCst), 2, "reviewed again after its TTL");
     }
 
     #[test]

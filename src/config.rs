@@ -107,6 +107,14 @@ pub struct Auth {
     pub negative_cache_ttl: Duration,
     /// `kubernetes`: TokenReview audiences (empty: the API server's).
     pub audiences: Vec<String>,
+    /// `kubernetes`: reviews per second of tokens not known to belong to a sender (a flood of
+    /// bogus tokens costs the API server at most this); beyond it the answer is 503.
+    pub review_rate: u32,
+    /// `kubernetes`: reviews of unknown tokens that may happen at once after a quiet while.
+    pub review_burst: u32,
+    /// `kubernetes`: reviews in flight at once (on their own connections, apart from the
+    /// RemediationRequest writes).
+    pub max_concurrent_reviews: usize,
     /// `kubernetes`: the permission a sender needs (SubjectAccessReview resource attributes).
     pub authorization: AccessAttributes,
 }
@@ -155,6 +163,9 @@ impl Default for Auth {
             cache_ttl: Duration::from_secs(30),
             negative_cache_ttl: Duration::from_secs(5),
             audiences: Vec::new(),
+            review_rate: 20,
+            review_burst: 40,
+            max_concurrent_reviews: 4,
             authorization: AccessAttributes::default(),
         }
     }
@@ -442,10 +453,16 @@ impl Config {
                 self.auth.tokens_file.is_some(),
                 "auth.mode static needs auth.tokensFile"
             ),
-            AuthMode::Kubernetes => anyhow::ensure!(
-                !self.auth.authorization.verb.is_empty() && !self.auth.authorization.resource.is_empty(),
-                "auth.authorization needs a verb and a resource"
-            ),
+            AuthMode::Kubernetes => {
+                anyhow::ensure!(
+                    !self.auth.authorization.verb.is_empty() && !self.auth.authorization.resource.is_empty(),
+                    "auth.authorization needs a verb and a resource"
+                );
+                anyhow::ensure!(
+                    self.auth.review_rate > 0 && self.auth.review_burst > 0 && self.auth.max_concurrent_reviews > 0,
+                    "auth.reviewRate, auth.reviewBurst and auth.maxConcurrentReviews must be positive"
+                );
+            }
             AuthMode::None => {}
         }
         anyhow::ensure!(

@@ -112,11 +112,12 @@ impl Deps {
         let cluster = KubernetesCluster::connect(
             config.backend.api_timeout,
             config.backend.max_concurrent_requests,
+            config.auth.max_concurrent_reviews + auth::KNOWN_REVIEW_SLOTS,
             metrics.clone(),
         )
         .await
         .context("connecting to the Kubernetes API server")?;
-        let reviewer: Arc<dyn auth::Reviewer> = Arc::new(backend::review::KubeReviewer::new(cluster.client()));
+        let reviewer: Arc<dyn auth::Reviewer> = Arc::new(backend::review::KubeReviewer::new(cluster.review_client()));
         Ok(Deps {
             cluster: Arc::new(cluster),
             embedded: None,

@@ -198,7 +198,7 @@ impl Metrics {
             auth_requests: counter_vec(
                 r,
                 "gateway_auth_requests_total",
-                "Signals API requests by authentication mode and result: allowed, unauthenticated (401), forbidden (403), error (503, the review API failed).",
+                "Signals API requests by authentication mode and result: allowed, unauthenticated (401), forbidden (403), error (503, the review API failed), limited (503, the review budget for unknown tokens is used up).",
                 &["mode", "result"],
             )?,
             auth_cache: counter_vec(

@@ -1,7 +1,7 @@
 //! A bounded cache of API reads with a TTL, shared by owner resolution and the scope check: a
 //! fresh answer is served from memory, and concurrent callers asking for a key that is not cached
-//! share one read (if the caller doing it is cancelled, a waiter takes it over; if none waits,
-//! nothing of the read is left behind). Successful answers are cached in a [`BoundedMap`]
+//! share one read ([`SingleFlight`], also used by the token reviews: if the caller doing it is
+//! cancelled, a waiter takes it over; if none waits, nothing of the read is left behind). Successful answers are cached in a [`BoundedMap`]
 //! (bounded in entries and bytes, least recently used evicted: keys are sender-chosen); errors
 //! are not cached, so the next caller reads again.
 
@@ -17,13 +17,10 @@ use tokio::time::Instant;
 use crate::bounded::{BoundedMap, HeapSize, Limits};
 use crate::cluster::ApiError;
 
-type Read<V> = Arc<OnceCell<Result<V, ApiError>>>;
-
 pub struct ReadCache<K, V> {
     ttl: Duration,
     entries: Mutex<BoundedMap<K, V>>,
-    /// Reads in progress, one per key; bounded by the callers waiting on them.
-    reading: Mutex<HashMap<K, Read<V>>>,
+    reading: SingleFlight<K, Result<V, ApiError>>,
 }
 
 impl<K: Eq + Hash + Clone + HeapSize, V: Clone + HeapSize> ReadCache<K, V> {
@@ -31,7 +28,7 @@ impl<K: Eq + Hash + Clone + HeapSize, V: Clone + HeapSize> ReadCache<K, V> {
         ReadCache {
             ttl,
             entries: Mutex::new(BoundedMap::new(limits)),
-            reading: Mutex::default(),
+            reading: SingleFlight::default(),
         }
     }
 
@@ -45,30 +42,18 @@ impl<K: Eq + Hash + Clone + HeapSize, V: Clone + HeapSize> ReadCache<K, V> {
         if let Some(value) = self.entries().get(key, Instant::now()) {
             return Ok(value.clone());
         }
-        let cell = self
-            .reading
-            .lock()
-            .expect("reads poisoned")
-            .entry(key.clone())
-            .or_default()
-            .clone();
-        // Removes the in-flight entry however this caller ends (answered, or dropped mid-read).
-        let _forget = Forget {
-            reading: &self.reading,
-            key,
-            cell: &cell,
-        };
-        cell.get_or_init(|| async {
-            let result = read().await;
-            if let Ok(value) = &result {
-                let cost = key.heap_size() + value.heap_size();
-                self.entries()
-                    .insert(key.clone(), value.clone(), cost, Instant::now() + self.ttl);
-            }
-            result
-        })
-        .await
-        .clone()
+        self.reading
+            .run(key, || async {
+                let result = read().await;
+                if let Ok(value) = &result {
+                    let cost = key.heap_size() + value.heap_size();
+                    self.entries()
+                        .insert(key.clone(), value.clone(), cost, Instant::now() + self.ttl);
+                }
+                result
+            })
+            .await
+            .0
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, BoundedMap<K, V>> {
@@ -77,7 +62,7 @@ impl<K: Eq + Hash + Clone + HeapSize, V: Clone + HeapSize> ReadCache<K, V> {
 
     /// Reads in progress (for tests: none is left behind).
     pub fn reads_in_flight(&self) -> usize {
-        self.reading.lock().expect("reads poisoned").len()
+        self.reading.len()
     }
 
     /// Answers cached.
@@ -95,23 +80,82 @@ impl<K: Eq + Hash + Clone + HeapSize, V: Clone + HeapSize> ReadCache<K, V> {
     }
 }
 
-/// Drop guard of one caller of [`ReadCache::get_or_read`]: forgets the key's in-flight read once
-/// it has an answer, or when no other caller waits on it (the read was abandoned).
+type Flight<V> = Arc<OnceCell<V>>;
+
+/// One computation per key at a time: concurrent callers with one key share the first caller's
+/// answer. If the caller computing it is dropped, a waiting caller takes over; when none waits,
+/// nothing of the key is left behind. Holds only keys being computed (bounded by the callers).
+pub struct SingleFlight<K, V> {
+    flights: Mutex<HashMap<K, Flight<V>>>,
+}
+
+impl<K, V> Default for SingleFlight<K, V> {
+    fn default() -> Self {
+        SingleFlight {
+            flights: Mutex::default(),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
+    /// The answer of `compute` for `key`, computed once for all concurrent callers; the bool is
+    /// true for the caller whose `compute` ran.
+    pub async fn run<F, Fut>(&self, key: &K, compute: F) -> (V, bool)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V>,
+    {
+        let cell = self
+            .flights
+            .lock()
+            .expect("flights poisoned")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        // Forgets the flight however this caller ends (answered, or dropped mid-way).
+        let _forget = Forget {
+            flights: &self.flights,
+            key,
+            cell: &cell,
+        };
+        let mut ran = false;
+        let value = cell
+            .get_or_init(|| {
+                ran = true;
+                compute()
+            })
+            .await
+            .clone();
+        (value, ran)
+    }
+
+    /// Keys being computed now.
+    pub fn len(&self) -> usize {
+        self.flights.lock().expect("flights poisoned").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Drop guard of one caller of [`SingleFlight::run`]: forgets the key's flight once it has an
+/// answer, or when no other caller waits on it (it was abandoned).
 struct Forget<'a, K: Eq + Hash, V> {
-    reading: &'a Mutex<HashMap<K, Read<V>>>,
+    flights: &'a Mutex<HashMap<K, Flight<V>>>,
     key: &'a K,
-    cell: &'a Read<V>,
+    cell: &'a Flight<V>,
 }
 
 impl<K: Eq + Hash, V> Drop for Forget<'_, K, V> {
     fn drop(&mut self) {
-        let mut reading = self.reading.lock().expect("reads poisoned");
-        if let Some(current) = reading.get(self.key)
+        let mut flights = self.flights.lock().expect("flights poisoned");
+        if let Some(current) = flights.get(self.key)
             && Arc::ptr_eq(current, self.cell)
             // Held by the map and this caller only: nobody else will finish or clean it up.
             && (self.cell.initialized() || Arc::strong_count(self.cell) <= 2)
         {
-            reading.remove(self.key);
+            flights.remove(self.key);
         }
     }
 }

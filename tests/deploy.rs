@@ -71,6 +71,20 @@ fn check_common(overlay: &str, items: &[Value]) -> Value {
         2,
         "{overlay}: signals + metrics Services"
     );
+    // Token reviews (every distinct token a stranger sends may cost one) have a priority level
+    // of their own, chosen before the gateway's schema for its other requests.
+    let (main, reviews) = (
+        find(items, "FlowSchema", "signal-gateway"),
+        find(items, "FlowSchema", "signal-gateway-reviews"),
+    );
+    assert_ne!(
+        reviews["spec"]["priorityLevelConfiguration"]["name"], main["spec"]["priorityLevelConfiguration"]["name"],
+        "{overlay}: reviews share the RR writes' priority level"
+    );
+    assert!(
+        reviews["spec"]["matchingPrecedence"].as_u64() < main["spec"]["matchingPrecedence"].as_u64(),
+        "{overlay}: the reviews' schema must match first"
+    );
     let deployment = find(items, "Deployment", "signal-gateway").clone();
     let pod = &deployment["spec"]["template"]["spec"];
     assert_eq!(pod["serviceAccountName"], "signal-gateway");

@@ -40,6 +40,8 @@ pub const REQUIRED_PERMISSIONS: &[(&str, &str, &str)] = &[
 
 pub struct KubernetesCluster {
     client: Client,
+    /// The reviews' own client (own connections and concurrency limit).
+    review_client: Client,
     /// The client carries the [`ApiMetricsLayer`] (false for clients built elsewhere).
     counts_requests: bool,
     /// Until when the last permission review holds; permissions are re-checked at most this often.
@@ -59,22 +61,25 @@ impl KubernetesCluster {
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
 
-    pub async fn connect(api_timeout: Duration, max_in_flight: usize, metrics: Metrics) -> anyhow::Result<Self> {
+    /// `max_in_flight` requests at once on the client of the port (the headroom beyond is for
+    /// the watch and the readiness probe, which bypass the port), `max_reviews` on a client of
+    /// its own for the token and access reviews: a flood of bogus tokens queues there and never
+    /// takes a connection or a slot of the lease renewals and RemediationRequest writes. (On the
+    /// API server the reviews have their own APF priority level: deploy/apf.)
+    pub async fn connect(
+        api_timeout: Duration,
+        max_in_flight: usize,
+        max_reviews: usize,
+        metrics: Metrics,
+    ) -> anyhow::Result<Self> {
         Self::install_crypto_provider();
         let mut config = Config::infer().await?;
         config.connect_timeout = Some(api_timeout.min(Duration::from_secs(5)));
         config.read_timeout = Some(api_timeout);
         config.write_timeout = Some(api_timeout);
-        let client = kube::client::ClientBuilder::try_from(config)?
-            // Innermost: metrics see each request as the API server does (queueing excluded).
-            .with_layer(&ApiMetricsLayer::new(metrics))
-            // A storm queues here instead of opening hundreds of TLS connections (HTTP/1.1).
-            // The port's calls queue in `Metered` (bounded by each signal's deadline); the headroom
-            // here is for the reviews, the watch and the readiness probe, which bypass the port.
-            .with_layer(&tower::limit::ConcurrencyLimitLayer::new(max_in_flight.max(1) + 16))
-            .build();
         Ok(KubernetesCluster {
-            client,
+            client: metered_client(config.clone(), max_in_flight.max(1) + 8, &metrics)?,
+            review_client: metered_client(config, max_reviews, &metrics)?,
             counts_requests: true,
             ready_until: Mutex::new(None),
         })
@@ -83,15 +88,16 @@ impl KubernetesCluster {
     /// Wraps an existing client (tests with a kubeconfig of their own).
     pub fn from_client(client: Client) -> Self {
         KubernetesCluster {
+            review_client: client.clone(),
             client,
             counts_requests: false,
             ready_until: Mutex::new(None),
         }
     }
 
-    /// The client (with its metrics layer), for the token and access reviews.
-    pub fn client(&self) -> Client {
-        self.client.clone()
+    /// The client of the token and access reviews.
+    pub fn review_client(&self) -> Client {
+        self.review_client.clone()
     }
 
     fn requests(&self, namespace: &str) -> Api<RemediationRequest> {
@@ -101,6 +107,17 @@ impl KubernetesCluster {
     fn leases(&self, namespace: &str) -> Api<Lease> {
         Api::namespaced(self.client.clone(), namespace)
     }
+}
+
+/// A client counted by the [`ApiMetricsLayer`] with at most `concurrency` requests in flight
+/// (each client has its own connection pool). A storm queues in it instead of opening hundreds
+/// of TLS connections (HTTP/1.1).
+fn metered_client(config: Config, concurrency: usize, metrics: &Metrics) -> anyhow::Result<Client> {
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        // Innermost: metrics see each request as the API server does (queueing excluded).
+        .with_layer(&ApiMetricsLayer::new(metrics.clone()))
+        .with_layer(&tower::limit::ConcurrencyLimitLayer::new(concurrency.max(1)))
+        .build())
 }
 
 /// Maps a watcher error (list, watch start, watch stream) like any other API error.

@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use tokio::sync::Semaphore;
 
-use crate::auth::{Authenticator, Verdict};
+use crate::auth::{Authenticator, Unavailable, Verdict};
 use crate::backend::embedded::EmbeddedStore;
 use crate::cluster::Cluster;
 use crate::metrics::Metrics;
@@ -94,10 +94,18 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
             resp
         }
         Ok(Verdict::Forbidden { user, reason }) => {
+            // The reason (RBAC detail) goes to the log only.
             tracing::info!(user = %user, reason = %reason, "request refused: not authorized");
-            Problem::forbidden(format!("{user} may not send signals: {reason}"), &path).into_response()
+            Problem::forbidden(format!("{user} may not send signals"), &path).into_response()
         }
-        Err(e) => Problem::unavailable(e.to_string(), Duration::from_secs(1), &path).into_response(),
+        // The caller is not authenticated: the answer says what to do, the log says why.
+        Err(e) => {
+            let detail = match e {
+                Unavailable::Limited => "too many new tokens to review at once; retry later",
+                Unavailable::ReviewFailed(_) => "the token cannot be checked now; retry later",
+            };
+            Problem::unavailable(detail, Duration::from_secs(1), &path).into_response()
+        }
     }
 }
 
