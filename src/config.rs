@@ -58,6 +58,12 @@ pub struct Server {
     /// Retry-After (a stalled body may be the network: the sender retries).
     #[serde(with = "friendly_duration")]
     pub body_read_timeout: Duration,
+    /// Open connections per port; a connection beyond it is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// Time a write to a client may make no progress (a reader that stopped reading); past it
+    /// the connection is closed.
+    #[serde(with = "friendly_duration")]
+    pub write_timeout: Duration,
     /// TLS for both ports when set (PEM files, re-read when they change).
     pub tls: Option<Tls>,
 }
@@ -311,6 +317,8 @@ impl Default for Server {
             max_headers: 64,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+            write_timeout: Duration::from_secs(10),
             tls: None,
         }
     }
@@ -445,8 +453,14 @@ impl Config {
             "server.maxHeaderBytes must be at least 1024 and server.maxHeaders at least 8"
         );
         anyhow::ensure!(
-            self.server.header_read_timeout > Duration::ZERO && self.server.body_read_timeout > Duration::ZERO,
-            "server.headerReadTimeout and server.bodyReadTimeout must be positive"
+            self.server.header_read_timeout > Duration::ZERO
+                && self.server.body_read_timeout > Duration::ZERO
+                && self.server.write_timeout > Duration::ZERO,
+            "server.headerReadTimeout, server.bodyReadTimeout and server.writeTimeout must be positive"
+        );
+        anyhow::ensure!(
+            self.server.max_connections > 0,
+            "server.maxConnections must be positive"
         );
         match self.auth.mode {
             AuthMode::Static => anyhow::ensure!(

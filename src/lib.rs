@@ -244,6 +244,7 @@ pub async fn serve(
     let signals_addr = listeners.signals.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
     let mut signals_server = tokio::spawn(http::server::serve(
+        "signals",
         listeners.signals,
         http::signals_router(state.clone()),
         transport.clone(),
@@ -252,6 +253,7 @@ pub async fn serve(
         },
     ));
     let admin_server = tokio::spawn(http::server::serve(
+        "admin",
         listeners.admin,
         http::admin::admin_router(state.clone())
             .layer(axum::middleware::from_fn_with_state(state.clone(), http::harden)),

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub signal_duration: HistogramVec,
     pub signals_in_flight: IntGauge,
     pub body_bytes_buffered: IntGauge,
+    pub http_connections: IntGaugeVec,
+    pub http_connections_refused: IntCounterVec,
     pub signals_shed: IntCounter,
     pub signals_resent: IntCounter,
     pub http_duration: HistogramVec,
@@ -116,6 +118,12 @@ fn histogram_vec(
     Ok(h)
 }
 
+fn gauge_vec(r: &Reg, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(&g, "gauge")?;
+    Ok(g)
+}
+
 fn gauge(r: &Reg, name: &str, help: &str) -> prometheus::Result<IntGauge> {
     let g = IntGauge::new(name, help)?;
     r.register(&g, "gauge")?;
@@ -166,6 +174,18 @@ impl Metrics {
                 SIGNAL_LATENCY_BUCKETS,
             )?,
             signals_in_flight: gauge(r, "gateway_signals_in_flight", "Signals being processed now.")?,
+            http_connections: gauge_vec(
+                r,
+                "gateway_http_connections",
+                "Open client connections by port (signals, admin), against server.maxConnections.",
+                &["port"],
+            )?,
+            http_connections_refused: counter_vec(
+                r,
+                "gateway_http_connections_refused_total",
+                "Connections closed as soon as accepted because the port had server.maxConnections open.",
+                &["port"],
+            )?,
             body_bytes_buffered: gauge(
                 r,
                 "gateway_http_body_bytes_buffered",
@@ -352,17 +372,12 @@ impl Metrics {
                 "Active RemediationRequests held as hints (from the watch and this replica's own writes).",
             )?,
 
-            build_info: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        "gateway_build_info",
-                        "Build and runtime information; value is always 1.",
-                    ),
-                    &["version", "backend", "strategy"],
-                )?;
-                r.register(&g, "gauge")?;
-                g
-            },
+            build_info: gauge_vec(
+                r,
+                "gateway_build_info",
+                "Build and runtime information; value is always 1.",
+                &["version", "backend", "strategy"],
+            )?,
         };
         m.initialise_known_series();
         #[cfg(target_os = "linux")]
@@ -407,6 +422,10 @@ impl Metrics {
             for result in ["ok", "error"] {
                 self.file_reloads.with_label_values(&[file, result]);
             }
+        }
+        for port in ["signals", "admin"] {
+            self.http_connections.with_label_values(&[port]);
+            self.http_connections_refused.with_label_values(&[port]);
         }
         for source in ["prometheus", "kubernetes-event"] {
             self.signals_deduplicated.with_label_values(&[source]);

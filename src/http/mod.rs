@@ -17,7 +17,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, Method};
+use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -79,10 +79,10 @@ pub fn signals_router(state: Arc<AppState>) -> Router {
 /// when the review API cannot answer. Runs before the body is read.
 async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_owned();
-    match state.auth.check(req.headers()).await {
+    let mut refusal = match state.auth.check(req.headers()).await {
         Ok(Verdict::Allowed { user }) => {
             tracing::Span::current().record("user", user.as_str());
-            next.run(req).await
+            return next.run(req).await;
         }
         Ok(Verdict::Unauthenticated(why)) => {
             tracing::info!(reason = why, "request refused: not authenticated");
@@ -106,7 +106,17 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
             };
             Problem::unavailable(detail, Duration::from_secs(1), &path).into_response()
         }
-    }
+    };
+    // A refused caller does not keep its connection (it costs one request, not a socket held
+    // with cheap refusals); a sender that is let in keeps its keep-alive connection.
+    close_after(&mut refusal);
+    refusal
+}
+
+/// Closes the connection once `resp` is sent.
+fn close_after(resp: &mut Response) {
+    resp.headers_mut()
+        .insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
 }
 
 /// Headers every response of both ports carries: no sniffing, framing, caching or referrers;
@@ -126,6 +136,7 @@ pub async fn harden(State(state): State<Arc<AppState>>, mut req: Request, next: 
     }
     let span = tracing::info_span!("request", request_id = %request_id);
     let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
+    let status = resp.status();
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         h.insert(REQUEST_ID_HEADER, v);
@@ -139,6 +150,10 @@ pub async fn harden(State(state): State<Arc<AppState>>, mut req: Request, next: 
     h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
     h.entry(axum::http::header::CACHE_CONTROL)
         .or_insert(HeaderValue::from_static("no-store"));
+    // No such endpoint or method: cheap to ask, so not a reason to keep a connection open.
+    if matches!(status, StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED) {
+        h.insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if state.tls {
         h.insert(
             "strict-transport-security",
