@@ -237,6 +237,7 @@ pub async fn serve(
         max_in_flight: config.server.max_in_flight,
         shutting_down: AtomicBool::new(false),
         resends: Default::default(),
+        readiness: Default::default(),
     });
 
     let (stop_signals, mut signals_stopped) = watch::channel(false);

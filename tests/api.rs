@@ -461,9 +461,13 @@ async fn health_readiness_and_metrics_are_served() {
     assert_eq!(get("/healthz").await.unwrap().status(), StatusCode::OK);
     assert_eq!(get("/readyz").await.unwrap().status(), StatusCode::OK);
     gw.store().set_unavailable(true);
-    let resp = get("/readyz").await.unwrap();
-    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert!(resp.text().await.unwrap().contains("unavailable"));
+    // A check's answer stands for a second (probes share it): the outage shows within that.
+    let body = common::eventually(Duration::from_secs(10), "not ready while the store is down", || async {
+        let resp = get("/readyz").await.unwrap();
+        (resp.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(resp.text().await.unwrap())
+    })
+    .await;
+    assert!(body.contains("unavailable"), "{body}");
     gw.store().set_unavailable(false);
     let text = gw.metrics().await;
     assert!(text.contains("gateway_build_info{backend=\"embedded\""), "{text}");
@@ -689,5 +693,52 @@ async fn request_bodies_held_in_memory_are_bounded_in_bytes() {
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{b4}");
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_readiness_probes_share_one_check_and_say_little() {
+    let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+    let (checks, fail) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
+    let (c, f) = (checks.clone(), fail.clone());
+    let probed = Faulty::new(store.clone(), move |op| {
+        if op != Op::CheckReady {
+            return Fault::Pass;
+        }
+        c.fetch_add(1, Ordering::SeqCst);
+        if f.load(Ordering::SeqCst) {
+            return Fault::Fail(signal_gateway::cluster::ApiError::Forbidden(
+                "remediationrequests.kubernaut.ai is forbidden: User \"system:serviceaccount:signal-gateway:signal-gateway\" cannot list in namespace \"signal-gateway\"".into(),
+            ));
+        }
+        Fault::Delay(Duration::from_millis(200))
+    });
+    let gw = Gateway::on(Arc::new(probed), Some(store), test_config()).await;
+    let probe = || async {
+        let r = gw.client.get(format!("{}/readyz", gw.admin)).send().await.unwrap();
+        (r.status(), r.text().await.unwrap())
+    };
+    let answers = futures::future::join_all((0..50).map(|_| probe())).await;
+    assert!(answers.iter().all(|(s, _)| *s == StatusCode::OK), "{answers:?}");
+    assert_eq!(
+        checks.load(Ordering::SeqCst),
+        1,
+        "50 concurrent probes, one backend check"
+    );
+
+    // Not ready: the answer says so, without the API error, RBAC or namespace detail.
+    fail.store(true, Ordering::SeqCst);
+    let (status, body) = common::eventually(Duration::from_secs(10), "not ready", || async {
+        let (s, b) = probe().await;
+        (s == StatusCode::SERVICE_UNAVAILABLE).then_some((s, b))
+    })
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    for secret in ["forbidden", "serviceaccount", "signal-gateway", "kubernaut.ai"] {
+        assert!(!body.contains(secret), "the body tells a stranger {secret:?}: {body}");
+    }
     gw.stop().await.unwrap();
 }

@@ -32,6 +32,8 @@ pub enum Op {
     UpdateLease,
     DeleteLease,
     GetMetadata,
+    /// The readiness check (Fail: not ready with that error as the reason).
+    CheckReady,
 }
 
 /// What to do with one call.
@@ -156,6 +158,7 @@ impl Cluster for Faulty {
         self.inner.get_metadata(object).await
     }
     async fn check_ready(&self, namespace: &str) -> std::result::Result<(), String> {
+        self.apply(Op::CheckReady).await.map_err(|e| e.to_string())?;
         self.inner.check_ready(namespace).await
     }
 }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod ingest;
 pub mod problem;
+pub mod readiness;
 pub mod resend;
 pub mod server;
 
@@ -56,6 +57,8 @@ pub struct AppState {
     pub shutting_down: AtomicBool,
     /// Stored alerts of multi-alert notifications answered 503, for their resend.
     pub resends: resend::ResendMemory,
+    /// `/readyz`: one backend check at a time, shared by the probes.
+    pub readiness: readiness::Readiness,
 }
 
 pub fn signals_router(state: Arc<AppState>) -> Router {
