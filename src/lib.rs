@@ -14,6 +14,7 @@ pub mod coalesce;
 pub mod config;
 pub mod crd;
 pub mod dedup;
+pub mod discovery;
 pub mod fingerprint;
 pub mod hints;
 pub mod http;
@@ -206,7 +207,11 @@ pub async fn serve(
     let pipeline = pipeline::Pipeline {
         latency: pipeline::LatencyTracker::default(),
         freshness: admission::Freshness::new(&config.freshness),
-        scope: admission::Scope::new(cluster.clone(), &config.scope),
+        scope: admission::Scope::new(
+            cluster.clone(),
+            discovery::Discovery::new(cluster.clone()),
+            &config.scope,
+        ),
         resolver: target::OwnerResolver::new(
             cluster.clone(),
             config.owner_resolution.enabled,

@@ -50,6 +50,7 @@ impl OwnerResolver {
     /// The top controller of `target`, or the deepest object known when a read fails.
     #[tracing::instrument(skip_all, fields(kind = %target.kind, name = %target.name))]
     pub async fn resolve(&self, target: TargetResource) -> TargetResource {
+        let target = normalise(target);
         if !self.enabled {
             return target;
         }
@@ -78,16 +79,7 @@ impl OwnerResolver {
 
     /// Reads `obj`'s metadata: its accepted controller owner.
     async fn read_owner(&self, obj: &TargetResource) -> Result<Option<TargetResource>, ApiError> {
-        let reference = ObjectRef {
-            api_version: if obj.api_version.is_empty() {
-                default_api_version(&obj.kind).into()
-            } else {
-                obj.api_version.clone()
-            },
-            kind: obj.kind.clone(),
-            namespace: obj.namespace.clone(),
-            name: obj.name.clone(),
-        };
+        let reference = object_ref(obj);
         let owner = match self.cluster.get_metadata(&reference).await {
             Ok(meta) => {
                 let accepted = FOLLOW
@@ -118,11 +110,34 @@ impl OwnerResolver {
     }
 }
 
-pub(crate) fn default_api_version(kind: &str) -> &'static str {
-    match kind {
-        "ReplicaSet" | "Deployment" | "StatefulSet" | "DaemonSet" => "apps/v1",
-        "Job" | "CronJob" => "batch/v1",
-        _ => "v1",
+/// A target as the signal named it, with a built-in kind written as Kubernetes writes it (`POD`
+/// and `pod` are `Pod`: one fingerprint, and the owner chain is climbed) at the version the
+/// cluster serves it (`apps/v1beta2` Deployments are `apps/v1`). Other kinds are kept as sent:
+/// a fingerprint never depends on what the API server answers.
+pub fn normalise(mut target: TargetResource) -> TargetResource {
+    if let Some(k) = crate::discovery::builtin(&target.kind) {
+        let group = target.api_version.split_once('/').map_or("", |(g, _)| g);
+        if target.api_version.is_empty() || group == k.group {
+            target.kind = k.kind.clone();
+            target.api_version = k.api_version();
+        }
+    }
+    target
+}
+
+/// The object a normalised target names, to read its metadata.
+fn object_ref(obj: &TargetResource) -> ObjectRef {
+    let builtin = crate::discovery::builtin(&obj.kind).filter(|k| k.kind == obj.kind);
+    ObjectRef {
+        api_version: if obj.api_version.is_empty() {
+            builtin.as_ref().map_or_else(|| "v1".to_owned(), |k| k.api_version())
+        } else {
+            obj.api_version.clone()
+        },
+        kind: obj.kind.clone(),
+        resource: builtin.map(|k| k.resource).unwrap_or_default(),
+        namespace: obj.namespace.clone(),
+        name: obj.name.clone(),
     }
 }
 
@@ -154,6 +169,7 @@ mod tests {
         ObjectRef {
             api_version: api_version.into(),
             kind: kind.into(),
+            resource: String::new(),
             namespace: "shop".into(),
             name: name.into(),
         }
@@ -248,6 +264,44 @@ mod tests {
         assert_eq!(resolver.resolve(pod("gone")).await, pod("gone"));
         let off = OwnerResolver::new(store, false, 5, Duration::from_secs(30));
         assert_eq!(off.resolve(pod("api-7d9f-x1")).await, pod("api-7d9f-x1"));
+    }
+
+    #[tokio::test]
+    async fn kinds_in_any_case_or_an_old_version_resolve_and_fingerprint_as_one() {
+        let store = store_with_deployment();
+        let resolver = OwnerResolver::new(store, true, 5, Duration::from_secs(30));
+        let sent = |kind: &str, api_version: &str| TargetResource {
+            kind: kind.into(),
+            name: "api-7d9f-x1".into(),
+            namespace: "shop".into(),
+            api_version: api_version.into(),
+        };
+        let top = resolver.resolve(sent("Pod", "v1")).await;
+        assert_eq!((top.kind.as_str(), top.name.as_str()), ("Deployment", "api"));
+        for (kind, api_version) in [("POD", "v1"), ("pod", ""), ("Pod", "")] {
+            let t = resolver.resolve(sent(kind, api_version)).await;
+            assert_eq!(t, top, "{kind} {api_version:?}");
+            let f = crate::fingerprint::Fingerprint::of("", &t);
+            assert_eq!(f, crate::fingerprint::Fingerprint::of("", &top));
+        }
+        let rs = TargetResource {
+            kind: "replicaset".into(),
+            name: "api-7d9f".into(),
+            namespace: "shop".into(),
+            api_version: "apps/v1beta2".into(),
+        };
+        assert_eq!(resolver.resolve(rs).await, top, "an unserved version still climbs");
+        let custom = TargetResource {
+            kind: "pod".into(),
+            name: "x".into(),
+            namespace: "shop".into(),
+            api_version: "example.com/v1".into(),
+        };
+        assert_eq!(
+            normalise(custom.clone()),
+            custom,
+            "another group's kind is kept as sent"
+        );
     }
 
     #[tokio::test]

@@ -554,6 +554,12 @@ impl signal_gateway::cluster::Cluster for SlowProbe {
     ) -> signal_gateway::cluster::Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> {
         self.store.get_metadata(o).await
     }
+    async fn list_api_kinds(
+        &self,
+        core: bool,
+    ) -> signal_gateway::cluster::Result<Vec<signal_gateway::cluster::ApiKind>> {
+        self.store.list_api_kinds(core).await
+    }
     async fn check_ready(&self, ns: &str) -> Result<(), String> {
         if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
             futures::future::pending::<()>().await;

@@ -299,6 +299,7 @@ async fn with_scope_on_only_opted_in_targets_produce_requests() {
     let pod = |ns: &str, name: &str| ObjectRef {
         api_version: "v1".into(),
         kind: "Pod".into(),
+        resource: String::new(),
         namespace: ns.into(),
         name: name.into(),
     };

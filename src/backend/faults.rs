@@ -11,7 +11,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::Semaphore;
 
-use crate::cluster::{ApiError, Cluster, ObjectRef, RequestEvent, Result};
+use crate::cluster::{ApiError, ApiKind, Cluster, ObjectRef, RequestEvent, Result};
 use crate::crd::RemediationRequest;
 
 /// The operations of the port.
@@ -34,6 +34,8 @@ pub enum Op {
     GetMetadata,
     /// The readiness check (Fail: not ready with that error as the reason).
     CheckReady,
+    /// A read of the discovery documents.
+    ListApiKinds,
 }
 
 /// What to do with one call.
@@ -156,6 +158,10 @@ impl Cluster for Faulty {
     async fn get_metadata(&self, object: &ObjectRef) -> Result<ObjectMeta> {
         self.apply(Op::GetMetadata).await?;
         self.inner.get_metadata(object).await
+    }
+    async fn list_api_kinds(&self, core: bool) -> Result<Vec<ApiKind>> {
+        self.apply(Op::ListApiKinds).await?;
+        self.inner.list_api_kinds(core).await
     }
     async fn check_ready(&self, namespace: &str) -> std::result::Result<(), String> {
         self.apply(Op::CheckReady).await.map_err(|e| e.to_string())?;

@@ -19,7 +19,7 @@ use kube::{Client, Config};
 use tokio::time::Instant;
 
 use crate::backend::metered::ApiMetricsLayer;
-use crate::cluster::{ApiError, Cluster, ObjectRef, RequestEvent, Result};
+use crate::cluster::{ApiError, ApiKind, Cluster, ObjectRef, RequestEvent, Result};
 use crate::crd::{FINGERPRINT_FIELD, GROUP, RemediationRequest};
 use crate::metrics::Metrics;
 
@@ -178,10 +178,36 @@ fn api_resource(object: &ObjectRef) -> ApiResource {
         Some((g, v)) => (g, v),
         None => ("", object.api_version.as_str()),
     };
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk(group, version, &object.kind),
-        &format!("{}s", object.kind.to_ascii_lowercase()),
-    )
+    let plural = if object.resource.is_empty() {
+        format!("{}s", object.kind.to_ascii_lowercase())
+    } else {
+        object.resource.clone()
+    };
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, &object.kind), &plural)
+}
+
+/// The kinds of an aggregated discovery document, groups and versions in its order.
+fn kinds_of(list: kube::core::discovery::v2::APIGroupDiscoveryList) -> Vec<ApiKind> {
+    let mut kinds = Vec::new();
+    for group in list.items {
+        let name = group.metadata.and_then(|m| m.name).unwrap_or_default();
+        for version in group.versions {
+            let Some(v) = version.version else { continue };
+            for r in version.resources {
+                let (Some(resource), Some(kind)) = (r.resource, r.response_kind.and_then(|k| k.kind)) else {
+                    continue;
+                };
+                kinds.push(ApiKind {
+                    group: name.clone(),
+                    version: v.clone(),
+                    kind,
+                    resource,
+                    namespaced: r.scope.as_deref() == Some("Namespaced"),
+                });
+            }
+        }
+    }
+    kinds
 }
 
 #[async_trait]
@@ -304,6 +330,15 @@ impl Cluster for KubernetesCluster {
             .await
             .map(|m| m.metadata)
             .map_err(map_error)
+    }
+
+    async fn list_api_kinds(&self, core: bool) -> Result<Vec<ApiKind>> {
+        let list = if core {
+            self.client.list_core_api_versions_aggregated().await
+        } else {
+            self.client.list_api_groups_aggregated().await
+        };
+        Ok(kinds_of(list.map_err(map_error)?))
     }
 
     async fn check_ready(&self, namespace: &str) -> std::result::Result<(), String> {

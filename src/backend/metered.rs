@@ -21,8 +21,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tracing::Instrument;
 
 use crate::cluster::{
-    ApiError, Cluster, LEASE_RESOURCE, ObjectRef, RR_RESOURCE, RR_STATUS_RESOURCE, RequestEvent, Result,
-    resource_of_kind, verb,
+    ApiError, ApiKind, Cluster, DISCOVERY_RESOURCE, LEASE_RESOURCE, ObjectRef, RR_RESOURCE, RR_STATUS_RESOURCE,
+    RequestEvent, Result, resource_of_kind, verb,
 };
 use crate::crd::RemediationRequest;
 use crate::metrics::Metrics;
@@ -228,6 +228,10 @@ impl Cluster for Metered {
         )
         .await
     }
+    async fn list_api_kinds(&self, core: bool) -> Result<Vec<ApiKind>> {
+        self.call(verb::GET, DISCOVERY_RESOURCE, self.inner.list_api_kinds(core))
+            .await
+    }
     async fn check_ready(&self, namespace: &str) -> std::result::Result<(), String> {
         self.inner.check_ready(namespace).await
     }
@@ -340,7 +344,7 @@ pub fn resource_of_path(path: &str) -> String {
     if LABELLED_RESOURCES.contains(&resource.as_str()) {
         resource
     } else if matches!(path.trim_end_matches('/'), "/api" | "/apis") {
-        "discovery".into()
+        DISCOVERY_RESOURCE.into()
     } else {
         "other".into()
     }
@@ -456,6 +460,7 @@ mod tests {
             let object = ObjectRef {
                 api_version: "v1".into(),
                 kind: "Pod".into(),
+                resource: String::new(),
                 namespace: "shop".into(),
                 name: "p".into(),
             };
