@@ -126,7 +126,8 @@ pub struct Auth {
 }
 
 /// SubjectAccessReview resource attributes. The default (create on the Service
-/// `signal-gateway` in the gateway's namespace) follows Kubernaut's gateway.
+/// `gateway-service` in the gateway's namespace) is what Kubernaut's chart grants its senders
+/// (ClusterRole `gateway-signal-source`), so they need no new RBAC.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct AccessAttributes {
@@ -184,7 +185,7 @@ impl Default for AccessAttributes {
             group: String::new(),
             resource: "services".into(),
             subresource: String::new(),
-            name: "signal-gateway".into(),
+            name: "gateway-service".into(),
             namespace: String::new(),
         }
     }
