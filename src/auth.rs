@@ -22,7 +22,7 @@ use subtle::{ConditionallySelectable, ConstantTimeEq};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::bounded::{BoundedMap, Limits};
+use crate::bounded::{BoundedMap, HeapSize, Limits};
 use crate::cluster::ApiError;
 use crate::config::{AccessAttributes, Auth, AuthMode};
 use crate::metrics::Metrics;
@@ -518,8 +518,8 @@ impl KubernetesAuth {
             }
             Ok(verdict) => {
                 let cost = match verdict {
-                    Verdict::Allowed { user } => user.capacity(),
-                    Verdict::Forbidden { user, reason } => user.capacity() + reason.capacity(),
+                    Verdict::Allowed { user } => user.heap_size(),
+                    Verdict::Forbidden { user, reason } => user.heap_size() + reason.heap_size(),
                     Verdict::Unauthenticated(_) => 0,
                 };
                 let known = Known {
@@ -537,7 +537,7 @@ impl KubernetesAuth {
                 self.refused.lock().expect("auth cache poisoned").insert(
                     key,
                     Refusal::Failed(why.clone()),
-                    why.capacity(),
+                    why.heap_size(),
                     now + FAILURE_TTL,
                 );
             }

@@ -5,8 +5,9 @@
 //! once. Expired entries are invisible to [`BoundedMap::get`] and removed when met.
 //!
 //! Callers say what an entry costs (`cost`: the heap bytes its key and value hold beyond their
-//! inline size); the map adds the inline size of key and value and its own bookkeeping per entry,
-//! so a bound in bytes holds for the map's memory, not only for the payload.
+//! inline size, [`HeapSize`]); the map adds the inline size of key and value, as its table holds
+//! them (with room to spare), and its own bookkeeping per entry, so a bound in bytes holds for
+//! the map's memory, not only for the payload.
 //!
 //! Not synchronised: wrap it in a `Mutex` (every operation is O(log n), short).
 
@@ -24,8 +25,9 @@ pub struct Limits {
     pub bytes: usize,
 }
 
-/// Bookkeeping per entry: the hash map slot, the recency index node and the expiry.
-const ENTRY_OVERHEAD: usize = 96;
+/// Bookkeeping per entry beyond the slots: the hash map's control byte, the recency index's
+/// node share, rounded up generously.
+const ENTRY_OVERHEAD: usize = 48;
 
 struct Entry<V> {
     value: V,
@@ -59,9 +61,14 @@ impl<K: Eq + Hash + Clone, V> BoundedMap<K, V> {
         }
     }
 
-    /// What one entry with `cost` heap bytes counts against [`Limits::bytes`].
+    /// What one entry with `cost` heap bytes counts against [`Limits::bytes`]: its hash map slot
+    /// twice (a table is at most 7/8 full and grows by doubling, so up to half its slots are
+    /// empty), the key again in the recency index, the bookkeeping, and the heap bytes.
     pub fn entry_bytes(cost: usize) -> usize {
-        std::mem::size_of::<K>() * 2 + std::mem::size_of::<Entry<V>>() + ENTRY_OVERHEAD + cost
+        2 * (std::mem::size_of::<K>() + std::mem::size_of::<Entry<V>>())
+            + std::mem::size_of::<K>()
+            + ENTRY_OVERHEAD
+            + cost
     }
 
     /// The value of `key` unless absent or expired at `now`; marks it recently used.
@@ -156,8 +163,12 @@ pub trait HeapSize {
 }
 
 impl HeapSize for String {
+    /// The allocation as the allocator hands it out: a header, rounded up to 16 bytes, 32 at least.
     fn heap_size(&self) -> usize {
-        self.capacity()
+        match self.capacity() {
+            0 => 0,
+            n => (n + 8).next_multiple_of(16).max(32),
+        }
     }
 }
 

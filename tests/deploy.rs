@@ -182,7 +182,9 @@ fn pod_template_is_admitted_as_restricted(overlay: &str, deployment: &Value) {
     });
     let out = kubectl(&["create", "-f", "-"], Some(&namespace.to_string()));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let account = deployment["spec"]["template"]["spec"]["serviceAccountName"].as_str().unwrap();
+    let account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .unwrap();
     let out = kubectl(&["-n", &ns, "create", "serviceaccount", account], None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let pod = serde_json::json!({

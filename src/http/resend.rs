@@ -16,7 +16,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use crate::bounded::{BoundedMap, Limits};
+use crate::bounded::{BoundedMap, HeapSize, Limits};
 use crate::pipeline::Outcome;
 
 /// How long the stored alerts of a notification answered 503 are remembered.
@@ -54,7 +54,8 @@ fn heap_size(remembered: &Remembered) -> usize {
         .flatten()
         .map(|o| match o {
             Outcome::Stored { fingerprint, ack } => {
-                fingerprint.as_str().len() + ack.name.capacity() + ack.namespace.capacity()
+                // A fingerprint is 64 characters on the heap.
+                (fingerprint.as_str().len() + 8).next_multiple_of(16) + ack.name.heap_size() + ack.namespace.heap_size()
             }
             _ => 0,
         })
