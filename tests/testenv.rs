@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::testenv::{Replica, admin, client_for, requests_for, testenv, unique};
+use common::testenv::{Replica, admin, client_for, requests_for, start_replicas, storm, testenv, unique};
 use common::{count_of, eventually, fp_of_pod, pod_alert, webhook};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -21,53 +21,6 @@ use signal_gateway::crd::RemediationRequest;
 // duplicates, counts and leases, so they give the API server time rather than expect 503s.
 const CONFIG: &str = "logging:\n  format: json\nserver:\n  requestTimeout: 20s\nbackend:\n  apiTimeout: 15s\n";
 const ALWAYS_LOCK: &str = "logging:\n  format: json\nserver:\n  requestTimeout: 20s\nbackend:\n  apiTimeout: 15s\ndedup:\n  strategy: always-lock\n";
-
-async fn start_replicas(prefix: &str, n: usize, config: &str) -> (Vec<Replica>, reqwest::Client) {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(200).build().unwrap();
-    let replicas: Vec<Replica> = (0..n)
-        .map(|i| Replica::start(&format!("{prefix}-{i}"), config))
-        .collect();
-    for r in &replicas {
-        r.wait_ready(&client).await;
-    }
-    (replicas, client)
-}
-
-/// Posts `count` copies of an alert for each pod, round-robin over the replicas, all at once.
-async fn storm(
-    replicas: &[Replica],
-    client: &reqwest::Client,
-    namespace: &str,
-    pods: &[String],
-    count: usize,
-) -> Vec<(StatusCode, serde_json::Value)> {
-    let mut tasks = Vec::new();
-    let mut i = 0;
-    for _ in 0..count {
-        for pod in pods {
-            let url = format!("{}/api/v1/signals/prometheus", replicas[i % replicas.len()].base);
-            i += 1;
-            let body = webhook(vec![pod_alert(namespace, pod)]).to_string();
-            let client = client.clone();
-            tasks.push(tokio::spawn(async move {
-                let r = client
-                    .post(url)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await
-                    .expect("request sent");
-                let status = r.status();
-                (status, r.json().await.unwrap_or(serde_json::Value::Null))
-            }));
-        }
-    }
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.unwrap());
-    }
-    out
-}
 
 async fn leases_for(client: &kube::Client, fingerprints: &[String]) -> Vec<String> {
     let api: Api<Lease> = Api::namespaced(client.clone(), &testenv().namespace);

@@ -216,8 +216,9 @@ impl EmbeddedStore {
         Ok(rr)
     }
 
-    /// Sets `status.overallPhase`, as the orchestrator would.
+    /// Sets `status.overallPhase` (empty: removes it), as the orchestrator would.
     pub fn set_phase(&self, namespace: &str, name: &str, phase: &str) -> Result<RemediationRequest> {
+        let phase = (!phase.is_empty()).then_some(phase);
         self.patch_status(namespace, name, &serde_json::json!({ "overallPhase": phase }))
     }
 
