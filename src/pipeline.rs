@@ -113,7 +113,19 @@ impl Pipeline {
         // Decremented however this future ends, including when its caller drops it.
         let _in_flight = InFlight::enter(&m.signals_in_flight);
         let received = self.clock.now();
-        let (target, mut owner_calls) = tallied(self.resolver.resolve(signal.target.clone())).await;
+        let (resolved, mut owner_calls) = tallied(self.resolver.resolve(signal.target.clone())).await;
+        let target = match resolved {
+            Ok(target) => target,
+            Err(e) => {
+                // The fingerprint depends on the owner: without it, any answer could be wrong.
+                tracing::warn!(error = %e, "could not read the target's owner chain; answering 503");
+                let outcome = Outcome::Failed {
+                    fingerprint: None,
+                    error: DedupError::Api(e),
+                };
+                return self.finish(outcome, f64::from(owner_calls), started);
+            }
+        };
         // A configured cluster id wins over the one the sender names (Alertmanager commonLabels).
         let cluster_id = if self.cluster_id.is_empty() {
             signal
