@@ -222,6 +222,19 @@ impl EmbeddedStore {
         self.patch_status(namespace, name, &serde_json::json!({ "overallPhase": phase }))
     }
 
+    /// Deletes RR `name`, as a retention controller (or a person) would.
+    pub fn delete_request(&self, namespace: &str, name: &str) -> Result<RemediationRequest> {
+        let mut st = self.state.lock().expect("embedded store poisoned");
+        let k = key(namespace, name);
+        let rr = st.requests.remove(&k).ok_or(ApiError::NotFound)?;
+        if let Some(names) = st.by_fingerprint.get_mut(&key(namespace, &rr.spec.signal_fingerprint)) {
+            names.retain(|n| n != name);
+        }
+        st.next_rv();
+        let _ = self.changes.send(RequestEvent::Deleted(rr.clone()));
+        Ok(rr)
+    }
+
     /// Registers an object's metadata so owner resolution can read it.
     pub fn put_object(&self, object: ObjectRef, meta: ObjectMeta) {
         self.state
