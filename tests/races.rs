@@ -287,3 +287,43 @@ async fn a_create_stored_whose_answer_was_lost_opens_one_request_and_counts_the_
     assert!(pair.store.all_leases().is_empty());
     gw.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_in_flight_returns_to_zero_when_a_caller_hangs_up_mid_signal() {
+    // Issue 13, path 8(g): the gauge was incremented without a drop guard; a handler dropped
+    // before it finished (the caller hung up) left it counted in flight for good.
+    let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    let held = Arc::new(Faulty::new(store.clone(), move |op| {
+        if op == Op::CreateLease {
+            Fault::Gate(g.clone())
+        } else {
+            Fault::Pass
+        }
+    }));
+    let gw = Gateway::on(held, Some(store), test_config()).await;
+    let (client, url) = (reqwest::Client::new(), format!("{}/api/v1/signals/prometheus", gw.base));
+    let pending = tokio::spawn(async move {
+        let body = webhook(vec![pod_alert("shop", "api-0")]).to_string();
+        client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+    });
+    common::eventually(Duration::from_secs(10), "the signal is in flight", || async {
+        (gw.metric("gateway_signals_in_flight", &[]).await == 1.0).then_some(())
+    })
+    .await;
+    pending.abort(); // the caller hangs up: its connection closes
+    common::eventually(
+        Duration::from_secs(10),
+        "the abandoned signal is no longer in flight",
+        || async { (gw.metric("gateway_signals_in_flight", &[]).await == 0.0).then_some(()) },
+    )
+    .await;
+    gate.add_permits(100);
+    gw.stop().await.unwrap();
+}
