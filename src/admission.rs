@@ -169,7 +169,6 @@ mod tests {
             source: crate::signal::Source::Prometheus,
             name: "KubePodCrashLooping".into(),
             severity: "critical".into(),
-            sender: "test".into(),
             target: TargetResource {
                 kind: "Pod".into(),
                 name: "web-1".into(),
@@ -180,6 +179,7 @@ mod tests {
             annotations: Default::default(),
             firing_time: None,
             observed_at: observed_at.map(str::to_owned),
+            cluster_id: None,
             payload: "{}".into(),
         }
     }

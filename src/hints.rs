@@ -1,6 +1,12 @@
-//! Hints for the duplicate path: per fingerprint, the newest active RemediationRequest this
+//! Hints for the duplicate path: per fingerprint, the newest absorbing RemediationRequest this
 //! replica has seen — from a watch of the namespace's RRs (so other replicas' writes arrive
 //! before our next write conflicts with them) and from this replica's own reads and writes.
+//!
+//! "Absorbing" is Kubernaut's rule ([`crate::absorb`]) and depends on the time: a request in its
+//! cooldown stops absorbing when the cooldown passes, without a write. So the cache holds every
+//! request that absorbed when it was last seen and asks the rule again, with the clock, at each
+//! use; what it holds is a slim copy (metadata, fingerprint and status: all a conditional write
+//! needs), never the sender-sized spec.
 //!
 //! Everything here is a hint (ADR 0002, ADR 0007): an RR taken from it is only ever the base of a
 //! status update conditioned on its resourceVersion, and "the watch knows no active RR for this
@@ -8,9 +14,9 @@
 //! under the lock still decides whether to create. A stale or wrong cache costs API calls, never
 //! a duplicate or a lost count.
 //!
-//! The watch restarts (and lists again) after any error, with jittered backoff; until a list has
-//! completed it is *unsynced* and the gateway behaves as without it (fresh list on a miss, GET
-//! after a conflict).
+//! The watch restarts (and lists again) after any error, with jittered backoff (kube-runtime's
+//! on the kubernetes backend); until a list has completed it is *unsynced* and the gateway
+//! behaves as without it (fresh list on a miss, GET after a conflict).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,17 +27,23 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::absorb;
+use crate::clock::SharedClock;
 use crate::cluster::{Cluster, RequestEvent};
-use crate::crd::{RemediationRequest, phase_is_active};
+use crate::crd::{RemediationRequest, RemediationRequestSpec};
 use crate::fingerprint::Fingerprint;
 use crate::lock::backoff;
 use crate::metrics::Metrics;
 
-/// Most RR names remembered, and most active RRs held whole (as the per-replica hints were
+/// Most RR names remembered, and most absorbing RRs held (as the per-replica hints were
 /// before the watch). Beyond either the cache is cleared and stops vouching for absence until the
 /// next complete list fits (a namespace this large should not be watched whole).
 const MAX_OBJECTS: usize = 100_000;
 const MAX_ACTIVE: usize = 20_000;
+
+/// Versions remembered by their `deduplication` marker (for telling whether an unanswered write
+/// landed): about a minute of writes at a few hundred per second.
+const MAX_MARKERS: usize = 16_384;
 
 /// A watch that failed after running this long restarts with the shortest backoff again.
 const HEALTHY_WATCH: Duration = Duration::from_secs(60);
@@ -40,25 +52,31 @@ const HEALTHY_WATCH: Duration = Duration::from_secs(60);
 struct Known {
     rv: String,
     fingerprint: String,
-    /// The object while it is active; `None` once it turned terminal (a tombstone, so an older
-    /// copy of it arriving late cannot make it look active again).
+    /// A slim copy while it absorbed when last seen; `None` once it did not (a tombstone, so an
+    /// older copy of it arriving late cannot make it look absorbing again). Whether a held copy
+    /// still absorbs is asked again at each use (a cooldown passes with time alone).
     active: Option<Arc<RemediationRequest>>,
 }
 
 #[derive(Default)]
 struct PerFingerprint {
-    /// Names of this fingerprint's active RRs (normally one).
+    /// Names of this fingerprint's held (absorbing when last seen) RRs (normally one).
     active: Vec<String>,
     /// When an RR of this fingerprint last changed, as far as we saw (own writes or the watch).
     changed_at: Option<Instant>,
     /// Woken on every change of this fingerprint's RRs.
     changed: Arc<Notify>,
+    /// The highest generation (`rr-<fp16>-<n>`) of this fingerprint's RRs seen (a guess of the
+    /// next name; the list under the lock decides).
+    highest: u64,
 }
 
 #[derive(Default)]
 struct State {
-    /// A complete list has been applied and the watch has not failed since.
+    /// A complete list has been applied and the watch has not failed since its last event.
     synced: bool,
+    /// A complete list has been applied since the watch last started over.
+    listed: bool,
     /// False after an overflow, until the next list that fits.
     complete: bool,
     /// The list in progress overflowed (then it cannot vouch for absence either).
@@ -69,6 +87,22 @@ struct State {
     fingerprints: HashMap<String, PerFingerprint>,
     /// Names seen by the list in progress (between `Init` and `Synced`).
     listing: Option<HashMap<String, String>>,
+    /// Versions seen, as (name, lastSeenAt, occurrenceCount) of their `deduplication`, oldest first.
+    markers: std::collections::VecDeque<(String, String, i32)>,
+    marker_set: std::collections::HashSet<(String, String, i32)>,
+    /// Every version with a resourceVersion above this came through the watch since its last list
+    /// (versions up to it may have been skipped by a list). `None` while not synced.
+    history_from: Option<u64>,
+    /// Highest resourceVersion the watch delivered since its last list.
+    applied_rv: u64,
+}
+
+/// Whether an unanswered write landed, as far as the watch can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landed {
+    Yes,
+    No,
+    Unknown,
 }
 
 /// The newest version of an RR, as far as the cache knows.
@@ -81,6 +115,8 @@ pub enum Newer {
 pub struct HintCache {
     state: Mutex<State>,
     metrics: Metrics,
+    /// Wall-clock time for Kubernaut's cooldown rule.
+    clock: SharedClock,
 }
 
 /// Compares resourceVersions. The API server's are etcd revisions (integers); anything else is
@@ -96,23 +132,35 @@ fn rv_of(rr: &RemediationRequest) -> &str {
     rr.metadata.resource_version.as_deref().unwrap_or_default()
 }
 
-fn is_active(rr: &RemediationRequest) -> bool {
-    phase_is_active(rr.status.as_ref().map_or("", |s| s.overall_phase.as_str()))
+/// What the cache keeps of an absorbing RR: everything but the sender-sized parts of the spec.
+fn slim(rr: &RemediationRequest) -> RemediationRequest {
+    RemediationRequest {
+        metadata: rr.metadata.clone(),
+        spec: RemediationRequestSpec {
+            signal_fingerprint: rr.spec.signal_fingerprint.clone(),
+            signal_name: rr.spec.signal_name.clone(),
+            target_resource: rr.spec.target_resource.clone(),
+            ..RemediationRequestSpec::default()
+        },
+        status: rr.status.clone(),
+    }
 }
 
 impl State {
     /// Records `rr` if it is newer than what we hold; returns whether anything changed.
-    fn observe(&mut self, rr: &RemediationRequest, now: Instant) -> bool {
+    fn observe(&mut self, rr: &RemediationRequest, now: Instant, wall: jiff::Timestamp) -> bool {
         let Some(name) = rr.metadata.name.as_deref() else {
             return false;
         };
+        self.remember_marker(name, rr);
         let rv = rv_of(rr);
         if let Some(known) = self.objects.get(name)
             && !newer(rv, &known.rv)
         {
             return false;
         }
-        let adds_active = is_active(rr) && self.objects.get(name).is_none_or(|k| k.active.is_none());
+        let holds = absorb::absorbs(rr, wall).is_some();
+        let adds_active = holds && self.objects.get(name).is_none_or(|k| k.active.is_none());
         if (!self.objects.contains_key(name) && self.objects.len() >= MAX_OBJECTS)
             || (adds_active && self.active_total >= MAX_ACTIVE)
         {
@@ -126,7 +174,7 @@ impl State {
             self.overflowed_in_list = true;
         }
         let fingerprint = rr.spec.signal_fingerprint.clone();
-        let active = is_active(rr).then(|| Arc::new(rr.clone()));
+        let active = holds.then(|| Arc::new(slim(rr)));
         let previous = self.objects.insert(
             name.to_owned(),
             Known {
@@ -142,7 +190,9 @@ impl State {
                 self.unindex(&prev.fingerprint, name);
             }
         }
+        let generation = Fingerprint::parse(&fingerprint).and_then(|f| crate::dedup::generation_of(&f, name));
         let per = self.fingerprints.entry(fingerprint).or_default();
+        per.highest = per.highest.max(generation.unwrap_or(0));
         match active {
             Some(_) if !per.active.iter().any(|n| n == name) => per.active.push(name.to_owned()),
             Some(_) => {}
@@ -151,6 +201,21 @@ impl State {
         per.changed_at = Some(now);
         per.changed.notify_waiters();
         true
+    }
+
+    fn remember_marker(&mut self, name: &str, rr: &RemediationRequest) {
+        let Some(d) = rr.status.as_ref().and_then(|s| s.deduplication.as_ref()) else {
+            return;
+        };
+        let marker = (name.to_owned(), d.last_seen_at.clone(), d.occurrence_count);
+        if self.marker_set.insert(marker.clone()) {
+            self.markers.push_back(marker);
+            if self.markers.len() > MAX_MARKERS
+                && let Some(old) = self.markers.pop_front()
+            {
+                self.marker_set.remove(&old);
+            }
+        }
     }
 
     fn forget(&mut self, rr: &RemediationRequest, now: Instant) {
@@ -181,16 +246,19 @@ impl State {
         }
     }
 
-    /// The oldest active RR of `fp` (there should be at most one), like a fresh list would pick.
-    fn active(&self, fp: &str) -> Option<Arc<RemediationRequest>> {
+    /// The RR of `fp` that absorbs a signal at `wall`, chosen as from a fresh list.
+    fn active(&self, fp: &str, wall: jiff::Timestamp) -> Option<Arc<RemediationRequest>> {
         let per = self.fingerprints.get(fp)?;
-        per.active
+        let held: Vec<&Arc<RemediationRequest>> = per
+            .active
             .iter()
-            .filter_map(|n| self.objects.get(n)?.active.clone())
-            .min_by(|a, b| {
-                (a.metadata.creation_timestamp.as_ref().map(|t| t.0), &a.metadata.name)
-                    .cmp(&(b.metadata.creation_timestamp.as_ref().map(|t| t.0), &b.metadata.name))
-            })
+            .filter_map(|n| self.objects.get(n)?.active.as_ref())
+            .collect();
+        let chosen = absorb::pick(held.iter().map(|rr| rr.as_ref()), wall)?
+            .metadata
+            .name
+            .clone();
+        held.into_iter().find(|rr| rr.metadata.name == chosen).cloned()
     }
 }
 
@@ -204,13 +272,14 @@ impl Drop for WatchTask {
 }
 
 impl HintCache {
-    pub fn new(metrics: Metrics) -> Arc<Self> {
+    pub fn new(metrics: Metrics, clock: SharedClock) -> Arc<Self> {
         Arc::new(HintCache {
             state: Mutex::new(State {
                 complete: true,
                 ..State::default()
             }),
             metrics,
+            clock,
         })
     }
 
@@ -234,16 +303,17 @@ impl HintCache {
                         self.apply(event);
                     }
                     Err(e) => {
+                        // The kubernetes backend's watcher resumes after its own backoff (from the
+                        // last version, or with a fresh list); until it delivers, no claims.
                         self.metrics.watch_errors.inc();
+                        self.broken();
                         tracing::warn!(error = %e, "RemediationRequest watch failed; listing again after a backoff");
-                        break;
                     }
                 }
             }
+            // The stream ended (the embedded store's feed after its consumer fell behind): start a
+            // new one. Only a watch that ran for a while resets the backoff.
             self.unsync();
-            // Only a watch that ran for a while resets the backoff: one that lists and then
-            // fails at once (e.g. `list` allowed but `watch` forbidden) must not relist the
-            // namespace every few hundred milliseconds.
             if started.elapsed() >= HEALTHY_WATCH {
                 failures = 0;
             }
@@ -256,11 +326,15 @@ impl HintCache {
     /// Applies one watch event.
     fn apply(&self, event: RequestEvent) {
         let now = Instant::now();
+        let wall = self.clock.now();
         let mut st = self.state();
         match event {
             RequestEvent::Init => {
                 self.metrics.watch_relists.inc();
                 st.synced = false;
+                st.listed = false;
+                st.history_from = None;
+                st.applied_rv = 0;
                 st.overflowed_in_list = false;
                 st.listing = Some(HashMap::new());
                 self.metrics.watch_synced.set(0);
@@ -270,7 +344,7 @@ impl HintCache {
                 if let (Some(listing), Some(name)) = (st.listing.as_mut(), rr.metadata.name.clone()) {
                     listing.insert(name, rv_of(&rr).to_owned());
                 }
-                st.observe(&rr, now);
+                st.observe(&rr, now, wall);
             }
             RequestEvent::Synced => {
                 let listing = st.listing.take().unwrap_or_default();
@@ -297,23 +371,45 @@ impl HintCache {
                 }
                 st.complete = !st.overflowed_in_list;
                 st.synced = true;
+                st.listed = true;
+                st.history_from = Some(listed_max.unwrap_or(0));
+                st.applied_rv = listed_max.unwrap_or(0);
                 self.metrics.watch_synced.set(1);
             }
             RequestEvent::Applied(rr) => {
                 self.metrics.watch_events.with_label_values(&["applied"]).inc();
-                st.observe(&rr, now);
+                if let Ok(rv) = rv_of(&rr).parse::<u64>() {
+                    st.applied_rv = st.applied_rv.max(rv);
+                }
+                st.synced = st.listed; // the watch delivers again
+                st.observe(&rr, now, wall);
             }
             RequestEvent::Deleted(rr) => {
                 self.metrics.watch_events.with_label_values(&["deleted"]).inc();
+                if let Ok(rv) = rv_of(&rr).parse::<u64>() {
+                    st.applied_rv = st.applied_rv.max(rv);
+                }
+                st.synced = st.listed;
                 st.forget(&rr, now);
             }
         }
+        self.metrics.watch_synced.set(i64::from(st.synced));
         self.metrics.watch_cached.set(st.active_total as i64);
     }
 
+    /// The watch failed. It resumes from the last version it delivered (nothing is missed) or
+    /// starts over with a list; until it delivers again, nothing is vouched for.
+    fn broken(&self) {
+        self.state().synced = false;
+        self.metrics.watch_synced.set(0);
+    }
+
+    /// The watch stream ended: a new one lists again.
     fn unsync(&self) {
         let mut st = self.state();
         st.synced = false;
+        st.listed = false;
+        st.history_from = None;
         st.listing = None;
         self.metrics.watch_synced.set(0);
     }
@@ -325,22 +421,87 @@ impl HintCache {
 
     /// Records an RR this replica read or wrote (kept if newer than what the cache holds).
     pub fn observe(&self, rr: &RemediationRequest) {
+        let wall = self.clock.now();
         let mut st = self.state();
-        if st.observe(rr, Instant::now()) {
+        if st.observe(rr, Instant::now(), wall) {
             self.metrics.watch_cached.set(st.active_total as i64);
         }
     }
 
-    /// The newest active RR known for `fp`: a hint for a conditional write.
+    /// The RR known to absorb a signal of `fp` now: a hint for a conditional write.
     pub fn active(&self, fp: &Fingerprint) -> Option<RemediationRequest> {
-        self.state().active(fp.as_str()).map(|rr| (*rr).clone())
+        let wall = self.clock.now();
+        self.state().active(fp.as_str(), wall).map(|rr| (*rr).clone())
     }
 
-    /// True only when the synced watch knows no active RR for `fp`. Lets a creator skip the list
-    /// before the lock; the list under the lock still decides.
+    /// True only when the synced watch knows no RR of `fp` that absorbs now. Lets a creator skip
+    /// the list before the lock; the list under the lock still decides.
     pub fn knows_none_active(&self, fp: &Fingerprint) -> bool {
+        let wall = self.clock.now();
         let st = self.state();
-        st.synced && st.complete && st.active(fp.as_str()).is_none()
+        st.synced && st.complete && st.active(fp.as_str(), wall).is_none()
+    }
+
+    /// The highest generation of `fp`'s RRs this replica has seen, if any.
+    pub fn highest_generation(&self, fp: &Fingerprint) -> Option<u64> {
+        self.state()
+            .fingerprints
+            .get(fp.as_str())
+            .map(|p| p.highest)
+            .filter(|h| *h > 0)
+    }
+
+    /// Whether a write of RR `name` based on version `base_rv`, carrying `marker` (its
+    /// `lastSeenAt` and `occurrenceCount`), landed, given the RR is now at `current_rv`: yes when
+    /// a version with that marker was seen; no when the watch has delivered every version from
+    /// `base_rv` through `current_rv` and none carried it; waits up to `until` for the watch to
+    /// catch up, then unknown.
+    pub async fn landed(
+        &self,
+        fp: &Fingerprint,
+        name: &str,
+        base_rv: &str,
+        marker: (&str, i32),
+        current_rv: &str,
+        until: Instant,
+    ) -> Landed {
+        let key = (name.to_owned(), marker.0.to_owned(), marker.1);
+        let (Ok(base), Ok(current)) = (base_rv.parse::<u64>(), current_rv.parse::<u64>()) else {
+            return Landed::Unknown;
+        };
+        loop {
+            let changed = {
+                let mut st = self.state();
+                if st.marker_set.contains(&key) {
+                    return Landed::Yes;
+                }
+                match st.history_from {
+                    Some(from) if st.synced && base >= from => {
+                        if st.applied_rv >= current {
+                            return Landed::No;
+                        }
+                    }
+                    _ => return Landed::Unknown,
+                }
+                st.fingerprints
+                    .entry(fp.as_str().to_owned())
+                    .or_default()
+                    .changed
+                    .clone()
+            };
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = self.state();
+                if st.marker_set.contains(&key) || st.applied_rv >= current {
+                    continue;
+                }
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return Landed::Unknown;
+            }
+        }
     }
 
     /// Whether an RR of `fp` changed (any writer) within `window`.
@@ -363,9 +524,10 @@ impl HintCache {
                 }
                 match st.objects.get(name) {
                     Some(known) if newer(&known.rv, than_rv) => {
+                        let wall = self.clock.now();
                         return Some(match &known.active {
-                            Some(rr) => Newer::Active(Box::new((**rr).clone())),
-                            None => Newer::Closed,
+                            Some(rr) if absorb::absorbs(rr, wall).is_some() => Newer::Active(Box::new((**rr).clone())),
+                            _ => Newer::Closed,
                         });
                     }
                     _ => {}
@@ -392,12 +554,13 @@ impl HintCache {
         }
     }
 
-    /// Waits up to `until` for an active RR of `fp` to appear (the lock holder's), returning it.
+    /// Waits up to `until` for an absorbing RR of `fp` to appear (the lock holder's), returning it.
     pub async fn wait_active(&self, fp: &Fingerprint, until: Instant) -> Option<RemediationRequest> {
         loop {
             let changed = {
+                let wall = self.clock.now();
                 let mut st = self.state();
-                if let Some(rr) = st.active(fp.as_str()) {
+                if let Some(rr) = st.active(fp.as_str(), wall) {
                     return Some((*rr).clone());
                 }
                 st.fingerprints
@@ -409,7 +572,7 @@ impl HintCache {
             let notified = changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.state().active(fp.as_str()).is_some() {
+            if self.state().active(fp.as_str(), self.clock.now()).is_some() {
                 continue;
             }
             if tokio::time::timeout_at(until, notified).await.is_err() {
@@ -430,7 +593,7 @@ mod tests {
         Fingerprint::parse(&format!("{:064x}", n)).unwrap()
     }
 
-    fn rr(name: &str, f: &Fingerprint, rv: u64, phase: &str, count: i64) -> RemediationRequest {
+    fn rr(name: &str, f: &Fingerprint, rv: u64, phase: &str, count: i32) -> RemediationRequest {
         RemediationRequest {
             metadata: ObjectMeta {
                 name: Some(name.into()),
@@ -447,23 +610,21 @@ mod tests {
                     occurrence_count: count,
                     ..Default::default()
                 }),
-                overall_phase: phase.into(),
+                overall_phase: (!phase.is_empty()).then(|| phase.into()),
+                ..Default::default()
             }),
         }
     }
 
     fn cache() -> Arc<HintCache> {
-        HintCache::new(Metrics::register(&prometheus::Registry::new()).unwrap())
+        HintCache::new(
+            Metrics::register(&prometheus::Registry::new()).unwrap(),
+            Arc::new(crate::clock::SystemClock),
+        )
     }
 
-    fn count(rr: &RemediationRequest) -> i64 {
-        rr.status
-            .as_ref()
-            .unwrap()
-            .deduplication
-            .as_ref()
-            .unwrap()
-            .occurrence_count
+    fn count(rr: &RemediationRequest) -> i32 {
+        rr.occurrence_count()
     }
 
     #[test]

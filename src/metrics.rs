@@ -22,6 +22,7 @@ const LINGER_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0
 pub struct Metrics {
     pub signals_received: IntCounterVec,
     pub signals_deduplicated: IntCounterVec,
+    pub signals_absorbed: IntCounterVec,
     pub crds_created: IntCounterVec,
     pub dedup_decisions: IntCounterVec,
     pub signal_duration: HistogramVec,
@@ -53,6 +54,7 @@ pub struct Metrics {
     pub api_calls_per_signal: Histogram,
 
     pub status_conflicts: IntCounter,
+    pub write_resolutions: IntCounterVec,
     pub retries: IntCounterVec,
     pub occurrences: IntCounter,
     pub coalesced_batch: Histogram,
@@ -151,8 +153,14 @@ impl Metrics {
             signals_deduplicated: counter_vec(
                 r,
                 "gateway_signals_deduplicated_total",
-                "Signals counted into an existing active RemediationRequest.",
+                "Signals counted into an existing RemediationRequest instead of opening one.",
                 &["source"],
+            )?,
+            signals_absorbed: counter_vec(
+                r,
+                "gateway_signals_absorbed_total",
+                "Signals counted into an existing RemediationRequest, by the Kubernaut rule that made it absorb them: active, manual_review or cooldown.",
+                &["rule"],
             )?,
             crds_created: counter_vec(
                 r,
@@ -309,6 +317,12 @@ impl Metrics {
                 "gateway_dedup_status_update_conflicts_total",
                 "Conditional status updates rejected with 409 Conflict (then retried).",
             )?,
+            write_resolutions: counter_vec(
+                r,
+                "gateway_dedup_unanswered_writes_total",
+                "Status writes sent whose answer was lost, by what reading back found: resent (the identical repeat was stored), stored, not_stored (counted again), unknown (answered 503).",
+                &["result"],
+            )?,
             retries: counter_vec(
                 r,
                 "gateway_dedup_retries_total",
@@ -388,7 +402,8 @@ impl Metrics {
     /// Exports every series with a closed label set at zero from the start, so rates, ratios and
     /// alerts see "0" rather than "no data" before the first event of a kind.
     fn initialise_known_series(&self) {
-        let closed: [(&IntCounterVec, &[&str]); 12] = [
+        let closed: [(&IntCounterVec, &[&str]); 14] = [
+            (&self.signals_absorbed, &["active", "manual_review", "cooldown"]),
             (
                 &self.dedup_decisions,
                 &["created", "duplicate", "ignored", "rejected", "failed"],
@@ -396,11 +411,18 @@ impl Metrics {
             (&self.lock_acquisitions, &["acquired", "contended", "takeover", "error"]),
             (&self.lock_failures, &["timeout", "api_error"]),
             (&self.lock_renewals, &["renewed", "lost", "error"]),
-            (&self.lock_releases, &["released", "gone", "lost", "error", "swept"]),
+            (
+                &self.lock_releases,
+                &["released", "gone", "lost", "error", "swept", "abandoned", "cleaned"],
+            ),
+            (&self.write_resolutions, &["resent", "stored", "not_stored", "unknown"]),
             (&self.hint_lookups, &["hit", "conflict", "stale", "miss", "absent"]),
             (&self.conflict_refreshes, &["watch", "get"]),
             (&self.watch_events, &["listed", "applied", "deleted"]),
-            (&self.retries, &["conflict", "already_exists", "gone", "lock_contended"]),
+            (
+                &self.retries,
+                &["conflict", "already_exists", "gone", "lock_contended", "lock_lost"],
+            ),
             (&self.auth_cache, &["hit", "miss"]),
             (
                 &self.signals_rejected,

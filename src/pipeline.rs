@@ -14,7 +14,7 @@ use crate::crd::RemediationRequestSpec;
 use crate::dedup::DedupError;
 use crate::fingerprint::Fingerprint;
 use crate::metrics::Metrics;
-use crate::signal::{Signal, Skip, Source};
+use crate::signal::{self, Signal, Skip, Source};
 use crate::target::OwnerResolver;
 
 /// The outcome of one signal, as the API reports it.
@@ -24,7 +24,12 @@ pub enum Outcome {
         fingerprint: Fingerprint,
         ack: Ack,
     },
-    Skipped(Skip),
+    Skipped {
+        skip: Skip,
+        /// The object the signal named (after owner resolution when it got that far).
+        target: Option<crate::crd::TargetResource>,
+        fingerprint: Option<Fingerprint>,
+    },
     Failed {
         fingerprint: Option<Fingerprint>,
         error: DedupError,
@@ -37,7 +42,7 @@ impl Outcome {
         match self {
             Outcome::Stored { ack, .. } if ack.created => "created",
             Outcome::Stored { .. } => "duplicate",
-            Outcome::Skipped(skip) => skip.status(),
+            Outcome::Skipped { skip, .. } => skip.status(),
             Outcome::Failed { .. } => "failed",
         }
     }
@@ -57,6 +62,17 @@ pub struct Pipeline {
 impl Pipeline {
     /// Records a signal that was parsed but produces no RR (resolved alert, Normal event, ...).
     pub fn skipped(&self, source: Source, severity: &str, skip: Skip) -> Outcome {
+        self.skipped_about(source, severity, skip, None, None)
+    }
+
+    fn skipped_about(
+        &self,
+        source: Source,
+        severity: &str,
+        skip: Skip,
+        target: Option<crate::crd::TargetResource>,
+        fingerprint: Option<Fingerprint>,
+    ) -> Outcome {
         self.metrics
             .signals_received
             .with_label_values(&[source.as_str(), crate::metrics::severity_label(severity)])
@@ -68,13 +84,17 @@ impl Pipeline {
             reason = skip.reason(),
             "signal skipped"
         );
-        Outcome::Skipped(skip)
+        Outcome::Skipped {
+            skip,
+            target,
+            fingerprint,
+        }
     }
 
-    /// Records a signal the admission checks (freshness, scope) rejected.
-    fn rejected(&self, source: Source, severity: &str, skip: Skip) -> Outcome {
+    /// Records a signal the freshness check rejected.
+    fn rejected(&self, signal: &Signal, skip: Skip) -> Outcome {
         self.metrics.signals_rejected.with_label_values(&[skip.reason()]).inc();
-        self.skipped(source, severity, skip)
+        self.skipped_about(signal.source, &signal.severity, skip, Some(signal.target.clone()), None)
     }
 
     #[tracing::instrument(name = "signal", skip_all, fields(
@@ -84,15 +104,39 @@ impl Pipeline {
         let started = StdInstant::now();
         if let Err(skip) = self.freshness.check(&signal, self.clock.now()) {
             tracing::Span::current().record("outcome", skip.status());
-            return self.rejected(signal.source, &signal.severity, skip);
+            return self.rejected(&signal, skip);
         }
         let m = &self.metrics;
         m.signals_received
             .with_label_values(&[signal.source.as_str(), crate::metrics::severity_label(&signal.severity)])
             .inc();
-        m.signals_in_flight.inc();
-        let (target, mut owner_calls) = tallied(self.resolver.resolve(signal.target.clone())).await;
-        let fingerprint = Fingerprint::of(&self.cluster_id, &target);
+        // Decremented however this future ends, including when its caller drops it.
+        let _in_flight = InFlight::enter(&m.signals_in_flight);
+        let received = self.clock.now();
+        let (resolved, mut owner_calls) = tallied(self.resolver.resolve(signal.target.clone())).await;
+        let target = match resolved {
+            Ok(target) => target,
+            Err(e) => {
+                // The fingerprint depends on the owner: without it, any answer could be wrong.
+                tracing::warn!(error = %e, "could not read the target's owner chain; answering 503");
+                let outcome = Outcome::Failed {
+                    fingerprint: None,
+                    error: DedupError::Api(e),
+                };
+                return self.finish(outcome, f64::from(owner_calls), started);
+            }
+        };
+        // A configured cluster id wins over the one the sender names (Alertmanager commonLabels).
+        let cluster_id = if self.cluster_id.is_empty() {
+            signal
+                .cluster_id
+                .clone()
+                .map(|c| signal::cut_chars(c, 253))
+                .unwrap_or_default()
+        } else {
+            self.cluster_id.clone()
+        };
+        let fingerprint = Fingerprint::of(&cluster_id, &target);
         let span = tracing::Span::current();
         span.record("fingerprint", fingerprint.as_str());
         if self.scope.enabled() {
@@ -108,7 +152,11 @@ impl Pipeline {
                 Ok(false) => {
                     m.scope_decisions.with_label_values(&["unmanaged"]).inc();
                     m.signals_rejected.with_label_values(&[UNMANAGED_RESOURCE]).inc();
-                    Some(Outcome::Skipped(Skip::Rejected(UNMANAGED_RESOURCE.into())))
+                    Some(Outcome::Skipped {
+                        skip: Skip::Rejected(UNMANAGED_RESOURCE.into()),
+                        target: Some(target.clone()),
+                        fingerprint: Some(fingerprint.clone()),
+                    })
                 }
                 Err(e) => {
                     m.scope_decisions.with_label_values(&["error"]).inc();
@@ -123,30 +171,16 @@ impl Pipeline {
                 return self.finish(outcome, calls, started);
             }
         }
-        let spec = RemediationRequestSpec {
-            signal_fingerprint: fingerprint.to_string(),
-            signal_name: signal.name,
-            severity: signal.severity,
-            signal_type: signal.source.signal_type().into(),
-            signal_source: signal.sender,
-            target_type: "kubernetes".into(),
-            target_resource: target,
-            cluster_id: self.cluster_id.clone(),
-            firing_time: signal.firing_time,
-            received_time: rfc3339(self.clock.now()),
-            signal_labels: signal.labels,
-            signal_annotations: signal.annotations,
-            original_payload: signal.payload,
-        };
+        let source = signal.source;
+        let spec = spec_of(signal, &fingerprint, target, cluster_id, received);
         let result = self.coalescer.submit(fingerprint.clone(), spec, deadline).await;
         let (outcome, calls) = match result {
             Ok(ack) => {
                 let calls = ack.api_calls + f64::from(owner_calls);
                 span.record("rr_name", ack.name.as_str());
                 if !ack.created {
-                    m.signals_deduplicated
-                        .with_label_values(&[signal.source.as_str()])
-                        .inc();
+                    m.signals_deduplicated.with_label_values(&[source.as_str()]).inc();
+                    m.signals_absorbed.with_label_values(&[ack.absorbed_by.as_str()]).inc();
                 }
                 (Outcome::Stored { fingerprint, ack }, calls)
             }
@@ -166,7 +200,7 @@ impl Pipeline {
 
     /// Metrics, span fields and log line of a processed signal.
     fn finish(&self, outcome: Outcome, calls: f64, started: StdInstant) -> Outcome {
-        if !matches!(outcome, Outcome::Skipped(_)) {
+        if !matches!(outcome, Outcome::Skipped { .. }) {
             self.latency.observe(started.elapsed());
         }
         if matches!(outcome, Outcome::Stored { .. }) {
@@ -182,12 +216,69 @@ impl Pipeline {
         m.signal_duration
             .with_label_values(&[label])
             .observe(started.elapsed().as_secs_f64());
-        m.signals_in_flight.dec();
         match &outcome {
-            Outcome::Skipped(skip) => tracing::info!(outcome = label, reason = skip.reason(), "signal processed"),
+            Outcome::Skipped { skip, .. } => {
+                tracing::info!(outcome = label, reason = skip.reason(), "signal processed")
+            }
             _ => tracing::info!(outcome = label, "signal processed"),
         }
         outcome
+    }
+}
+
+/// The RR spec of a signal, with Kubernaut's values and bounds (KUBERNAUT.md, "Spec").
+fn spec_of(
+    signal: Signal,
+    fingerprint: &Fingerprint,
+    target: crate::crd::TargetResource,
+    cluster_id: String,
+    received: jiff::Timestamp,
+) -> RemediationRequestSpec {
+    // The sender's start time, in the form the CRD's date-time admits; the receive time when the
+    // sender gave none (or one that does not parse; the freshness check has judged it already).
+    let firing_time = signal
+        .firing_time
+        .as_deref()
+        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+        .unwrap_or(received);
+    let labels = signal::cut_values(signal.labels, signal::LABEL_VALUE_MAX);
+    let provider_data = serde_json::json!({"namespace": target.namespace, "labels": labels}).to_string();
+    let severity = if signal.severity.trim().is_empty() {
+        "unknown".to_owned()
+    } else {
+        signal::cut_chars(signal.severity, signal::SEVERITY_MAX)
+    };
+    RemediationRequestSpec {
+        signal_fingerprint: fingerprint.to_string(),
+        signal_name: signal.name,
+        severity,
+        signal_type: signal::SIGNAL_TYPE.into(),
+        signal_source: signal.source.signal_source().into(),
+        target_type: "kubernetes".into(),
+        target_resource: target,
+        cluster_id,
+        firing_time: rfc3339(firing_time),
+        received_time: rfc3339(received),
+        signal_labels: labels,
+        signal_annotations: signal::cut_values(signal.annotations, signal::ANNOTATION_VALUE_MAX),
+        provider_data,
+        original_payload: signal.payload,
+    }
+}
+
+/// Counts a signal in flight for as long as the guard lives.
+struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -552,7 +552,7 @@ async fn faults_under_mixed_load_lose_no_ack_create_no_duplicate_leak_no_lease_a
         let orphaned = lock_leases(&admin)
             .await
             .iter()
-            .filter(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(replicas[0].name.as_str()))
+            .filter(|l| common::testenv::held_by(l, &replicas[0].name))
             .count();
         tm.events
             .push((load.now(), format!("{orphaned} Leases held by the killed replica")));
@@ -649,13 +649,9 @@ async fn faults_under_mixed_load_lose_no_ack_create_no_duplicate_leak_no_lease_a
     // (c) No lock Lease left once the lease duration (twice, for the sweep) and the sweep period
     // have passed: neither of this run's fingerprints nor held by this run's replicas.
     let lease_names: HashSet<String> = attempts.iter().map(|a| format!("gw-lock-{}", &a.fp[..16])).collect();
-    let holders: HashSet<String> = replicas.iter().map(|r| r.name.clone()).collect();
     let ours = |l: &Lease| {
         l.metadata.name.as_ref().is_some_and(|n| lease_names.contains(n))
-            || l.spec
-                .as_ref()
-                .and_then(|s| s.holder_identity.as_ref())
-                .is_some_and(|h| holders.contains(h))
+            || replicas.iter().any(|r| common::testenv::held_by(l, &r.name))
     };
     let leases_at_drain: Vec<String> = lock_leases(&admin)
         .await
@@ -777,10 +773,7 @@ async fn faults_under_mixed_load_lose_no_ack_create_no_duplicate_leak_no_lease_a
     let (mut acked_total, mut stored_total) = (0i64, 0i64);
     for (fp, s) in &fps {
         let rrs = by_fp.get(&**fp).map(Vec::as_slice).unwrap_or_default();
-        let active = rrs
-            .iter()
-            .filter(|rr| phase_is_active(rr.status.as_ref().map(|st| st.overall_phase.as_str()).unwrap_or("")))
-            .count();
+        let active = rrs.iter().filter(|rr| phase_is_active(rr.phase())).count();
         let names: Vec<String> = rrs.iter().filter_map(|rr| rr.metadata.name.clone()).collect();
         if active > 1 || rrs.len() > 1 || s.created > 1 || s.rr_names.len() > 1 {
             duplicates.push(format!(

@@ -1,7 +1,9 @@
 //! A `Cluster` wrapper that injects faults per operation: fail with a given error, hang, hide
-//! list results, or wait at a gate. For tests and demos of failure handling; never configured
-//! in production.
+//! list results, wait at a gate — or let the call through and then fail or hang, as an API
+//! server does that stores a write and loses the answer. For tests and demos of failure
+//! handling; never configured in production.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -12,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::Semaphore;
 
 use crate::cluster::{ApiError, ApiKind, Cluster, ObjectRef, RequestEvent, Result};
-use crate::crd::RemediationRequest;
+use crate::crd::{Deduplication, RemediationRequest};
 
 /// The operations of the port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,7 +22,8 @@ pub enum Op {
     ListRequests,
     GetRequest,
     CreateRequest,
-    UpdateRequestStatus,
+    /// The status write of `status.deduplication`.
+    UpdateDeduplication,
     /// Starting a RemediationRequest watch (Fail: it breaks at once; Hang: it never lists).
     WatchRequests,
     /// Each item a watch delivers (Fail: the watch breaks there; Hang: it stalls for good;
@@ -51,6 +54,17 @@ pub enum Fault {
     Gate(Arc<Semaphore>),
     /// Take this long, then pass (a slow API server).
     Delay(std::time::Duration),
+    /// Make the call (it is stored), then answer this error instead of its result.
+    StoreThenFail(ApiError),
+    /// Make the call (it is stored), then never answer.
+    StoreThenHang,
+}
+
+/// What to do once the call itself has been made.
+enum After {
+    Answer,
+    Fail(ApiError),
+    Hang,
 }
 
 type Hook = dyn Fn(Op) -> Fault + Send + Sync;
@@ -71,11 +85,35 @@ impl Faulty {
     async fn apply(&self, op: Op) -> Result<bool> {
         apply(&*self.hook, op).await
     }
+
+    /// Runs `call` under the hook's fault for `op`.
+    async fn run<T>(&self, op: Op, call: impl Future<Output = Result<T>>) -> Result<T> {
+        let after = match (self.hook)(op) {
+            Fault::StoreThenFail(e) => After::Fail(e),
+            Fault::StoreThenHang => After::Hang,
+            other => {
+                before(other).await?;
+                After::Answer
+            }
+        };
+        let answer = call.await;
+        match after {
+            After::Answer => answer,
+            After::Fail(e) => Err(e),
+            After::Hang => futures::future::pending().await,
+        }
+    }
 }
 
-/// Applies the hook's fault for `op`; `Ok(true)` means "hide the results".
+/// Applies the hook's fault for `op` before the call; `Ok(true)` means "hide the results".
+/// (The store-then faults act after the call: [`Faulty::run`]; here they pass.)
 async fn apply(hook: &Hook, op: Op) -> Result<bool> {
-    match hook(op) {
+    before(hook(op)).await
+}
+
+async fn before(fault: Fault) -> Result<bool> {
+    match fault {
+        Fault::StoreThenFail(_) | Fault::StoreThenHang => Ok(false),
         Fault::Pass => Ok(false),
         Fault::Fail(e) => Err(e),
         Fault::Hang => futures::future::pending().await,
@@ -107,16 +145,24 @@ impl Cluster for Faulty {
         self.inner.list_requests(namespace, fingerprint).await
     }
     async fn get_request(&self, namespace: &str, name: &str) -> Result<RemediationRequest> {
-        self.apply(Op::GetRequest).await?;
-        self.inner.get_request(namespace, name).await
+        self.run(Op::GetRequest, self.inner.get_request(namespace, name)).await
     }
     async fn create_request(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
-        self.apply(Op::CreateRequest).await?;
-        self.inner.create_request(rr).await
+        self.run(Op::CreateRequest, self.inner.create_request(rr)).await
     }
-    async fn update_request_status(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
-        self.apply(Op::UpdateRequestStatus).await?;
-        self.inner.update_request_status(rr).await
+    async fn update_deduplication(
+        &self,
+        namespace: &str,
+        name: &str,
+        resource_version: &str,
+        deduplication: &Deduplication,
+    ) -> Result<RemediationRequest> {
+        self.run(
+            Op::UpdateDeduplication,
+            self.inner
+                .update_deduplication(namespace, name, resource_version, deduplication),
+        )
+        .await
     }
     fn watch_requests(&self, namespace: &str) -> BoxStream<'static, Result<RequestEvent>> {
         let (hook, inner, namespace) = (self.hook.clone(), self.inner.clone(), namespace.to_owned());
@@ -136,32 +182,29 @@ impl Cluster for Faulty {
         .boxed()
     }
     async fn create_lease(&self, lease: &Lease) -> Result<Lease> {
-        self.apply(Op::CreateLease).await?;
-        self.inner.create_lease(lease).await
+        self.run(Op::CreateLease, self.inner.create_lease(lease)).await
     }
     async fn get_lease(&self, namespace: &str, name: &str) -> Result<Lease> {
-        self.apply(Op::GetLease).await?;
-        self.inner.get_lease(namespace, name).await
+        self.run(Op::GetLease, self.inner.get_lease(namespace, name)).await
     }
     async fn list_leases(&self, namespace: &str, label: (&str, &str)) -> Result<Vec<Lease>> {
-        self.apply(Op::ListLeases).await?;
-        self.inner.list_leases(namespace, label).await
+        self.run(Op::ListLeases, self.inner.list_leases(namespace, label)).await
     }
     async fn update_lease(&self, lease: &Lease) -> Result<Lease> {
-        self.apply(Op::UpdateLease).await?;
-        self.inner.update_lease(lease).await
+        self.run(Op::UpdateLease, self.inner.update_lease(lease)).await
     }
     async fn delete_lease(&self, namespace: &str, name: &str, resource_version: &str) -> Result<()> {
-        self.apply(Op::DeleteLease).await?;
-        self.inner.delete_lease(namespace, name, resource_version).await
+        self.run(
+            Op::DeleteLease,
+            self.inner.delete_lease(namespace, name, resource_version),
+        )
+        .await
     }
     async fn get_metadata(&self, object: &ObjectRef) -> Result<ObjectMeta> {
-        self.apply(Op::GetMetadata).await?;
-        self.inner.get_metadata(object).await
+        self.run(Op::GetMetadata, self.inner.get_metadata(object)).await
     }
     async fn list_api_kinds(&self, core: bool) -> Result<Vec<ApiKind>> {
-        self.apply(Op::ListApiKinds).await?;
-        self.inner.list_api_kinds(core).await
+        self.run(Op::ListApiKinds, self.inner.list_api_kinds(core)).await
     }
     async fn check_ready(&self, namespace: &str) -> std::result::Result<(), String> {
         self.apply(Op::CheckReady).await.map_err(|e| e.to_string())?;
