@@ -7,6 +7,7 @@ use std::time::Instant as StdInstant;
 use tokio::time::Instant;
 
 use crate::admission::{Freshness, Scope, UNMANAGED_RESOURCE};
+use crate::audit::{AuditSink, SignalFacts};
 use crate::backend::metered::tallied;
 use crate::clock::{SharedClock, rfc3339};
 use crate::coalesce::{Ack, Coalescer};
@@ -52,6 +53,8 @@ pub struct Pipeline {
     pub clock: SharedClock,
     pub metrics: Metrics,
     pub cluster_id: String,
+    /// Where the audit events of each decision go (a no-op while `audit.url` is unset).
+    pub audit: Arc<dyn AuditSink>,
 }
 
 impl Pipeline {
@@ -80,7 +83,8 @@ impl Pipeline {
     #[tracing::instrument(name = "signal", skip_all, fields(
         source = signal.source.as_str(), signal_name = %signal.name, fingerprint = tracing::field::Empty,
         outcome = tracing::field::Empty, rr_name = tracing::field::Empty, api_calls = tracing::field::Empty))]
-    pub async fn process(&self, signal: Signal, deadline: Instant) -> Outcome {
+    /// `user`: the sender as authentication knows it (the audit trail's actor).
+    pub async fn process(&self, signal: Signal, user: Option<&str>, deadline: Instant) -> Outcome {
         let started = StdInstant::now();
         if let Err(skip) = self.freshness.check(&signal, self.clock.now()) {
             tracing::Span::current().record("outcome", skip.status());
@@ -95,6 +99,20 @@ impl Pipeline {
         let fingerprint = Fingerprint::of(&self.cluster_id, &target);
         let span = tracing::Span::current();
         span.record("fingerprint", fingerprint.as_str());
+        let facts = self.audit.enabled().then(|| {
+            SignalFacts::new(
+                user,
+                signal.source.as_str(),
+                &signal.name,
+                &signal.severity,
+                &fingerprint,
+                &target,
+                &self.cluster_id,
+                &signal.labels,
+                &signal.annotations,
+                &signal.payload,
+            )
+        });
         if self.scope.enabled() {
             let (managed, scope_calls) = tallied(self.scope.is_managed(&target)).await;
             // Label reads count with the owner reads: both happen before the dedup write.
@@ -120,7 +138,7 @@ impl Pipeline {
                 }
             };
             if let Some(outcome) = outcome {
-                return self.finish(outcome, calls, started);
+                return self.finish(outcome, facts, calls, started);
             }
         }
         let spec = RemediationRequestSpec {
@@ -161,11 +179,14 @@ impl Pipeline {
                 )
             }
         };
-        self.finish(outcome, calls, started)
+        self.finish(outcome, facts, calls, started)
     }
 
-    /// Metrics, span fields and log line of a processed signal.
-    fn finish(&self, outcome: Outcome, calls: f64, started: StdInstant) -> Outcome {
+    /// Metrics, span fields, audit events and log line of a processed signal.
+    fn finish(&self, outcome: Outcome, facts: Option<SignalFacts>, calls: f64, started: StdInstant) -> Outcome {
+        if let Some(facts) = facts {
+            self.audit(&facts, &outcome, started);
+        }
         if !matches!(outcome, Outcome::Skipped(_)) {
             self.latency.observe(started.elapsed());
         }
@@ -188,6 +209,32 @@ impl Pipeline {
             _ => tracing::info!(outcome = label, "signal processed"),
         }
         outcome
+    }
+}
+
+impl Pipeline {
+    /// The audit events of one decision (KUBERNAUT.md): a new incident is received + created, a
+    /// duplicate is deduplicated with its own count, a signal answered 503 because its outcome
+    /// could not be stored is crd.failed. Skipped signals make no decision and no event.
+    fn audit(&self, facts: &SignalFacts, outcome: &Outcome, started: StdInstant) {
+        let at = rfc3339(self.clock.now());
+        let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        match outcome {
+            Outcome::Stored { ack, .. } if ack.created => {
+                for e in facts.created(&ack.namespace, &ack.name, &at, ms) {
+                    self.audit.record(e);
+                }
+            }
+            Outcome::Stored { ack, .. } => {
+                self.audit
+                    .record(facts.deduplicated(&ack.namespace, &ack.name, ack.occurrence_count, &at, ms));
+            }
+            Outcome::Failed { error, .. } => {
+                self.audit
+                    .record(facts.failed(error.reason(), &error.to_string(), &at, ms));
+            }
+            Outcome::Skipped(_) => {}
+        }
     }
 }
 
