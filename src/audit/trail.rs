@@ -286,11 +286,23 @@ impl Shared {
             bytes += front.bytes;
             batch.push(st.waiting.pop_front().expect("front exists"));
         }
-        if st.refused > 0 && st.events < self.settings.buffer_size / 2 {
-            tracing::warn!(refused = st.refused, "audit buffer has room again");
+        batch
+    }
+
+    /// Releases `held` from the bounds; logs the end of an overflow once half the room is back.
+    fn release(&self, st: &mut State, held: &[Held]) {
+        for h in held {
+            st.events -= 1;
+            st.bytes -= h.bytes;
+        }
+        if st.refused > 0 && st.events <= self.settings.buffer_size / 2 && st.bytes <= self.settings.buffer_bytes / 2 {
+            tracing::warn!(
+                refused = st.refused,
+                "audit buffer has room again; events were refused meanwhile"
+            );
             st.refused = 0;
         }
-        batch
+        self.gauges(st);
     }
 
     /// Sends one batch until it is accepted, rejected, out of retries or out of drain time.
@@ -372,11 +384,7 @@ impl Shared {
     /// The batch is done with: count it and release its share of the bounds.
     fn finish(&self, batch: Vec<Held>, fate: Fate) {
         let mut st = self.state();
-        for h in &batch {
-            st.events -= 1;
-            st.bytes -= h.bytes;
-        }
-        self.gauges(&st);
+        self.release(&mut st, &batch);
         drop(st);
         self.count(batch.iter().map(|h| h.event.event_type), fate);
     }
@@ -385,11 +393,7 @@ impl Shared {
     fn drop_all(&self, fate: Fate) {
         let mut st = self.state();
         let left: Vec<Held> = st.waiting.drain(..).collect();
-        for h in &left {
-            st.events -= 1;
-            st.bytes -= h.bytes;
-        }
-        self.gauges(&st);
+        self.release(&mut st, &left);
         drop(st);
         if !left.is_empty() {
             tracing::error!(
