@@ -146,7 +146,6 @@ mod tests {
             source: crate::signal::Source::Prometheus,
             name: "KubePodCrashLooping".into(),
             severity: "critical".into(),
-            sender: "test".into(),
             target: TargetResource {
                 kind: "Pod".into(),
                 name: "web-1".into(),
@@ -157,6 +156,7 @@ mod tests {
             annotations: Default::default(),
             firing_time: None,
             observed_at: observed_at.map(str::to_owned),
+            cluster_id: None,
             payload: "{}".into(),
         }
     }

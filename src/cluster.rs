@@ -14,7 +14,7 @@ use futures::stream::BoxStream;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::crd::RemediationRequest;
+use crate::crd::{Deduplication, RemediationRequest};
 
 pub type Result<T, E = ApiError> = std::result::Result<T, E>;
 
@@ -104,6 +104,7 @@ pub mod verb {
     pub const LIST: &str = "list";
     pub const CREATE: &str = "create";
     pub const UPDATE: &str = "update";
+    pub const PATCH: &str = "patch";
     pub const DELETE: &str = "delete";
     pub const WATCH: &str = "watch";
 }
@@ -129,8 +130,17 @@ pub trait Cluster: Send + Sync + 'static {
     async fn get_request(&self, namespace: &str, name: &str) -> Result<RemediationRequest>;
     /// Creates the object (status is ignored, as with a status subresource).
     async fn create_request(&self, rr: &RemediationRequest) -> Result<RemediationRequest>;
-    /// Replaces the status; fails with Conflict unless `metadata.resourceVersion` is current.
-    async fn update_request_status(&self, rr: &RemediationRequest) -> Result<RemediationRequest>;
+    /// Sets `status.deduplication` of RR `name` and nothing else — every other status field
+    /// belongs to the orchestrator and stays as stored — conditioned on `resource_version` (a JSON
+    /// merge patch of the status subresource carrying `metadata.resourceVersion`): Conflict unless
+    /// the RR is still at that version. `resource_version` must not be empty.
+    async fn update_deduplication(
+        &self,
+        namespace: &str,
+        name: &str,
+        resource_version: &str,
+        deduplication: &Deduplication,
+    ) -> Result<RemediationRequest>;
     /// Watches every RemediationRequest in `namespace`: a list first, then changes. The stream
     /// ends after yielding an error (the watch broke, or fell too far behind); the caller starts
     /// a new one, which lists again. A cache fed by it is a hint only, never a correctness

@@ -38,6 +38,11 @@ pub struct Ack {
     pub namespace: String,
     pub created: bool,
     pub occurrence_count: i64,
+    /// `status.deduplication` times of the request after the write (RFC 3339).
+    pub first_seen_at: String,
+    pub last_seen_at: String,
+    /// The rule under which the request took the count.
+    pub absorbed_by: crate::absorb::Absorbs,
     /// API requests of the write, divided among the signals of the batch.
     pub api_calls: f64,
 }
@@ -323,11 +328,15 @@ impl Coalescer {
 /// The i-th signal of a batch: the first of a batch that created the RR is "created"; each
 /// other signal is a duplicate with its own position in the count.
 fn ack_for(w: &Written, i: usize, api_calls: f64) -> Ack {
+    let dedup = w.rr.status.as_ref().and_then(|s| s.deduplication.as_ref());
     Ack {
         name: w.rr.metadata.name.clone().unwrap_or_default(),
         namespace: w.rr.metadata.namespace.clone().unwrap_or_default(),
         created: w.created && i == 0,
         occurrence_count: w.before + i as i64 + 1,
+        first_seen_at: dedup.map(|d| d.first_seen_at.clone()).unwrap_or_default(),
+        last_seen_at: dedup.map(|d| d.last_seen_at.clone()).unwrap_or_default(),
+        absorbed_by: w.absorbed_by,
         api_calls,
     }
 }
@@ -379,7 +388,7 @@ mod tests {
                 a.fetch_add(1, Ordering::SeqCst);
                 Fault::Gate(g.clone())
             }
-            Op::UpdateRequestStatus => {
+            Op::UpdateDeduplication => {
                 w.fetch_add(1, Ordering::SeqCst);
                 Fault::Pass
             }
@@ -413,10 +422,8 @@ mod tests {
         };
         let fp = Fingerprint::of("", &target);
         let spec = RemediationRequestSpec {
-            signal_fingerprint: fp.to_string(),
-            signal_name: "A".into(),
             target_resource: target,
-            ..Default::default()
+            ..RemediationRequestSpec::example(fp.as_str())
         };
         let deadline = Instant::now() + Duration::from_secs(20);
 
@@ -478,7 +485,7 @@ mod tests {
         let writes = Arc::new(AtomicUsize::new(0));
         let w = writes.clone();
         let cluster: Arc<dyn crate::cluster::Cluster> = Arc::new(Faulty::new(store, move |op| {
-            if op == Op::UpdateRequestStatus {
+            if op == Op::UpdateDeduplication {
                 return status_update(w.fetch_add(1, Ordering::SeqCst) + 1);
             }
             Fault::Pass
@@ -510,10 +517,8 @@ mod tests {
         };
         let fp = Fingerprint::of("", &target);
         let spec = RemediationRequestSpec {
-            signal_fingerprint: fp.to_string(),
-            signal_name: "A".into(),
             target_resource: target,
-            ..Default::default()
+            ..RemediationRequestSpec::example(fp.as_str())
         };
         Lingering {
             coalescer: Coalescer::new(dedup, metrics, max_batch, linger),

@@ -27,9 +27,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use crate::absorb::{self, Absorbs};
 use crate::clock::{SharedClock, rfc3339};
 use crate::cluster::{ApiError, Cluster};
-use crate::crd::{Deduplication, RemediationRequest, RemediationRequestSpec, phase_is_active};
+use crate::crd::{Deduplication, RemediationRequest, RemediationRequestSpec};
 use crate::fingerprint::Fingerprint;
 use crate::hints::{HintCache, Newer, WatchTask};
 use crate::lock::{Attempt, LeaseLock, LockGuard, backoff};
@@ -100,6 +101,8 @@ pub struct Written {
     pub rr: RemediationRequest,
     /// occurrenceCount before this batch was added.
     pub before: i64,
+    /// The rule under which the RR took the count (`Active` for the one this batch created).
+    pub absorbed_by: Absorbs,
     /// Signals this write counted (the batch may have grown while it was being written).
     pub n: u32,
     /// Status updates of this write rejected with Conflict before it succeeded.
@@ -147,7 +150,8 @@ impl<'a> Batch<'a> {
 
 enum Step {
     Done(Box<Written>),
-    /// The RR we aimed at is terminal or gone: decide again from a fresh read.
+    /// The RR we aimed at no longer absorbs (finished, cooldown over) or is gone: decide again
+    /// from a fresh read.
     Gone,
 }
 
@@ -191,7 +195,7 @@ impl Dedup {
         metrics: Metrics,
         settings: Settings,
     ) -> Self {
-        let hints = HintCache::new(metrics.clone());
+        let hints = HintCache::new(metrics.clone(), clock.clone());
         let watch = (settings.watch && settings.strategy == Strategy::Optimistic)
             .then(|| hints.spawn_watch(cluster.clone(), settings.namespace.clone()));
         Dedup {
@@ -300,7 +304,7 @@ impl Dedup {
             // under the lock decides whether to create.
             if !self.hints.knows_none_active(fp) {
                 let existing = self.lookup(fp, deadline).await?;
-                if let Some(active) = pick_active(&existing) {
+                if let Some(active) = self.pick(&existing) {
                     if let Step::Done(w) = self.increment(fp, active, n, deadline).await? {
                         return Ok(*w);
                     }
@@ -328,6 +332,22 @@ impl Dedup {
             }
             self.metrics.retries.with_label_values(&["gone"]).inc();
         }
+    }
+
+    /// The RR of a fresh list that absorbs a signal now (Kubernaut's rules, [`crate::absorb`]).
+    fn pick(&self, rrs: &[RemediationRequest]) -> Option<RemediationRequest> {
+        let now = self.clock.now();
+        let active = rrs
+            .iter()
+            .filter(|rr| absorb::absorbs(rr, now) == Some(Absorbs::Active))
+            .count();
+        if active > 1 {
+            tracing::error!(
+                count = active,
+                "more than one active RemediationRequest for one fingerprint"
+            );
+        }
+        absorb::pick(rrs, now).cloned()
     }
 
     /// Fresh, server-side field-selected list of every RR with this fingerprint.
@@ -383,7 +403,7 @@ impl Dedup {
                             .lookup(fp, deadline)
                             .await
                             .inspect_err(|_| self.lock_failed(started, "api_error"))?;
-                        if let Some(active) = pick_active(&existing) {
+                        if let Some(active) = self.pick(&existing) {
                             self.metrics.lock_wait.observe(started.elapsed().as_secs_f64());
                             return self.increment(fp, active, n, deadline).await;
                         }
@@ -423,28 +443,21 @@ impl Dedup {
         _held: &LockGuard,
     ) -> Result<Step> {
         let existing = self.lookup(fp, deadline).await?;
-        if let Some(active) = pick_active(&existing) {
+        if let Some(active) = self.pick(&existing) {
             return self.increment(fp, active, n, deadline).await;
         }
         let name = next_name(fp, &existing);
         tracing::Span::current().record("rr_name", name.as_str());
         let rr = RemediationRequest {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(self.settings.namespace.clone()),
-                labels: Some([("app.kubernetes.io/managed-by".to_owned(), "signal-gateway".to_owned())].into()),
-                ..ObjectMeta::default()
-            },
+            metadata: creation_metadata(&name, &self.settings.namespace, self.clock.now()),
             spec: spec.clone(),
             status: None,
         };
         let created = match self.write(deadline, self.cluster.create_request(&rr)).await {
             Ok(created) => {
                 self.hints.observe(&created);
-                // Labelled by ingestion source like the other signal metrics ("prometheus", not the
-                // spec's "prometheus-alert").
-                let source =
-                    Source::from_signal_type(&spec.signal_type).map_or(spec.signal_type.as_str(), |s| s.as_str());
+                // Labelled by ingestion source like the other signal metrics.
+                let source = Source::from_spec(spec).map_or("other", |s| s.as_str());
                 self.metrics.crds_created.with_label_values(&[source]).inc();
                 created
             }
@@ -502,24 +515,44 @@ impl Dedup {
                     "RemediationRequest {name} belongs to another fingerprint"
                 )));
             }
-            let status = rr.status.clone().unwrap_or_default();
-            if !phase_is_active(&status.overall_phase) {
+            let Some(why) = absorb::absorbs(&rr, self.clock.now()) else {
                 return Ok((Step::Gone, conflicts));
-            }
+            };
+            let Some(rv) = rr.metadata.resource_version.clone().filter(|rv| !rv.is_empty()) else {
+                return Err(DedupError::Internal(format!(
+                    "RemediationRequest {name} read without a resourceVersion"
+                )));
+            };
             let n = batch.top_up();
-            let before = status.deduplication.as_ref().map_or(0, |d| d.occurrence_count);
+            let current = rr
+                .status
+                .as_ref()
+                .and_then(|s| s.deduplication.clone())
+                .unwrap_or_default();
+            let before = current.occurrence_count;
             let now = rfc3339(self.clock.now());
-            let mut next = rr.clone();
-            next.status.get_or_insert_with(Default::default).deduplication = Some(Deduplication {
-                first_seen_at: status
-                    .deduplication
-                    .as_ref()
-                    .map_or_else(|| now.clone(), |d| d.first_seen_at.clone()),
+            let Some(count) = i32::try_from(i64::from(before) + i64::from(n)).ok() else {
+                return Err(DedupError::Internal(format!(
+                    "occurrenceCount of {name} would pass the int32 the CRD stores"
+                )));
+            };
+            let next = Deduplication {
+                first_seen_at: if current.first_seen_at.is_empty() {
+                    now.clone()
+                } else {
+                    current.first_seen_at.clone()
+                },
                 last_seen_at: now,
-                occurrence_count: before + i64::from(n),
-            });
+                occurrence_count: count,
+            };
             let sent_at = Instant::now();
-            let outcome = self.write(deadline, self.cluster.update_request_status(&next)).await;
+            let namespace = rr.metadata.namespace.as_deref().unwrap_or(&self.settings.namespace);
+            let outcome = self
+                .write(
+                    deadline,
+                    self.cluster.update_deduplication(namespace, &name, &rv, &next),
+                )
+                .await;
             if outcome.is_ok() {
                 self.record_write_latency(sent_at.elapsed());
             }
@@ -529,7 +562,8 @@ impl Dedup {
                     self.hints.observe(&updated);
                     let written = Written {
                         rr: updated,
-                        before,
+                        before: i64::from(before),
+                        absorbed_by: why,
                         n,
                         conflicts,
                         created: false,
@@ -554,8 +588,7 @@ impl Dedup {
                         };
                         tokio::time::sleep(pause).await;
                     }
-                    let sent = rr.metadata.resource_version.clone().unwrap_or_default();
-                    match self.refresh(fp, &name, &sent, deadline).await? {
+                    match self.refresh(fp, &name, &rv, deadline).await? {
                         Some(fresh) => rr = fresh,
                         None => return Ok((Step::Gone, conflicts)),
                     }
@@ -568,7 +601,7 @@ impl Dedup {
     }
 
     /// The version of RR `name` that beat ours (at `sent`): from the watch when it delivers one
-    /// within `watch_wait`, else read from the API server. `None`: it is terminal or gone.
+    /// within `watch_wait`, else read from the API server. `None`: it no longer absorbs, or is gone.
     async fn refresh(
         &self,
         fp: &Fingerprint,
@@ -632,23 +665,21 @@ async fn within<T>(deadline: Instant, fut: impl Future<Output = Result<T, ApiErr
     }
 }
 
-/// The oldest active RR (there should be at most one).
-fn pick_active(rrs: &[RemediationRequest]) -> Option<RemediationRequest> {
-    let mut active: Vec<&RemediationRequest> = rrs
-        .iter()
-        .filter(|rr| phase_is_active(rr.status.as_ref().map_or("", |s| s.overall_phase.as_str())))
-        .collect();
-    if active.len() > 1 {
-        tracing::error!(
-            count = active.len(),
-            "more than one active RemediationRequest for one fingerprint"
-        );
+/// Labels and annotations of a request the gateway creates, as Kubernaut's gateway sets them.
+pub fn creation_metadata(name: &str, namespace: &str, now: jiff::Timestamp) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        labels: Some(
+            [
+                ("app.kubernetes.io/managed-by".to_owned(), "gateway-service".to_owned()),
+                ("app.kubernetes.io/component".to_owned(), "remediation".to_owned()),
+            ]
+            .into(),
+        ),
+        annotations: Some([("kubernaut.ai/created-at".to_owned(), rfc3339(now))].into()),
+        ..ObjectMeta::default()
     }
-    active.sort_by(|a, b| {
-        (a.metadata.creation_timestamp.as_ref().map(|t| t.0), &a.metadata.name)
-            .cmp(&(b.metadata.creation_timestamp.as_ref().map(|t| t.0), &b.metadata.name))
-    });
-    active.first().map(|rr| (*rr).clone())
 }
 
 /// Deterministic name of the next RR for `fp`: `rr-<fp[:16]>-<generation>`, one past the highest
@@ -672,7 +703,7 @@ mod tests {
     use std::sync::Mutex;
 
     use crate::clock::SystemClock;
-    use crate::crd::{RemediationRequestStatus, TargetResource};
+    use crate::crd::TargetResource;
 
     fn fp() -> Fingerprint {
         Fingerprint::of(
@@ -687,11 +718,7 @@ mod tests {
     }
 
     fn spec() -> RemediationRequestSpec {
-        RemediationRequestSpec {
-            signal_fingerprint: fp().to_string(),
-            signal_name: "A".into(),
-            ..Default::default()
-        }
+        RemediationRequestSpec::example(fp().as_str())
     }
 
     fn replica(cluster: Arc<dyn Cluster>, holder: &str) -> (Dedup, Metrics) {
@@ -726,7 +753,18 @@ mod tests {
         Instant::now() + Duration::from_secs(10)
     }
 
-    async fn seed(store: &EmbeddedStore, name: &str, phase: &str, count: i64) {
+    async fn seed(store: &EmbeddedStore, name: &str, phase: &str, count: i32) {
+        seed_status(
+            store,
+            name,
+            serde_json::json!({"overallPhase": (!phase.is_empty()).then_some(phase)}),
+            count,
+        )
+        .await;
+    }
+
+    /// An RR `name` whose orchestrator-owned status is `status`, counted `count` times.
+    async fn seed_status(store: &EmbeddedStore, name: &str, status: serde_json::Value, count: i32) {
         let rr = RemediationRequest {
             metadata: ObjectMeta {
                 name: Some(name.into()),
@@ -736,23 +774,19 @@ mod tests {
             spec: spec(),
             status: None,
         };
-        let mut created = store.create_request(&rr).await.unwrap();
-        created.status = Some(RemediationRequestStatus {
-            deduplication: Some(Deduplication {
-                first_seen_at: "t".into(),
-                last_seen_at: "t".into(),
-                occurrence_count: count,
-            }),
-            overall_phase: phase.into(),
-        });
-        store.update_request_status(&created).await.unwrap();
+        let created = store.create_request(&rr).await.unwrap();
+        let dedup = Deduplication {
+            first_seen_at: "2026-11-24T10:00:00Z".into(),
+            last_seen_at: "2026-11-24T10:00:00Z".into(),
+            occurrence_count: count,
+        };
+        let rv = created.metadata.resource_version.unwrap();
+        store.update_deduplication("ns", name, &rv, &dedup).await.unwrap();
+        store.patch_status("ns", name, &status).unwrap();
     }
 
-    fn count_of(rr: &RemediationRequest) -> i64 {
-        rr.status
-            .as_ref()
-            .and_then(|s| s.deduplication.as_ref())
-            .map_or(0, |d| d.occurrence_count)
+    fn count_of(rr: &RemediationRequest) -> i32 {
+        rr.occurrence_count()
     }
 
     /// Polls (with a deadline, never a fixed sleep) until `d`'s hints satisfy `ready`.

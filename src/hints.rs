@@ -1,6 +1,12 @@
-//! Hints for the duplicate path: per fingerprint, the newest active RemediationRequest this
+//! Hints for the duplicate path: per fingerprint, the newest absorbing RemediationRequest this
 //! replica has seen — from a watch of the namespace's RRs (so other replicas' writes arrive
 //! before our next write conflicts with them) and from this replica's own reads and writes.
+//!
+//! "Absorbing" is Kubernaut's rule ([`crate::absorb`]) and depends on the time: a request in its
+//! cooldown stops absorbing when the cooldown passes, without a write. So the cache holds every
+//! request that absorbed when it was last seen and asks the rule again, with the clock, at each
+//! use; what it holds is a slim copy (metadata, fingerprint and status: all a conditional write
+//! needs), never the sender-sized spec.
 //!
 //! Everything here is a hint (ADR 0002, ADR 0007): an RR taken from it is only ever the base of a
 //! status update conditioned on its resourceVersion, and "the watch knows no active RR for this
@@ -21,13 +27,15 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::absorb;
+use crate::clock::SharedClock;
 use crate::cluster::{Cluster, RequestEvent};
-use crate::crd::{RemediationRequest, phase_is_active};
+use crate::crd::{RemediationRequest, RemediationRequestSpec};
 use crate::fingerprint::Fingerprint;
 use crate::lock::backoff;
 use crate::metrics::Metrics;
 
-/// Most RR names remembered, and most active RRs held whole (as the per-replica hints were
+/// Most RR names remembered, and most absorbing RRs held (as the per-replica hints were
 /// before the watch). Beyond either the cache is cleared and stops vouching for absence until the
 /// next complete list fits (a namespace this large should not be watched whole).
 const MAX_OBJECTS: usize = 100_000;
@@ -40,14 +48,15 @@ const HEALTHY_WATCH: Duration = Duration::from_secs(60);
 struct Known {
     rv: String,
     fingerprint: String,
-    /// The object while it is active; `None` once it turned terminal (a tombstone, so an older
-    /// copy of it arriving late cannot make it look active again).
+    /// A slim copy while it absorbed when last seen; `None` once it did not (a tombstone, so an
+    /// older copy of it arriving late cannot make it look absorbing again). Whether a held copy
+    /// still absorbs is asked again at each use (a cooldown passes with time alone).
     active: Option<Arc<RemediationRequest>>,
 }
 
 #[derive(Default)]
 struct PerFingerprint {
-    /// Names of this fingerprint's active RRs (normally one).
+    /// Names of this fingerprint's held (absorbing when last seen) RRs (normally one).
     active: Vec<String>,
     /// When an RR of this fingerprint last changed, as far as we saw (own writes or the watch).
     changed_at: Option<Instant>,
@@ -81,6 +90,8 @@ pub enum Newer {
 pub struct HintCache {
     state: Mutex<State>,
     metrics: Metrics,
+    /// Wall-clock time for Kubernaut's cooldown rule.
+    clock: SharedClock,
 }
 
 /// Compares resourceVersions. The API server's are etcd revisions (integers); anything else is
@@ -96,13 +107,23 @@ fn rv_of(rr: &RemediationRequest) -> &str {
     rr.metadata.resource_version.as_deref().unwrap_or_default()
 }
 
-fn is_active(rr: &RemediationRequest) -> bool {
-    phase_is_active(rr.status.as_ref().map_or("", |s| s.overall_phase.as_str()))
+/// What the cache keeps of an absorbing RR: everything but the sender-sized parts of the spec.
+fn slim(rr: &RemediationRequest) -> RemediationRequest {
+    RemediationRequest {
+        metadata: rr.metadata.clone(),
+        spec: RemediationRequestSpec {
+            signal_fingerprint: rr.spec.signal_fingerprint.clone(),
+            signal_name: rr.spec.signal_name.clone(),
+            target_resource: rr.spec.target_resource.clone(),
+            ..RemediationRequestSpec::default()
+        },
+        status: rr.status.clone(),
+    }
 }
 
 impl State {
     /// Records `rr` if it is newer than what we hold; returns whether anything changed.
-    fn observe(&mut self, rr: &RemediationRequest, now: Instant) -> bool {
+    fn observe(&mut self, rr: &RemediationRequest, now: Instant, wall: jiff::Timestamp) -> bool {
         let Some(name) = rr.metadata.name.as_deref() else {
             return false;
         };
@@ -112,7 +133,8 @@ impl State {
         {
             return false;
         }
-        let adds_active = is_active(rr) && self.objects.get(name).is_none_or(|k| k.active.is_none());
+        let holds = absorb::absorbs(rr, wall).is_some();
+        let adds_active = holds && self.objects.get(name).is_none_or(|k| k.active.is_none());
         if (!self.objects.contains_key(name) && self.objects.len() >= MAX_OBJECTS)
             || (adds_active && self.active_total >= MAX_ACTIVE)
         {
@@ -126,7 +148,7 @@ impl State {
             self.overflowed_in_list = true;
         }
         let fingerprint = rr.spec.signal_fingerprint.clone();
-        let active = is_active(rr).then(|| Arc::new(rr.clone()));
+        let active = holds.then(|| Arc::new(slim(rr)));
         let previous = self.objects.insert(
             name.to_owned(),
             Known {
@@ -181,16 +203,19 @@ impl State {
         }
     }
 
-    /// The oldest active RR of `fp` (there should be at most one), like a fresh list would pick.
-    fn active(&self, fp: &str) -> Option<Arc<RemediationRequest>> {
+    /// The RR of `fp` that absorbs a signal at `wall`, chosen as from a fresh list.
+    fn active(&self, fp: &str, wall: jiff::Timestamp) -> Option<Arc<RemediationRequest>> {
         let per = self.fingerprints.get(fp)?;
-        per.active
+        let held: Vec<&Arc<RemediationRequest>> = per
+            .active
             .iter()
-            .filter_map(|n| self.objects.get(n)?.active.clone())
-            .min_by(|a, b| {
-                (a.metadata.creation_timestamp.as_ref().map(|t| t.0), &a.metadata.name)
-                    .cmp(&(b.metadata.creation_timestamp.as_ref().map(|t| t.0), &b.metadata.name))
-            })
+            .filter_map(|n| self.objects.get(n)?.active.as_ref())
+            .collect();
+        let chosen = absorb::pick(held.iter().map(|rr| rr.as_ref()), wall)?
+            .metadata
+            .name
+            .clone();
+        held.into_iter().find(|rr| rr.metadata.name == chosen).cloned()
     }
 }
 
@@ -204,13 +229,14 @@ impl Drop for WatchTask {
 }
 
 impl HintCache {
-    pub fn new(metrics: Metrics) -> Arc<Self> {
+    pub fn new(metrics: Metrics, clock: SharedClock) -> Arc<Self> {
         Arc::new(HintCache {
             state: Mutex::new(State {
                 complete: true,
                 ..State::default()
             }),
             metrics,
+            clock,
         })
     }
 
@@ -256,6 +282,7 @@ impl HintCache {
     /// Applies one watch event.
     fn apply(&self, event: RequestEvent) {
         let now = Instant::now();
+        let wall = self.clock.now();
         let mut st = self.state();
         match event {
             RequestEvent::Init => {
@@ -270,7 +297,7 @@ impl HintCache {
                 if let (Some(listing), Some(name)) = (st.listing.as_mut(), rr.metadata.name.clone()) {
                     listing.insert(name, rv_of(&rr).to_owned());
                 }
-                st.observe(&rr, now);
+                st.observe(&rr, now, wall);
             }
             RequestEvent::Synced => {
                 let listing = st.listing.take().unwrap_or_default();
@@ -301,7 +328,7 @@ impl HintCache {
             }
             RequestEvent::Applied(rr) => {
                 self.metrics.watch_events.with_label_values(&["applied"]).inc();
-                st.observe(&rr, now);
+                st.observe(&rr, now, wall);
             }
             RequestEvent::Deleted(rr) => {
                 self.metrics.watch_events.with_label_values(&["deleted"]).inc();
@@ -325,22 +352,25 @@ impl HintCache {
 
     /// Records an RR this replica read or wrote (kept if newer than what the cache holds).
     pub fn observe(&self, rr: &RemediationRequest) {
+        let wall = self.clock.now();
         let mut st = self.state();
-        if st.observe(rr, Instant::now()) {
+        if st.observe(rr, Instant::now(), wall) {
             self.metrics.watch_cached.set(st.active_total as i64);
         }
     }
 
-    /// The newest active RR known for `fp`: a hint for a conditional write.
+    /// The RR known to absorb a signal of `fp` now: a hint for a conditional write.
     pub fn active(&self, fp: &Fingerprint) -> Option<RemediationRequest> {
-        self.state().active(fp.as_str()).map(|rr| (*rr).clone())
+        let wall = self.clock.now();
+        self.state().active(fp.as_str(), wall).map(|rr| (*rr).clone())
     }
 
-    /// True only when the synced watch knows no active RR for `fp`. Lets a creator skip the list
-    /// before the lock; the list under the lock still decides.
+    /// True only when the synced watch knows no RR of `fp` that absorbs now. Lets a creator skip
+    /// the list before the lock; the list under the lock still decides.
     pub fn knows_none_active(&self, fp: &Fingerprint) -> bool {
+        let wall = self.clock.now();
         let st = self.state();
-        st.synced && st.complete && st.active(fp.as_str()).is_none()
+        st.synced && st.complete && st.active(fp.as_str(), wall).is_none()
     }
 
     /// Whether an RR of `fp` changed (any writer) within `window`.
@@ -363,9 +393,10 @@ impl HintCache {
                 }
                 match st.objects.get(name) {
                     Some(known) if newer(&known.rv, than_rv) => {
+                        let wall = self.clock.now();
                         return Some(match &known.active {
-                            Some(rr) => Newer::Active(Box::new((**rr).clone())),
-                            None => Newer::Closed,
+                            Some(rr) if absorb::absorbs(rr, wall).is_some() => Newer::Active(Box::new((**rr).clone())),
+                            _ => Newer::Closed,
                         });
                     }
                     _ => {}
@@ -392,12 +423,13 @@ impl HintCache {
         }
     }
 
-    /// Waits up to `until` for an active RR of `fp` to appear (the lock holder's), returning it.
+    /// Waits up to `until` for an absorbing RR of `fp` to appear (the lock holder's), returning it.
     pub async fn wait_active(&self, fp: &Fingerprint, until: Instant) -> Option<RemediationRequest> {
         loop {
             let changed = {
+                let wall = self.clock.now();
                 let mut st = self.state();
-                if let Some(rr) = st.active(fp.as_str()) {
+                if let Some(rr) = st.active(fp.as_str(), wall) {
                     return Some((*rr).clone());
                 }
                 st.fingerprints
@@ -409,7 +441,7 @@ impl HintCache {
             let notified = changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.state().active(fp.as_str()).is_some() {
+            if self.state().active(fp.as_str(), self.clock.now()).is_some() {
                 continue;
             }
             if tokio::time::timeout_at(until, notified).await.is_err() {
@@ -430,7 +462,7 @@ mod tests {
         Fingerprint::parse(&format!("{:064x}", n)).unwrap()
     }
 
-    fn rr(name: &str, f: &Fingerprint, rv: u64, phase: &str, count: i64) -> RemediationRequest {
+    fn rr(name: &str, f: &Fingerprint, rv: u64, phase: &str, count: i32) -> RemediationRequest {
         RemediationRequest {
             metadata: ObjectMeta {
                 name: Some(name.into()),
@@ -447,23 +479,21 @@ mod tests {
                     occurrence_count: count,
                     ..Default::default()
                 }),
-                overall_phase: phase.into(),
+                overall_phase: (!phase.is_empty()).then(|| phase.into()),
+                ..Default::default()
             }),
         }
     }
 
     fn cache() -> Arc<HintCache> {
-        HintCache::new(Metrics::register(&prometheus::Registry::new()).unwrap())
+        HintCache::new(
+            Metrics::register(&prometheus::Registry::new()).unwrap(),
+            Arc::new(crate::clock::SystemClock),
+        )
     }
 
-    fn count(rr: &RemediationRequest) -> i64 {
-        rr.status
-            .as_ref()
-            .unwrap()
-            .deduplication
-            .as_ref()
-            .unwrap()
-            .occurrence_count
+    fn count(rr: &RemediationRequest) -> i32 {
+        rr.occurrence_count()
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! through the [`cluster::Cluster`] port.
 #![forbid(unsafe_code)]
 
+pub mod absorb;
 pub mod admission;
 pub mod audit;
 pub mod auth;

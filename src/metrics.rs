@@ -22,6 +22,7 @@ const LINGER_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0
 pub struct Metrics {
     pub signals_received: IntCounterVec,
     pub signals_deduplicated: IntCounterVec,
+    pub signals_absorbed: IntCounterVec,
     pub crds_created: IntCounterVec,
     pub dedup_decisions: IntCounterVec,
     pub signal_duration: HistogramVec,
@@ -145,8 +146,14 @@ impl Metrics {
             signals_deduplicated: counter_vec(
                 r,
                 "gateway_signals_deduplicated_total",
-                "Signals counted into an existing active RemediationRequest.",
+                "Signals counted into an existing RemediationRequest instead of opening one.",
                 &["source"],
+            )?,
+            signals_absorbed: counter_vec(
+                r,
+                "gateway_signals_absorbed_total",
+                "Signals counted into an existing RemediationRequest, by the Kubernaut rule that made it absorb them: active, manual_review or cooldown.",
+                &["rule"],
             )?,
             crds_created: counter_vec(
                 r,
@@ -371,7 +378,8 @@ impl Metrics {
     /// Exports every series with a closed label set at zero from the start, so rates, ratios and
     /// alerts see "0" rather than "no data" before the first event of a kind.
     fn initialise_known_series(&self) {
-        let closed: [(&IntCounterVec, &[&str]); 12] = [
+        let closed: [(&IntCounterVec, &[&str]); 13] = [
+            (&self.signals_absorbed, &["active", "manual_review", "cooldown"]),
             (
                 &self.dedup_decisions,
                 &["created", "duplicate", "ignored", "rejected", "failed"],

@@ -15,7 +15,7 @@ use crate::crd::RemediationRequestSpec;
 use crate::dedup::DedupError;
 use crate::fingerprint::Fingerprint;
 use crate::metrics::Metrics;
-use crate::signal::{Signal, Skip, Source};
+use crate::signal::{self, Signal, Skip, Source};
 use crate::target::OwnerResolver;
 
 /// The outcome of one signal, as the API reports it.
@@ -25,7 +25,12 @@ pub enum Outcome {
         fingerprint: Fingerprint,
         ack: Ack,
     },
-    Skipped(Skip),
+    Skipped {
+        skip: Skip,
+        /// The object the signal named (after owner resolution when it got that far).
+        target: Option<crate::crd::TargetResource>,
+        fingerprint: Option<Fingerprint>,
+    },
     Failed {
         fingerprint: Option<Fingerprint>,
         error: DedupError,
@@ -38,7 +43,7 @@ impl Outcome {
         match self {
             Outcome::Stored { ack, .. } if ack.created => "created",
             Outcome::Stored { .. } => "duplicate",
-            Outcome::Skipped(skip) => skip.status(),
+            Outcome::Skipped { skip, .. } => skip.status(),
             Outcome::Failed { .. } => "failed",
         }
     }
@@ -60,6 +65,17 @@ pub struct Pipeline {
 impl Pipeline {
     /// Records a signal that was parsed but produces no RR (resolved alert, Normal event, ...).
     pub fn skipped(&self, source: Source, severity: &str, skip: Skip) -> Outcome {
+        self.skipped_about(source, severity, skip, None, None)
+    }
+
+    fn skipped_about(
+        &self,
+        source: Source,
+        severity: &str,
+        skip: Skip,
+        target: Option<crate::crd::TargetResource>,
+        fingerprint: Option<Fingerprint>,
+    ) -> Outcome {
         self.metrics
             .signals_received
             .with_label_values(&[source.as_str(), crate::metrics::severity_label(severity)])
@@ -71,13 +87,17 @@ impl Pipeline {
             reason = skip.reason(),
             "signal skipped"
         );
-        Outcome::Skipped(skip)
+        Outcome::Skipped {
+            skip,
+            target,
+            fingerprint,
+        }
     }
 
-    /// Records a signal the admission checks (freshness, scope) rejected.
-    fn rejected(&self, source: Source, severity: &str, skip: Skip) -> Outcome {
+    /// Records a signal the freshness check rejected.
+    fn rejected(&self, signal: &Signal, skip: Skip) -> Outcome {
         self.metrics.signals_rejected.with_label_values(&[skip.reason()]).inc();
-        self.skipped(source, severity, skip)
+        self.skipped_about(signal.source, &signal.severity, skip, Some(signal.target.clone()), None)
     }
 
     #[tracing::instrument(name = "signal", skip_all, fields(
@@ -88,33 +108,35 @@ impl Pipeline {
         let started = StdInstant::now();
         if let Err(skip) = self.freshness.check(&signal, self.clock.now()) {
             tracing::Span::current().record("outcome", skip.status());
-            return self.rejected(signal.source, &signal.severity, skip);
+            return self.rejected(&signal, skip);
         }
         let m = &self.metrics;
         m.signals_received
             .with_label_values(&[signal.source.as_str(), crate::metrics::severity_label(&signal.severity)])
             .inc();
-        m.signals_in_flight.inc();
+        // Decremented however this future ends, including when its caller drops it.
+        let _in_flight = InFlight::enter(&m.signals_in_flight);
+        let received = self.clock.now();
         let (target, mut owner_calls) = tallied(self.resolver.resolve(signal.target.clone())).await;
-        let fingerprint = Fingerprint::of(&self.cluster_id, &target);
+        // A configured cluster id wins over the one the sender names (Alertmanager commonLabels).
+        let cluster_id = if self.cluster_id.is_empty() {
+            signal
+                .cluster_id
+                .clone()
+                .map(|c| signal::cut_chars(c, 253))
+                .unwrap_or_default()
+        } else {
+            self.cluster_id.clone()
+        };
+        let fingerprint = Fingerprint::of(&cluster_id, &target);
         let span = tracing::Span::current();
         span.record("fingerprint", fingerprint.as_str());
-        let facts = self.audit.enabled().then(|| {
-            SignalFacts::new(
-                user,
-                signal.source.as_str(),
-                &signal.name,
-                &signal.severity,
-                &fingerprint,
-                &target,
-                &self.cluster_id,
-                &signal.labels,
-                &signal.annotations,
-                &signal.payload,
-            )
-        });
+        let source = signal.source;
+        let spec = spec_of(signal, &fingerprint, target, cluster_id, received);
+        // The audit events carry the spec's values (built only when the trail is on).
+        let facts = self.audit.enabled().then(|| SignalFacts::new(user, &spec));
         if self.scope.enabled() {
-            let (managed, scope_calls) = tallied(self.scope.is_managed(&target)).await;
+            let (managed, scope_calls) = tallied(self.scope.is_managed(&spec.target_resource)).await;
             // Label reads count with the owner reads: both happen before the dedup write.
             owner_calls += scope_calls;
             let calls = f64::from(owner_calls);
@@ -126,7 +148,11 @@ impl Pipeline {
                 Ok(false) => {
                     m.scope_decisions.with_label_values(&["unmanaged"]).inc();
                     m.signals_rejected.with_label_values(&[UNMANAGED_RESOURCE]).inc();
-                    Some(Outcome::Skipped(Skip::Rejected(UNMANAGED_RESOURCE.into())))
+                    Some(Outcome::Skipped {
+                        skip: Skip::Rejected(UNMANAGED_RESOURCE.into()),
+                        target: Some(spec.target_resource.clone()),
+                        fingerprint: Some(fingerprint.clone()),
+                    })
                 }
                 Err(e) => {
                     m.scope_decisions.with_label_values(&["error"]).inc();
@@ -141,30 +167,14 @@ impl Pipeline {
                 return self.finish(outcome, facts, calls, started);
             }
         }
-        let spec = RemediationRequestSpec {
-            signal_fingerprint: fingerprint.to_string(),
-            signal_name: signal.name,
-            severity: signal.severity,
-            signal_type: signal.source.signal_type().into(),
-            signal_source: signal.sender,
-            target_type: "kubernetes".into(),
-            target_resource: target,
-            cluster_id: self.cluster_id.clone(),
-            firing_time: signal.firing_time,
-            received_time: rfc3339(self.clock.now()),
-            signal_labels: signal.labels,
-            signal_annotations: signal.annotations,
-            original_payload: signal.payload,
-        };
         let result = self.coalescer.submit(fingerprint.clone(), spec, deadline).await;
         let (outcome, calls) = match result {
             Ok(ack) => {
                 let calls = ack.api_calls + f64::from(owner_calls);
                 span.record("rr_name", ack.name.as_str());
                 if !ack.created {
-                    m.signals_deduplicated
-                        .with_label_values(&[signal.source.as_str()])
-                        .inc();
+                    m.signals_deduplicated.with_label_values(&[source.as_str()]).inc();
+                    m.signals_absorbed.with_label_values(&[ack.absorbed_by.as_str()]).inc();
                 }
                 (Outcome::Stored { fingerprint, ack }, calls)
             }
@@ -187,7 +197,7 @@ impl Pipeline {
         if let Some(facts) = facts {
             self.audit(&facts, &outcome, started);
         }
-        if !matches!(outcome, Outcome::Skipped(_)) {
+        if !matches!(outcome, Outcome::Skipped { .. }) {
             self.latency.observe(started.elapsed());
         }
         if matches!(outcome, Outcome::Stored { .. }) {
@@ -203,9 +213,10 @@ impl Pipeline {
         m.signal_duration
             .with_label_values(&[label])
             .observe(started.elapsed().as_secs_f64());
-        m.signals_in_flight.dec();
         match &outcome {
-            Outcome::Skipped(skip) => tracing::info!(outcome = label, reason = skip.reason(), "signal processed"),
+            Outcome::Skipped { skip, .. } => {
+                tracing::info!(outcome = label, reason = skip.reason(), "signal processed")
+            }
             _ => tracing::info!(outcome = label, "signal processed"),
         }
         outcome
@@ -233,8 +244,64 @@ impl Pipeline {
                 self.audit
                     .record(facts.failed(error.reason(), &error.to_string(), &at, ms));
             }
-            Outcome::Skipped(_) => {}
+            Outcome::Skipped { .. } => {}
         }
+    }
+}
+
+/// The RR spec of a signal, with Kubernaut's values and bounds (KUBERNAUT.md, "Spec").
+fn spec_of(
+    signal: Signal,
+    fingerprint: &Fingerprint,
+    target: crate::crd::TargetResource,
+    cluster_id: String,
+    received: jiff::Timestamp,
+) -> RemediationRequestSpec {
+    // The sender's start time, in the form the CRD's date-time admits; the receive time when the
+    // sender gave none (or one that does not parse; the freshness check has judged it already).
+    let firing_time = signal
+        .firing_time
+        .as_deref()
+        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+        .unwrap_or(received);
+    let labels = signal::cut_values(signal.labels, signal::LABEL_VALUE_MAX);
+    let provider_data = serde_json::json!({"namespace": target.namespace, "labels": labels}).to_string();
+    let severity = if signal.severity.trim().is_empty() {
+        "unknown".to_owned()
+    } else {
+        signal::cut_chars(signal.severity, signal::SEVERITY_MAX)
+    };
+    RemediationRequestSpec {
+        signal_fingerprint: fingerprint.to_string(),
+        signal_name: signal.name,
+        severity,
+        signal_type: signal::SIGNAL_TYPE.into(),
+        signal_source: signal.source.signal_source().into(),
+        target_type: "kubernetes".into(),
+        target_resource: target,
+        cluster_id,
+        firing_time: rfc3339(firing_time),
+        received_time: rfc3339(received),
+        signal_labels: labels,
+        signal_annotations: signal::cut_values(signal.annotations, signal::ANNOTATION_VALUE_MAX),
+        provider_data,
+        original_payload: signal.payload,
+    }
+}
+
+/// Counts a signal in flight for as long as the guard lives.
+struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

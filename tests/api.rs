@@ -45,9 +45,10 @@ async fn first_signal_creates_and_second_counts_as_duplicate() {
         (
             spec.signal_name.as_str(),
             spec.severity.as_str(),
-            spec.signal_type.as_str()
+            spec.signal_type.as_str(),
+            spec.signal_source.as_str()
         ),
-        ("KubePodCrashLooping", "critical", "prometheus-alert")
+        ("KubePodCrashLooping", "critical", "alert", "prometheus")
     );
     assert_eq!(spec.target_resource.kind, "Pod");
     assert_eq!(spec.target_resource.namespace, "shop");
@@ -105,7 +106,11 @@ async fn own_fixtures_single_batch_resolved_and_truncated_are_accepted() {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
-    assert_eq!(b, json!({"status": "ignored", "reason": "resolved"}));
+    assert_eq!(
+        (&b["status"], &b["reason"]),
+        (&json!("ignored"), &json!("resolved")),
+        "{b}"
+    );
 
     let (s, _, b) = gw
         .post(
@@ -185,14 +190,18 @@ async fn warning_events_create_and_normal_events_are_ignored() {
     assert_eq!(s, StatusCode::ACCEPTED, "{b}");
     assert_eq!(b["occurrenceCount"], 2);
     let rr = &gw.store().all_requests()[0];
-    assert_eq!(rr.spec.signal_type, "kubernetes-event");
+    assert_eq!(rr.spec.signal_type, "alert");
     assert_eq!(rr.spec.signal_name, "BackOff");
-    assert_eq!(rr.spec.signal_source, "kubelet");
+    assert_eq!(rr.spec.signal_source, "kubernetes-events");
 
     let normal: Value = serde_json::from_str(&fixture("event-normal-pulled.json")).unwrap();
     let (s, _, b) = gw.event(&normal).await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(b, json!({"status": "ignored", "reason": "normal_event"}));
+    assert_eq!(
+        (&b["status"], &b["reason"]),
+        (&json!("ignored"), &json!("normal_event")),
+        "{b}"
+    );
     gw.stop().await.unwrap();
 }
 
@@ -204,7 +213,13 @@ async fn alerts_without_a_kubernetes_target_are_rejected_with_200() {
     ]);
     let (s, _, b) = gw.alerts(&body).await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(b, json!({"status": "rejected", "reason": "no_target_resource"}));
+    assert_eq!(
+        (&b["status"], &b["reason"]),
+        (&json!("rejected"), &json!("no_target_resource")),
+        "{b}"
+    );
+    assert_eq!(b["rejection"]["reason"], "no_target_resource", "{b}");
+    assert!(b["rejection"]["action"].as_str().unwrap().contains("label"), "{b}");
     let mixed = webhook(vec![
         pod_alert("shop", "a"),
         json!({"status": "firing", "labels": {"alertname": "Watchdog"}}),
@@ -427,11 +442,16 @@ impl signal_gateway::cluster::Cluster for SlowProbe {
     ) -> signal_gateway::cluster::Result<signal_gateway::crd::RemediationRequest> {
         self.store.create_request(rr).await
     }
-    async fn update_request_status(
+    async fn update_deduplication(
         &self,
-        rr: &signal_gateway::crd::RemediationRequest,
+        namespace: &str,
+        name: &str,
+        resource_version: &str,
+        deduplication: &signal_gateway::crd::Deduplication,
     ) -> signal_gateway::cluster::Result<signal_gateway::crd::RemediationRequest> {
-        self.store.update_request_status(rr).await
+        self.store
+            .update_deduplication(namespace, name, resource_version, deduplication)
+            .await
     }
     fn watch_requests(
         &self,

@@ -185,7 +185,11 @@ async fn an_incident_its_duplicates_a_failed_create_and_a_batch_give_exactly_the
     assert_eq!(received["namespace"], "shop");
     assert_eq!(received["event_data"]["remediation_request"], format!("{rr_ns}/{rr}"));
     assert_eq!(received["event_data"]["signal_name"], "KubePodCrashLooping");
-    assert_eq!(received["event_data"]["original_payload"]["labels"]["pod"], "api-0");
+    // The RR's originalPayload: the notification as received, as an object.
+    assert_eq!(
+        received["event_data"]["original_payload"]["alerts"][0]["labels"]["pod"],
+        "api-0"
+    );
     assert_eq!(received["event_data"]["signal_labels"]["pod"], "api-0");
     assert_eq!(received["event_data"]["fingerprint"], first["fingerprint"]);
     let failure = &stored[position("gateway.crd.failed", "KubePodCrashLooping:shop:Pod:broken-0", 0)];

@@ -777,10 +777,7 @@ async fn faults_under_mixed_load_lose_no_ack_create_no_duplicate_leak_no_lease_a
     let (mut acked_total, mut stored_total) = (0i64, 0i64);
     for (fp, s) in &fps {
         let rrs = by_fp.get(&**fp).map(Vec::as_slice).unwrap_or_default();
-        let active = rrs
-            .iter()
-            .filter(|rr| phase_is_active(rr.status.as_ref().map(|st| st.overall_phase.as_str()).unwrap_or("")))
-            .count();
+        let active = rrs.iter().filter(|rr| phase_is_active(rr.phase())).count();
         let names: Vec<String> = rrs.iter().filter_map(|rr| rr.metadata.name.clone()).collect();
         if active > 1 || rrs.len() > 1 || s.created > 1 || s.rr_names.len() > 1 {
             duplicates.push(format!(

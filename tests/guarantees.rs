@@ -224,10 +224,8 @@ async fn a_live_foreign_lease_delays_the_signal_which_then_counts_as_duplicate()
             ..Default::default()
         },
         spec: signal_gateway::crd::RemediationRequestSpec {
-            signal_fingerprint: fp.clone(),
             signal_name: "KubePodCrashLooping".into(),
-            received_time: "2026-11-24T10:00:00Z".into(),
-            ..Default::default()
+            ..signal_gateway::crd::RemediationRequestSpec::example(&fp)
         },
         status: None,
     };
@@ -236,16 +234,14 @@ async fn a_live_foreign_lease_delays_the_signal_which_then_counts_as_duplicate()
     // gateway (woken by its watch when the RR appears) may count first, so re-read on Conflict.
     let name = created.metadata.name.clone().unwrap();
     loop {
-        let mut current = gw.store().get_request("signals", &name).await.unwrap();
-        current.status = Some(signal_gateway::crd::RemediationRequestStatus {
-            deduplication: Some(Deduplication {
-                first_seen_at: "x".into(),
-                last_seen_at: "x".into(),
-                occurrence_count: count_of(&current) + 1,
-            }),
-            overall_phase: String::new(),
-        });
-        match gw.store().update_request_status(&current).await {
+        let current = gw.store().get_request("signals", &name).await.unwrap();
+        let next = Deduplication {
+            first_seen_at: "2026-11-24T10:00:00Z".into(),
+            last_seen_at: "2026-11-24T10:00:00Z".into(),
+            occurrence_count: current.occurrence_count() + 1,
+        };
+        let rv = current.metadata.resource_version.clone().unwrap();
+        match gw.store().update_deduplication("signals", &name, &rv, &next).await {
             Ok(_) => break,
             Err(signal_gateway::cluster::ApiError::Conflict(_)) => continue,
             Err(e) => panic!("{e}"),

@@ -233,7 +233,7 @@ async fn a_dead_holders_lease_is_taken_over_and_a_live_foreign_lease_delays_then
         "metadata": {"name": format!("rr-{}-1", &fp[..16]), "namespace": testenv().namespace},
         "spec": {"signalFingerprint": fp, "signalName": "KubePodCrashLooping", "severity": "critical", "signalType": "prometheus-alert",
                  "signalSource": "elsewhere", "targetType": "kubernetes", "targetResource": {"kind": "Pod", "name": "live", "namespace": ns},
-                 "receivedTime": "2026-11-24T10:00:00Z"}
+                 "firingTime": "2026-11-24T10:00:00Z", "receivedTime": "2026-11-24T10:00:00Z"}
     }))
     .unwrap();
     theirs = rrs.create(&PostParams::default(), &theirs).await.unwrap();
@@ -244,7 +244,7 @@ async fn a_dead_holders_lease_is_taken_over_and_a_live_foreign_lease_delays_then
         let current = rrs.get(&name).await.unwrap();
         let status = json!({
             "metadata": {"resourceVersion": current.metadata.resource_version},
-            "status": {"deduplication": {"firstSeenAt": "t", "lastSeenAt": "t", "occurrenceCount": count_of(&current) + 1}}
+            "status": {"deduplication": {"firstSeenAt": "2026-11-24T10:00:00Z", "lastSeenAt": "2026-11-24T10:00:00Z", "occurrenceCount": count_of(&current) + 1}}
         });
         match rrs
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
@@ -574,7 +574,7 @@ async fn three_replicas_sharing_hot_fingerprints_keep_exact_counts_and_resolve_c
     wait_synced(&replicas, &client).await;
     let ns = format!("shop-{}", unique());
     let pods: Vec<String> = (0..4).map(|i| format!("hot-{i}")).collect();
-    let update_labels = ["verb=\"update\"", "resource=\"remediationrequests/status\""];
+    let update_labels = ["verb=\"patch\"", "resource=\"remediationrequests/status\""];
     let (updates0, conflicts0, gets0) = (
         total(&replicas, &client, "gateway_k8s_api_requests_total", &update_labels).await,
         total(&replicas, &client, "gateway_dedup_status_update_conflicts_total", &[]).await,
@@ -680,7 +680,8 @@ async fn with_the_watch_replicas_taking_turns_on_one_incident_rarely_conflict() 
 async fn the_real_api_server_honours_the_cluster_port_contract() {
     let client = client_for(&testenv().gateway_kubeconfig).await;
     let cluster = signal_gateway::backend::kubernetes::KubernetesCluster::from_client(client);
-    common::contract::run(Arc::new(cluster), &testenv().namespace, &unique()).await;
+    let orchestrator = common::testenv::AdminOrchestrator(admin().await);
+    common::contract::run(Arc::new(cluster), &orchestrator, &testenv().namespace, &unique()).await;
 }
 
 fn role_verbs() -> BTreeSet<(String, String, String)> {
@@ -738,7 +739,7 @@ async fn without_the_lease_permission_signals_fail_503_and_readyz_names_the_gap(
     };
     apply(format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n")).await;
     apply(format!(
-        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: no-leases\n  namespace: {ns}\nrules:\n- apiGroups: [kubernaut.ai]\n  resources: [remediationrequests]\n  verbs: [get, list, create]\n- apiGroups: [kubernaut.ai]\n  resources: [remediationrequests/status]\n  verbs: [update]\n"
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: no-leases\n  namespace: {ns}\nrules:\n- apiGroups: [kubernaut.ai]\n  resources: [remediationrequests]\n  verbs: [get, list, create]\n- apiGroups: [kubernaut.ai]\n  resources: [remediationrequests/status]\n  verbs: [patch]\n"
     ))
     .await;
     apply(format!(

@@ -361,15 +361,7 @@ pub async fn check_request(request: &Request<'_>) {
     }
     let rrs = gw.store.all_requests();
     assert_eq!(rrs.len() as u64, created, "one RR per created acknowledgement");
-    let counted: i64 = rrs
-        .iter()
-        .map(|rr| {
-            rr.status
-                .as_ref()
-                .and_then(|s| s.deduplication.as_ref())
-                .map_or(0, |d| d.occurrence_count)
-        })
-        .sum();
+    let counted: i64 = rrs.iter().map(|rr| i64::from(rr.occurrence_count())).sum();
     assert_eq!(
         counted as u64,
         created + duplicates,

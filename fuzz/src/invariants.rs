@@ -3,11 +3,11 @@
 //! crash is checked by `cargo test` exactly as the fuzzer checked it. Each check panics with the
 //! input's outcome in the message; a panic is what libFuzzer reports as a crash.
 
-use signal_gateway::crd::{ORIGINAL_PAYLOAD_MAX, TargetResource};
+use signal_gateway::crd::TargetResource;
 use signal_gateway::fingerprint::Fingerprint;
 use signal_gateway::signal::{
-    MAX_ALERTS_PER_REQUEST, ParseError, Signal, Skip, Source, alertmanager, event, is_valid_namespace,
-    is_valid_object_name,
+    MAX_ALERTS_PER_REQUEST, ORIGINAL_PAYLOAD_MAX, ParseError, SEVERITY_MAX, Signal, Skip, Source, alertmanager, event,
+    is_valid_namespace, is_valid_object_name,
 };
 
 /// Any non-empty cluster id: fingerprints are also checked with one.
@@ -133,7 +133,11 @@ fn check_signal(signal: &Signal, source: Source) {
         "signal name does not fit spec.signalName (1..=253 characters): {} bytes",
         signal.name.len()
     );
-    assert!(!signal.severity.is_empty(), "empty severity");
+    assert!(
+        !signal.severity.is_empty() && signal.severity.chars().count() <= SEVERITY_MAX,
+        "severity does not fit spec.severity (1..=50 characters): {:?}",
+        signal.severity
+    );
     assert!(
         signal.payload.len() <= ORIGINAL_PAYLOAD_MAX,
         "payload of {} bytes exceeds {ORIGINAL_PAYLOAD_MAX}",
@@ -217,12 +221,16 @@ pub fn check_event(body: &[u8]) {
         "namespace present exactly for namespaced kinds: {:?}",
         signal.target
     );
-    assert_eq!(signal.severity, "warning");
+    assert!(
+        ["warning", "error"].contains(&signal.severity.as_str()),
+        "severity {}",
+        signal.severity
+    );
     if let Some(message) = signal.annotations.get("message") {
         assert!(message.len() <= EVENT_MESSAGE_MAX, "message of {} bytes", message.len());
     }
     assert!(
-        String::from_utf8_lossy(body).starts_with(&signal.payload),
+        String::from_utf8_lossy(body).starts_with(&*signal.payload),
         "the original payload is a prefix of the body"
     );
 }

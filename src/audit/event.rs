@@ -8,13 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::{Serialize, Serializer};
 
-use crate::crd::TargetResource;
-use crate::fingerprint::Fingerprint;
+use crate::crd::{RemediationRequestSpec, TargetResource};
 
-/// Label values are cut to this many characters, as in the RemediationRequest.
-pub const LABEL_VALUE_MAX: usize = 63;
-/// Annotation values are cut to this many characters, as in the RemediationRequest.
-pub const ANNOTATION_VALUE_MAX: usize = 262_000;
 /// DataStorage's bound on `correlation_id`.
 pub const CORRELATION_ID_MAX: usize = 255;
 
@@ -120,12 +115,13 @@ pub struct ErrorDetails {
     pub retry_possible: bool,
 }
 
-/// The sender's JSON for the signal, kept as text until the sender serializes the batch. It is
-/// written as the JSON object it is; text that is not a whole JSON object (a payload cut at the
-/// RemediationRequest's bound) is written as `{"truncated": true, "text": "..."}`, so
-/// `original_payload` is an object either way.
+/// The sender's JSON (the RR's `originalPayload`: the request body, shared by the alerts of one
+/// notification), kept as text until the sender serializes the batch. It is written as the JSON
+/// object it is; text that is not a whole JSON object (a body cut at the RemediationRequest's
+/// bound) is written as `{"truncated": true, "text": "..."}`, so `original_payload` is an
+/// object either way.
 #[derive(Debug, Clone)]
-pub struct Payload(pub String);
+pub struct Payload(pub std::sync::Arc<str>);
 
 impl Serialize for Payload {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -135,19 +131,20 @@ impl Serialize for Payload {
                 use serde::ser::SerializeMap;
                 let mut m = s.serialize_map(Some(2))?;
                 m.serialize_entry("truncated", &true)?;
-                m.serialize_entry("text", &self.0)?;
+                m.serialize_entry("text", &*self.0)?;
                 m.end()
             }
         }
     }
 }
 
-/// Who sent a signal, as the pipeline hands it to the audit trail.
+/// What the events of one signal say: the sender as authentication knows it and the RR spec the
+/// signal produced (so the trail carries exactly the RR's values and bounds).
 #[derive(Debug, Clone)]
 pub struct SignalFacts {
     /// The authenticated user (`auth.mode` kubernetes or static); `None` when auth knows none.
     pub user: Option<String>,
-    /// Where the signal came from when no user is known (`signalSource`, else the adapter).
+    /// Where the signal came from when no user is known (`spec.signalSource`).
     pub source: String,
     pub signal_name: String,
     pub severity: String,
@@ -156,34 +153,22 @@ pub struct SignalFacts {
     pub cluster_id: String,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
-    pub payload: String,
+    pub payload: std::sync::Arc<str>,
 }
 
 impl SignalFacts {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        user: Option<&str>,
-        source: &str,
-        signal_name: &str,
-        severity: &str,
-        fingerprint: &Fingerprint,
-        target: &TargetResource,
-        cluster_id: &str,
-        labels: &BTreeMap<String, String>,
-        annotations: &BTreeMap<String, String>,
-        payload: &str,
-    ) -> Self {
+    pub fn new(user: Option<&str>, spec: &RemediationRequestSpec) -> Self {
         SignalFacts {
             user: user.map(str::to_owned),
-            source: source.to_owned(),
-            signal_name: signal_name.to_owned(),
-            severity: severity.to_owned(),
-            fingerprint: fingerprint.to_string(),
-            target: target.clone(),
-            cluster_id: cluster_id.to_owned(),
-            labels: bounded(labels, LABEL_VALUE_MAX),
-            annotations: bounded(annotations, ANNOTATION_VALUE_MAX),
-            payload: payload.to_owned(),
+            source: spec.signal_source.clone(),
+            signal_name: spec.signal_name.clone(),
+            severity: spec.severity.clone(),
+            fingerprint: spec.signal_fingerprint.clone(),
+            target: spec.target_resource.clone(),
+            cluster_id: spec.cluster_id.clone(),
+            labels: spec.signal_labels.clone(),
+            annotations: spec.signal_annotations.clone(),
+            payload: spec.original_payload.clone(),
         }
     }
 
@@ -339,11 +324,6 @@ fn cut(s: String, max: usize) -> String {
     }
 }
 
-/// `map` with every value cut to at most `max` characters.
-fn bounded(map: &BTreeMap<String, String>, max: usize) -> BTreeMap<String, String> {
-    map.iter().map(|(k, v)| (k.clone(), cut(v.clone(), max))).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,21 +336,19 @@ mod tests {
             namespace: "shop".into(),
             api_version: "apps/v1".into(),
         };
-        let fp = Fingerprint::of("", &target);
-        let labels = BTreeMap::from([("alertname".into(), "A".into()), ("long".into(), "x".repeat(100))]);
-        let annotations = BTreeMap::from([("summary".into(), "é".repeat(300_000))]);
-        SignalFacts::new(
-            user,
-            "prometheus",
-            "KubePodCrashLooping",
-            "critical",
-            &fp,
-            &target,
-            "east",
-            &labels,
-            &annotations,
-            r#"{"labels":{"alertname":"A"}}"#,
-        )
+        let spec = RemediationRequestSpec {
+            signal_fingerprint: crate::fingerprint::Fingerprint::of("", &target).to_string(),
+            signal_name: "KubePodCrashLooping".into(),
+            severity: "critical".into(),
+            signal_source: "prometheus".into(),
+            target_resource: target,
+            cluster_id: "east".into(),
+            signal_labels: BTreeMap::from([("alertname".into(), "A".into())]),
+            signal_annotations: BTreeMap::from([("summary".into(), "s".into())]),
+            original_payload: r#"{"labels":{"alertname":"A"}}"#.into(),
+            ..Default::default()
+        };
+        SignalFacts::new(user, &spec)
     }
 
     fn json_of(e: &AuditEvent) -> Value {
@@ -423,18 +401,6 @@ mod tests {
     }
 
     #[test]
-    fn labels_and_annotations_keep_the_remediation_request_bounds() {
-        let d = json_of(&facts(None).deduplicated("kubernaut", "rr", 2, "t", 1));
-        assert_eq!(d["event_data"]["signal_labels"]["long"].as_str().unwrap().len(), 63);
-        let summary = d["event_data"]["signal_annotations"]["summary"].as_str().unwrap();
-        assert_eq!(
-            summary.chars().count(),
-            ANNOTATION_VALUE_MAX,
-            "cut by characters, not bytes"
-        );
-    }
-
-    #[test]
     fn a_failed_creation_carries_error_details_and_a_readable_correlation_id() {
         let f = json_of(&facts(None).failed("api_timeout", "the API server did not answer", "t", 4000));
         assert_eq!(f["event_outcome"], "failure");
@@ -464,7 +430,7 @@ mod tests {
     fn held_bytes_grow_with_the_events_text() {
         let small = facts(None).deduplicated("ns", "rr", 2, "t", 1);
         let mut f = facts(None);
-        f.payload = "x".repeat(100_000);
+        f.payload = "x".repeat(100_000).into();
         let large = f.deduplicated("ns", "rr", 2, "t", 1);
         assert!(large.held_bytes() >= small.held_bytes() + 99_000);
         assert!(small.held_bytes() >= serde_json::to_vec(&small).unwrap().len() / 2);

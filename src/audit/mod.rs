@@ -13,10 +13,7 @@ pub mod trail;
 
 use std::sync::Arc;
 
-pub use event::{
-    ANNOTATION_VALUE_MAX, AuditEvent, CORRELATION_ID_MAX, ErrorDetails, EventData, EventType, LABEL_VALUE_MAX, Payload,
-    SignalFacts,
-};
+pub use event::{AuditEvent, CORRELATION_ID_MAX, ErrorDetails, EventData, EventType, Payload, SignalFacts};
 pub use metrics::{ATTEMPT_RESULTS, AuditMetrics, Fate};
 pub use trail::{AuditTrail, TrailTask};
 

@@ -432,19 +432,14 @@ mod tests {
             namespace: "shop".into(),
             api_version: "v1".into(),
         };
-        SignalFacts::new(
-            None,
-            "prometheus",
-            "A",
-            "critical",
-            &Fingerprint::of("", &target),
-            &target,
-            "",
-            &Default::default(),
-            &Default::default(),
-            &"x".repeat(payload_bytes),
-        )
-        .deduplicated("ns", "rr", i as i64 + 2, "2026-11-24T10:00:00Z", 1)
+        let spec = crate::crd::RemediationRequestSpec {
+            signal_fingerprint: Fingerprint::of("", &target).to_string(),
+            signal_name: "A".into(),
+            target_resource: target,
+            original_payload: "x".repeat(payload_bytes).into(),
+            ..Default::default()
+        };
+        SignalFacts::new(None, &spec).deduplicated("ns", "rr", i as i64 + 2, "2026-11-24T10:00:00Z", 1)
     }
 
     /// Answers from a script (then `Sent`), and keeps every body it was given.

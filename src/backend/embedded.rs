@@ -3,6 +3,10 @@
 //! lists, status subresource, preconditioned delete). It is for trying the gateway out and for
 //! fast tests; the contract tests hold it to the real API server's behaviour.
 //!
+//! What a write keeps and drops is the API server's too: a status write is a JSON merge patch
+//! (RFC 7386) of the stored status, and the result is read back through the typed status, so a
+//! field the CRD does not describe is pruned and every field it does is kept as written.
+//!
 //! Lease expiry is not enforced by the store (the API server does not either): holders decide it
 //! from `renewTime` with the injected clock.
 
@@ -19,8 +23,7 @@ use tokio::sync::broadcast;
 
 use crate::clock::SharedClock;
 use crate::cluster::{ApiError, Cluster, ObjectRef, RequestEvent, Result};
-use crate::crd::RemediationRequest;
-use crate::fingerprint::Fingerprint;
+use crate::crd::{Deduplication, RemediationRequest, RemediationRequestStatus};
 
 type Key = (String, String);
 
@@ -105,6 +108,41 @@ fn check_rv(sent: &ObjectMeta, stored: &ObjectMeta, what: &str) -> Result<()> {
     }
 }
 
+/// `status` with a JSON merge patch applied, read back through the typed status: fields the
+/// CRD does not describe are pruned, a value of the wrong type is refused, as the API server does.
+fn merged_status(
+    status: Option<&RemediationRequestStatus>,
+    patch: &serde_json::Value,
+) -> Result<RemediationRequestStatus> {
+    let mut value = serde_json::to_value(status.cloned().unwrap_or_default())
+        .map_err(|e| ApiError::Invalid(format!("status: {e}")))?;
+    merge_patch(&mut value, patch);
+    super::schema::validate_status(&value).map_err(ApiError::Invalid)?;
+    serde_json::from_value(value).map_err(|e| ApiError::Invalid(format!("status: Invalid value: {e}")))
+}
+
+/// RFC 7386 JSON merge patch: objects merge key by key, `null` removes, anything else replaces.
+pub fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    use serde_json::Value;
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(serde_json::Map::new());
+    }
+    let Value::Object(target) = target else {
+        unreachable!("made an object above")
+    };
+    for (k, v) in patch {
+        if v.is_null() {
+            target.remove(k);
+        } else {
+            merge_patch(target.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
 /// Changes a watcher may fall behind by before its watch breaks (and it lists again), like an
 /// API server dropping a slow watcher.
 const WATCH_BUFFER: usize = 4096;
@@ -161,17 +199,26 @@ impl EmbeddedStore {
         self.state.lock().expect("embedded store poisoned").last_rv.to_string()
     }
 
-    /// Sets `status.overallPhase`, as the orchestrator would through the status subresource.
-    pub fn set_phase(&self, namespace: &str, name: &str, phase: &str) -> Result<RemediationRequest> {
+    /// Applies a JSON merge patch to the status of RR `name`, as the orchestrator would through
+    /// the status subresource (no precondition). `Invalid` when the result is not a status the CRD
+    /// admits.
+    pub fn patch_status(&self, namespace: &str, name: &str, patch: &serde_json::Value) -> Result<RemediationRequest> {
         let mut st = self.state.lock().expect("embedded store poisoned");
+        let stored = st.requests.get(&key(namespace, name)).ok_or(ApiError::NotFound)?;
+        let status = merged_status(stored.status.as_ref(), patch)?;
         let rv = st.next_rv();
-        let rr = st.requests.get_mut(&key(namespace, name)).ok_or(ApiError::NotFound)?;
-        rr.status.get_or_insert_with(Default::default).overall_phase = phase.to_owned();
+        let rr = st.requests.get_mut(&key(namespace, name)).expect("checked above");
+        rr.status = Some(status);
         rr.metadata.resource_version = Some(rv);
         let rr = rr.clone();
         // No receiver is not an error: nobody watches.
         let _ = self.changes.send(RequestEvent::Applied(rr.clone()));
         Ok(rr)
+    }
+
+    /// Sets `status.overallPhase`, as the orchestrator would.
+    pub fn set_phase(&self, namespace: &str, name: &str, phase: &str) -> Result<RemediationRequest> {
+        self.patch_status(namespace, name, &serde_json::json!({ "overallPhase": phase }))
     }
 
     /// Registers an object's metadata so owner resolution can read it.
@@ -215,11 +262,8 @@ impl Cluster for EmbeddedStore {
     }
 
     async fn create_request(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
-        if Fingerprint::parse(&rr.spec.signal_fingerprint).is_none() {
-            return Err(ApiError::Invalid(
-                "spec.signalFingerprint: Invalid value: should match '^[a-f0-9]{64}$'".into(),
-            ));
-        }
+        let spec = serde_json::to_value(&rr.spec).map_err(|e| ApiError::Invalid(format!("spec: {e}")))?;
+        super::schema::validate_spec(&spec).map_err(ApiError::Invalid)?;
         let now = self.clock.now();
         let mut st = self.state().await?;
         let mut new = rr.clone();
@@ -239,17 +283,26 @@ impl Cluster for EmbeddedStore {
         Ok(new)
     }
 
-    async fn update_request_status(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
+    async fn update_deduplication(
+        &self,
+        namespace: &str,
+        name: &str,
+        resource_version: &str,
+        deduplication: &Deduplication,
+    ) -> Result<RemediationRequest> {
+        let patch = serde_json::json!({ "deduplication": deduplication });
         let mut st = self.state().await?;
-        let k = key(
-            rr.metadata.namespace.as_deref().unwrap_or_default(),
-            rr.metadata.name.as_deref().unwrap_or_default(),
-        );
+        let k = key(namespace, name);
         let stored = st.requests.get(&k).ok_or(ApiError::NotFound)?;
-        check_rv(&rr.metadata, &stored.metadata, "remediationrequests.kubernaut.ai")?;
+        let sent = ObjectMeta {
+            resource_version: Some(resource_version.to_owned()),
+            ..ObjectMeta::default()
+        };
+        check_rv(&sent, &stored.metadata, "remediationrequests.kubernaut.ai")?;
+        let status = merged_status(stored.status.as_ref(), &patch)?;
         let rv = st.next_rv();
         let stored = st.requests.get_mut(&k).expect("checked above");
-        stored.status = rr.status.clone();
+        stored.status = Some(status);
         stored.metadata.resource_version = Some(rv);
         let updated = stored.clone();
         let _ = self.changes.send(RequestEvent::Applied(updated.clone()));

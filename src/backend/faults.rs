@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::Semaphore;
 
 use crate::cluster::{ApiError, Cluster, ObjectRef, RequestEvent, Result};
-use crate::crd::RemediationRequest;
+use crate::crd::{Deduplication, RemediationRequest};
 
 /// The operations of the port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,7 +20,8 @@ pub enum Op {
     ListRequests,
     GetRequest,
     CreateRequest,
-    UpdateRequestStatus,
+    /// The status write of `status.deduplication`.
+    UpdateDeduplication,
     /// Starting a RemediationRequest watch (Fail: it breaks at once; Hang: it never lists).
     WatchRequests,
     /// Each item a watch delivers (Fail: the watch breaks there; Hang: it stalls for good;
@@ -110,9 +111,17 @@ impl Cluster for Faulty {
         self.apply(Op::CreateRequest).await?;
         self.inner.create_request(rr).await
     }
-    async fn update_request_status(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
-        self.apply(Op::UpdateRequestStatus).await?;
-        self.inner.update_request_status(rr).await
+    async fn update_deduplication(
+        &self,
+        namespace: &str,
+        name: &str,
+        resource_version: &str,
+        deduplication: &Deduplication,
+    ) -> Result<RemediationRequest> {
+        self.apply(Op::UpdateDeduplication).await?;
+        self.inner
+            .update_deduplication(namespace, name, resource_version, deduplication)
+            .await
     }
     fn watch_requests(&self, namespace: &str) -> BoxStream<'static, Result<RequestEvent>> {
         let (hook, inner, namespace) = (self.hook.clone(), self.inner.clone(), namespace.to_owned());

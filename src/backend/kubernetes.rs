@@ -12,7 +12,8 @@ use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessR
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams, Preconditions,
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
+    Preconditions,
 };
 use kube::runtime::watcher;
 use kube::{Client, Config};
@@ -20,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::backend::metered::ApiMetricsLayer;
 use crate::cluster::{ApiError, Cluster, ObjectRef, RequestEvent, Result};
-use crate::crd::{FINGERPRINT_FIELD, GROUP, RemediationRequest};
+use crate::crd::{Deduplication, FINGERPRINT_FIELD, GROUP, RemediationRequest};
 use crate::metrics::Metrics;
 
 /// The permissions the gateway uses in its own namespace: (group, resource, verb).
@@ -30,7 +31,7 @@ pub const REQUIRED_PERMISSIONS: &[(&str, &str, &str)] = &[
     (GROUP, "remediationrequests", "watch"),
     (GROUP, "remediationrequests", "get"),
     (GROUP, "remediationrequests", "create"),
-    (GROUP, "remediationrequests/status", "update"),
+    (GROUP, "remediationrequests/status", "patch"),
     ("coordination.k8s.io", "leases", "create"),
     ("coordination.k8s.io", "leases", "get"),
     ("coordination.k8s.io", "leases", "list"),
@@ -194,11 +195,22 @@ impl Cluster for KubernetesCluster {
             .map_err(map_error)
     }
 
-    async fn update_request_status(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
-        let ns = rr.metadata.namespace.as_deref().unwrap_or_default();
-        let name = rr.metadata.name.as_deref().unwrap_or_default();
-        self.requests(ns)
-            .replace_status(name, &PostParams::default(), rr)
+    async fn update_deduplication(
+        &self,
+        namespace: &str,
+        name: &str,
+        resource_version: &str,
+        deduplication: &Deduplication,
+    ) -> Result<RemediationRequest> {
+        // A merge patch names only the gateway's field, so every other status field stays as the
+        // orchestrator wrote it; the resourceVersion in it makes the API server refuse the patch
+        // with 409 unless the object is still at that version (optimistic concurrency).
+        let patch = serde_json::json!({
+            "metadata": { "resourceVersion": resource_version },
+            "status": { "deduplication": deduplication },
+        });
+        self.requests(namespace)
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .map_err(map_error)
     }

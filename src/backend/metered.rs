@@ -24,7 +24,7 @@ use crate::cluster::{
     ApiError, Cluster, LEASE_RESOURCE, ObjectRef, RR_RESOURCE, RR_STATUS_RESOURCE, RequestEvent, Result,
     resource_of_kind, verb,
 };
-use crate::crd::RemediationRequest;
+use crate::crd::{Deduplication, RemediationRequest};
 use crate::metrics::Metrics;
 
 tokio::task_local! {
@@ -176,9 +176,20 @@ impl Cluster for Metered {
         self.call(verb::CREATE, RR_RESOURCE, self.inner.create_request(rr))
             .await
     }
-    async fn update_request_status(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
-        self.call(verb::UPDATE, RR_STATUS_RESOURCE, self.inner.update_request_status(rr))
-            .await
+    async fn update_deduplication(
+        &self,
+        namespace: &str,
+        name: &str,
+        resource_version: &str,
+        deduplication: &Deduplication,
+    ) -> Result<RemediationRequest> {
+        self.call(
+            verb::PATCH,
+            RR_STATUS_RESOURCE,
+            self.inner
+                .update_deduplication(namespace, name, resource_version, deduplication),
+        )
+        .await
     }
     fn watch_requests(&self, namespace: &str) -> BoxStream<'static, Result<RequestEvent>> {
         let inner = self.inner.watch_requests(namespace);
@@ -380,10 +391,7 @@ mod tests {
                 namespace: Some("sg".into()),
                 ..ObjectMeta::default()
             },
-            spec: RemediationRequestSpec {
-                signal_fingerprint: "f".repeat(64),
-                ..RemediationRequestSpec::default()
-            },
+            spec: RemediationRequestSpec::example(&"f".repeat(64)),
             status: None,
         }
     }

@@ -6,3 +6,4 @@ pub mod faults;
 pub mod kubernetes;
 pub mod metered;
 pub mod review;
+pub mod schema;

@@ -17,8 +17,9 @@ use tokio::time::Instant;
 use super::AppState;
 use super::problem::Problem;
 use super::resend;
+use crate::absorb::Absorbs;
 use crate::pipeline::Outcome;
-use crate::signal::{Source, alertmanager, event};
+use crate::signal::{Skip, Source, alertmanager, event};
 
 pub async fn prometheus(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
@@ -206,23 +207,102 @@ fn check_content_type(headers: &HeaderMap, path: &str) -> Result<(), Problem> {
     }
 }
 
-/// The JSON object describing one outcome (also an element of a batch's `results`).
+/// The JSON object describing one outcome (also an element of a batch's `results`): ours, and a
+/// superset of what Kubernaut's gateway answers (KUBERNAUT.md, "Response bodies"), so clients of
+/// either parse it.
 fn outcome_json(outcome: &Outcome) -> Value {
     match outcome {
         Outcome::Stored { fingerprint, ack } if ack.created => json!({
             "status": "created", "duplicate": false, "fingerprint": fingerprint.as_str(),
             "remediationRequestName": ack.name, "remediationRequestNamespace": ack.namespace,
+            "message": format!("RemediationRequest {}/{} created", ack.namespace, ack.name),
         }),
-        Outcome::Stored { fingerprint, ack } => json!({
-            "status": "duplicate", "duplicate": true, "fingerprint": fingerprint.as_str(),
-            "remediationRequestName": ack.name, "remediationRequestNamespace": ack.namespace,
-            "occurrenceCount": ack.occurrence_count,
-        }),
-        Outcome::Skipped(skip) => json!({"status": skip.status(), "reason": skip.reason()}),
+        Outcome::Stored { fingerprint, ack } => {
+            let reference = format!("{}/{}", ack.namespace, ack.name);
+            json!({
+                "status": "duplicate", "duplicate": true, "fingerprint": fingerprint.as_str(),
+                "remediationRequestName": ack.name, "remediationRequestNamespace": ack.namespace,
+                "occurrenceCount": ack.occurrence_count,
+                "message": format!(
+                    "duplicate signal counted into RemediationRequest {reference} ({}; occurrence {})",
+                    absorbed_because(ack.absorbed_by), ack.occurrence_count
+                ),
+                "metadata": {
+                    "count": ack.occurrence_count, "remediationRequestRef": reference,
+                    "firstOccurrence": ack.first_seen_at, "lastOccurrence": ack.last_seen_at,
+                },
+            })
+        }
+        Outcome::Skipped {
+            skip,
+            target,
+            fingerprint,
+        } => {
+            let (message, action) = explain(skip);
+            let mut body = json!({
+                "status": skip.status(), "reason": skip.reason(), "message": message,
+                "duplicate": false, "fingerprint": fingerprint.as_ref().map(|f| f.as_str()),
+            });
+            if matches!(skip, Skip::Rejected(_)) {
+                body["rejection"] = json!({
+                    "status": skip.status(), "reason": skip.reason(), "message": message,
+                    "resource": target.as_ref().map(|t| format!("{}:{}:{}", t.namespace, t.kind, t.name)),
+                    "action": action,
+                });
+            }
+            body
+        }
         Outcome::Failed { fingerprint, error } => json!({
             "status": "failed", "fingerprint": fingerprint.as_ref().map(|f| f.as_str()),
             "reason": error.reason(), "error": error.to_string(),
+            "message": format!("signal not stored: {error}; retry"),
         }),
+    }
+}
+
+fn absorbed_because(rule: Absorbs) -> &'static str {
+    match rule {
+        Absorbs::Active => "its remediation is in progress",
+        Absorbs::ManualReview => "it awaits manual review",
+        Absorbs::Cooldown(_) => "its remediation cooldown has not passed",
+    }
+}
+
+/// What a skipped signal's answer tells its sender: what happened, and what an operator can do.
+fn explain(skip: &Skip) -> (&'static str, &'static str) {
+    match skip.reason() {
+        "resolved" => ("resolved alerts open no RemediationRequest", "none"),
+        "normal_event" => ("Normal events are not signals; Warning and Error events are", "none"),
+        "missing_alertname" => ("the alert has no alertname label", "set the alertname label"),
+        "no_target_resource" => (
+            "the alert names no Kubernetes resource",
+            "add a pod, deployment, statefulset, daemonset, replicaset, job_name, cronjob, node or persistentvolume(claim) label",
+        ),
+        "missing_namespace" => (
+            "the alert's resource is namespaced but has no namespace",
+            "add a namespace label",
+        ),
+        "invalid_target_name" | "invalid_namespace" | "invalid_target_kind" | "invalid_target_api_version" => (
+            "the signal's resource is not a valid Kubernetes object reference",
+            "fix the resource labels of the alert or the event's involvedObject",
+        ),
+        crate::admission::UNMANAGED_RESOURCE => (
+            "the resource is not managed by Kubernaut",
+            "label the resource or its namespace kubernaut.ai/managed=true",
+        ),
+        crate::admission::FUTURE_TIMESTAMP => (
+            "the signal's timestamp is too far in the future",
+            "check the sender's clock (freshness.maxFutureSkew)",
+        ),
+        crate::admission::STALE_SIGNAL => (
+            "the signal is older than freshness.maxAge",
+            "send fresher signals or raise freshness.maxAge",
+        ),
+        crate::admission::INVALID_TIMESTAMP => ("the signal's timestamp is not RFC 3339", "send RFC 3339 timestamps"),
+        _ => (
+            "the signal produces no RemediationRequest",
+            "see docs/api.md for the reason",
+        ),
     }
 }
 
@@ -230,7 +310,7 @@ fn single_response(outcome: Outcome, path: &str) -> Response {
     let status = match &outcome {
         Outcome::Stored { ack, .. } if ack.created => StatusCode::CREATED,
         Outcome::Stored { .. } => StatusCode::ACCEPTED,
-        Outcome::Skipped(_) => StatusCode::OK,
+        Outcome::Skipped { .. } => StatusCode::OK,
         Outcome::Failed { error, .. } => {
             return Problem::unavailable(format!("signal not stored: {error}"), error.retry_after(), path)
                 .into_response();

@@ -85,6 +85,9 @@ mod tests {
                 namespace: "ns".into(),
                 created: false,
                 occurrence_count: n,
+                first_seen_at: String::new(),
+                last_seen_at: String::new(),
+                absorbed_by: crate::absorb::Absorbs::Active,
                 api_calls: 1.0,
             },
         }

@@ -1,12 +1,13 @@
 //! Kubernetes Events (core/v1 `Event`; the events.k8s.io/v1 field names are accepted too).
-//! `Warning` events become signals about their involved object; `Normal` events are ignored.
+//! `Warning` and `Error` events become signals about their involved object; `Normal` events are
+//! ignored.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{ParseError, Signal, Skip, Source, is_valid_api_version, truncate, validate_target};
-use crate::crd::{ORIGINAL_PAYLOAD_MAX, TargetResource};
+use super::{ORIGINAL_PAYLOAD_MAX, ParseError, Signal, Skip, Source, is_valid_api_version, truncate, validate_target};
+use crate::crd::TargetResource;
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -25,12 +26,6 @@ struct Event {
     note: Option<String>,
     #[serde(rename = "type", default)]
     event_type: Option<String>,
-    #[serde(default)]
-    source: Option<EventSource>,
-    #[serde(default)]
-    reporting_component: Option<String>,
-    #[serde(default)]
-    reporting_controller: Option<String>,
     #[serde(default)]
     first_timestamp: Option<String>,
     #[serde(default)]
@@ -65,12 +60,6 @@ struct EventSeries {
 }
 
 #[derive(Debug, Deserialize)]
-struct EventSource {
-    #[serde(default)]
-    component: String,
-}
-
-#[derive(Debug, Deserialize)]
 struct Metadata {
     #[serde(default)]
     labels: BTreeMap<String, String>,
@@ -97,16 +86,21 @@ pub fn parse(body: &[u8]) -> Result<Result<Signal, Skip>, ParseError> {
         .reason
         .filter(|r| !r.is_empty())
         .ok_or_else(|| ParseError("reason is required".into()))?;
-    match ev.event_type.as_deref() {
-        Some("Warning") => {}
+    let severity = match ev.event_type.as_deref() {
+        Some("Warning") => "warning",
+        Some("Error") => "error",
         Some("Normal") => return Ok(Err(Skip::Ignored("normal_event"))),
         Some(other) => {
             return Err(ParseError(format!(
-                "type must be \"Warning\" or \"Normal\", got {other:?}"
+                "type must be \"Warning\", \"Error\" or \"Normal\", got {other:?}"
             )));
         }
-        None => return Err(ParseError("type is required (\"Warning\" or \"Normal\")".into())),
-    }
+        None => {
+            return Err(ParseError(
+                "type is required (\"Warning\", \"Error\" or \"Normal\")".into(),
+            ));
+        }
+    };
     if !object.kind.bytes().all(|b| b.is_ascii_alphanumeric()) || object.kind.len() > 63 {
         return Ok(Err(Skip::Rejected("invalid_target_kind".into())));
     }
@@ -128,13 +122,6 @@ pub fn parse(body: &[u8]) -> Result<Result<Signal, Skip>, ParseError> {
     if let Err(skip) = validate_target(&target, cluster_scoped) {
         return Ok(Err(skip));
     }
-    let sender = ev
-        .source
-        .map(|s| s.component)
-        .filter(|c| !c.is_empty())
-        .or(ev.reporting_component)
-        .or(ev.reporting_controller)
-        .unwrap_or_default();
     let (labels, mut annotations) = ev.metadata.map(|m| (m.labels, m.annotations)).unwrap_or_default();
     if let Some(msg) = ev.message.or(ev.note) {
         annotations.insert("message".into(), truncate(msg, 4096));
@@ -142,8 +129,7 @@ pub fn parse(body: &[u8]) -> Result<Result<Signal, Skip>, ParseError> {
     Ok(Ok(Signal {
         source: Source::KubernetesEvent,
         name: truncate(reason, 253),
-        severity: "warning".into(),
-        sender,
+        severity: severity.into(),
         target,
         labels,
         annotations,
@@ -154,7 +140,8 @@ pub fn parse(body: &[u8]) -> Result<Result<Signal, Skip>, ParseError> {
             .or_else(|| ev.event_time.clone())
             .or_else(|| ev.first_timestamp.clone()),
         firing_time: ev.first_timestamp.or(ev.event_time),
-        payload: truncate(String::from_utf8_lossy(body).into_owned(), ORIGINAL_PAYLOAD_MAX),
+        cluster_id: None,
+        payload: truncate(String::from_utf8_lossy(body).into_owned(), ORIGINAL_PAYLOAD_MAX).into(),
     }))
 }
 
@@ -176,7 +163,7 @@ mod tests {
     #[test]
     fn warning_event_becomes_a_signal_about_its_involved_object() {
         let s = parse(event("Pod", "Warning").as_bytes()).unwrap().unwrap();
-        assert_eq!((s.name.as_str(), s.sender.as_str()), ("BackOff", "kubelet"));
+        assert_eq!((s.name.as_str(), s.severity.as_str()), ("BackOff", "warning"));
         assert_eq!(
             s.target,
             TargetResource {
@@ -187,6 +174,12 @@ mod tests {
             }
         );
         assert_eq!(s.annotations["message"], "Back-off restarting failed container");
+    }
+
+    #[test]
+    fn error_events_are_signals_too() {
+        let s = parse(event("Pod", "Error").as_bytes()).unwrap().unwrap();
+        assert_eq!((s.name.as_str(), s.severity.as_str()), ("BackOff", "error"));
     }
 
     #[test]

@@ -8,10 +8,19 @@ pub mod alertmanager;
 pub mod event;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use crate::crd::TargetResource;
+use crate::crd::{RemediationRequestSpec, TargetResource};
 
-/// Where a signal came from; `signalType` in the RR and the `source` metric label.
+/// `spec.signalType` of every signal, whatever its adapter (Kubernaut's adapter-specific values
+/// are deprecated; older objects may carry them).
+pub const SIGNAL_TYPE: &str = "alert";
+
+/// Most bytes of the request body an RR keeps as `spec.originalPayload` (Kubernaut's gateway
+/// limits a request to 256 KB). A larger notification keeps each alert's own JSON instead.
+pub const ORIGINAL_PAYLOAD_MAX: usize = 256 * 1024;
+
+/// Where a signal came from: `spec.signalSource` in the RR and the `source` metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Prometheus,
@@ -26,15 +35,24 @@ impl Source {
         }
     }
 
-    /// The source whose `spec.signalType` is `signal_type`.
-    pub fn from_signal_type(signal_type: &str) -> Option<Self> {
-        [Source::Prometheus, Source::KubernetesEvent]
-            .into_iter()
-            .find(|s| s.signal_type() == signal_type)
+    /// The `spec.signalSource` value Kubernaut's gateway writes for this adapter.
+    pub fn signal_source(self) -> &'static str {
+        match self {
+            Source::Prometheus => "prometheus",
+            Source::KubernetesEvent => "kubernetes-events",
+        }
     }
 
-    /// The `spec.signalType` value Kubernaut uses.
-    pub fn signal_type(self) -> &'static str {
+    /// The adapter that produced `spec`: from `signalSource`, or from the adapter-specific
+    /// `signalType` objects written before `alert` carry.
+    pub fn from_spec(spec: &RemediationRequestSpec) -> Option<Self> {
+        [Source::Prometheus, Source::KubernetesEvent]
+            .into_iter()
+            .find(|s| s.signal_source() == spec.signal_source || s.legacy_signal_type() == spec.signal_type)
+    }
+
+    /// The `spec.signalType` older signal-gateway versions wrote.
+    fn legacy_signal_type(self) -> &'static str {
         match self {
             Source::Prometheus => "prometheus-alert",
             Source::KubernetesEvent => "kubernetes-event",
@@ -48,19 +66,45 @@ pub struct Signal {
     pub source: Source,
     /// Alert name or event reason.
     pub name: String,
+    /// As sent; never empty (`unknown` when the sender gave none).
     pub severity: String,
-    /// Alertmanager receiver or the event's reporting component.
-    pub sender: String,
     /// The resource the signal names (labels or involvedObject); owner resolution may climb from here.
     pub target: TargetResource,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
+    /// When the sender says the condition started, as sent (the pipeline falls back to the
+    /// receive time when it is absent or unreadable).
     pub firing_time: Option<String>,
     /// When the sender last saw the condition (alert `startsAt`; the event's last occurrence),
     /// as sent; the freshness check parses it.
     pub observed_at: Option<String>,
-    /// The sender's JSON for this one signal, already bounded.
-    pub payload: String,
+    /// The cluster the sender names (Alertmanager `commonLabels.cluster`); a configured
+    /// `backend.clusterID` takes precedence.
+    pub cluster_id: Option<String>,
+    /// `spec.originalPayload`: the request body as received, shared by every alert of one
+    /// notification (bounded by [`ORIGINAL_PAYLOAD_MAX`]).
+    pub payload: Arc<str>,
+}
+
+/// Most characters of a label value in `spec.signalLabels` (Kubernaut's bound).
+pub const LABEL_VALUE_MAX: usize = 63;
+/// Most characters of an annotation value in `spec.signalAnnotations` (Kubernaut's bound).
+pub const ANNOTATION_VALUE_MAX: usize = 262_000;
+/// Most characters of `spec.severity` (the CRD's bound).
+pub const SEVERITY_MAX: usize = 50;
+
+/// Cuts every value to at most `max` characters.
+pub fn cut_values(map: BTreeMap<String, String>, max: usize) -> BTreeMap<String, String> {
+    map.into_iter().map(|(k, v)| (k, cut_chars(v, max))).collect()
+}
+
+/// Truncates `s` to at most `max` characters (Unicode scalar values, as the API server counts
+/// `maxLength`).
+pub fn cut_chars(mut s: String, max: usize) -> String {
+    if let Some((at, _)) = s.char_indices().nth(max) {
+        s.truncate(at);
+    }
+    s
 }
 
 /// Why a well-formed signal produces no RemediationRequest.
@@ -154,11 +198,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_source_is_found_again_from_its_signal_type() {
+    fn each_source_is_found_again_from_a_spec_old_or_new() {
         for source in [Source::Prometheus, Source::KubernetesEvent] {
-            assert_eq!(Source::from_signal_type(source.signal_type()), Some(source));
+            let new = RemediationRequestSpec {
+                signal_type: SIGNAL_TYPE.into(),
+                signal_source: source.signal_source().into(),
+                ..Default::default()
+            };
+            assert_eq!(Source::from_spec(&new), Some(source));
+            let old = RemediationRequestSpec {
+                signal_type: source.legacy_signal_type().into(),
+                signal_source: "some-receiver".into(),
+                ..Default::default()
+            };
+            assert_eq!(Source::from_spec(&old), Some(source));
         }
-        assert_eq!(Source::from_signal_type("webhook"), None);
+        assert_eq!(Source::from_spec(&RemediationRequestSpec::default()), None);
+    }
+
+    #[test]
+    fn values_are_cut_by_characters_not_bytes() {
+        assert_eq!(cut_chars("é".repeat(70), LABEL_VALUE_MAX).chars().count(), 63);
+        assert_eq!(cut_chars("short".into(), LABEL_VALUE_MAX), "short");
     }
 
     #[test]

@@ -1,16 +1,32 @@
 //! The contract of the `Cluster` port: the semantics the domain relies on. Runs against the
 //! embedded store (tests/contract.rs) and against a real kube-apiserver (tests/testenv.rs), so
-//! the embedded store cannot drift from the API server.
+//! the embedded store cannot drift from the API server — including what a write keeps and drops:
+//! the gateway's status write keeps every field the orchestrator wrote, and both backends prune
+//! and refuse the same things.
 
 use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use serde_json::json;
 use signal_gateway::cluster::{ApiError, Cluster, ObjectRef, RequestEvent};
-use signal_gateway::crd::{
-    Deduplication, RemediationRequest, RemediationRequestSpec, RemediationRequestStatus, TargetResource,
-};
+use signal_gateway::crd::{Deduplication, RemediationRequest, RemediationRequestSpec, TargetResource};
+
+/// What the RemediationOrchestrator does to a request: a merge patch of its status through the
+/// status subresource. Not part of the port (the gateway never does it); each backend's test
+/// supplies it (the embedded store's `patch_status`, the admin client on the API server).
+#[async_trait::async_trait]
+pub trait Orchestrator: Send + Sync {
+    async fn patch_status(
+        &self,
+        ns: &str,
+        name: &str,
+        patch: serde_json::Value,
+    ) -> Result<RemediationRequest, ApiError>;
+    /// The stored object as the backend holds it, as JSON.
+    async fn raw(&self, ns: &str, name: &str) -> serde_json::Value;
+}
 
 fn fp(seed: &str) -> String {
     signal_gateway::fingerprint::Fingerprint::of(
@@ -36,8 +52,8 @@ fn rr(ns: &str, name: &str, fingerprint: &str) -> RemediationRequest {
             signal_fingerprint: fingerprint.into(),
             signal_name: "ContractTest".into(),
             severity: "warning".into(),
-            signal_type: "prometheus-alert".into(),
-            signal_source: "contract".into(),
+            signal_type: "alert".into(),
+            signal_source: "prometheus".into(),
             target_type: "kubernetes".into(),
             target_resource: TargetResource {
                 kind: "Pod".into(),
@@ -45,18 +61,29 @@ fn rr(ns: &str, name: &str, fingerprint: &str) -> RemediationRequest {
                 namespace: "contract".into(),
                 api_version: "v1".into(),
             },
+            firing_time: "2026-11-24T09:59:00Z".into(),
             received_time: "2026-11-24T10:00:00Z".into(),
             ..Default::default()
         },
-        status: Some(RemediationRequestStatus {
-            deduplication: Some(Deduplication {
-                first_seen_at: "a".into(),
-                last_seen_at: "a".into(),
-                occurrence_count: 99,
-            }),
-            overall_phase: String::new(),
-        }),
+        status: None,
     }
+}
+
+fn dedup(count: i32) -> Deduplication {
+    Deduplication {
+        first_seen_at: "2026-11-24T10:00:00Z".into(),
+        last_seen_at: "2026-11-24T10:00:00Z".into(),
+        occurrence_count: count,
+    }
+}
+
+/// The status without the gateway's part.
+fn orchestrators_part(rr: &serde_json::Value) -> serde_json::Value {
+    let mut status = rr["status"].clone();
+    if let Some(map) = status.as_object_mut() {
+        map.remove("deduplication");
+    }
+    status
 }
 
 fn lease(ns: &str, name: &str, holder: &str) -> Lease {
@@ -81,8 +108,10 @@ fn rv<T: kube::Resource>(o: &T) -> String {
 
 /// Runs every contract case in namespace `ns` (which must exist and be empty of test objects).
 /// `unique` keeps names apart between runs against a long-lived server.
-pub async fn run(cluster: Arc<dyn Cluster>, ns: &str, unique: &str) {
+pub async fn run(cluster: Arc<dyn Cluster>, orchestrator: &dyn Orchestrator, ns: &str, unique: &str) {
     requests(cluster.as_ref(), ns, unique).await;
+    ownership(cluster.as_ref(), orchestrator, ns, unique).await;
+    validation(cluster.as_ref(), orchestrator, ns, unique).await;
     watch(cluster.as_ref(), ns, unique).await;
     leases(cluster.as_ref(), ns, unique).await;
     metadata(cluster.as_ref(), ns).await;
@@ -138,44 +167,33 @@ async fn requests(c: &dyn Cluster, ns: &str, unique: &str) {
         0
     );
 
-    // Conditional status update: current rv wins and bumps rv; stale rv is Conflict.
-    let mut next = got.clone();
-    next.status = rr(ns, &a1, &fa).status;
-    let updated = c.update_request_status(&next).await.expect("status update");
-    assert_ne!(rv(&updated), rv(&got));
-    assert_eq!(
-        updated
-            .status
-            .as_ref()
-            .unwrap()
-            .deduplication
-            .as_ref()
-            .unwrap()
-            .occurrence_count,
-        99
-    );
-    assert_eq!(updated.spec, got.spec, "status update leaves spec alone");
-    assert!(
-        matches!(c.update_request_status(&next).await.unwrap_err(), ApiError::Conflict(_)),
-        "stale resourceVersion"
-    );
-    let mut gone = rr(ns, &format!("rr-missing-{unique}"), &fa);
-    gone.metadata.resource_version = Some(rv(&updated));
-    assert_eq!(c.update_request_status(&gone).await.unwrap_err(), ApiError::NotFound);
-    // A uid in the sent object is a precondition too: another object's uid is a Conflict.
-    let mut wrong_uid = c.get_request(ns, &a1).await.expect("get");
-    wrong_uid.metadata.uid = c
-        .get_request(ns, &format!("rr-b1-{unique}"))
+    // Conditional write of the count: current rv wins and bumps rv; stale rv is Conflict.
+    let updated = c
+        .update_deduplication(ns, &a1, &rv(&got), &dedup(99))
         .await
-        .expect("get b1")
-        .metadata
-        .uid;
+        .expect("status write");
+    assert_ne!(rv(&updated), rv(&got));
+    assert_eq!(updated.occurrence_count(), 99);
+    assert_eq!(updated.spec, got.spec, "a status write leaves the spec alone");
     assert!(
         matches!(
-            c.update_request_status(&wrong_uid).await.unwrap_err(),
+            c.update_deduplication(ns, &a1, &rv(&got), &dedup(100))
+                .await
+                .unwrap_err(),
             ApiError::Conflict(_)
         ),
-        "uid precondition"
+        "stale resourceVersion"
+    );
+    assert_eq!(
+        c.get_request(ns, &a1).await.unwrap().occurrence_count(),
+        99,
+        "a refused write changes nothing"
+    );
+    assert_eq!(
+        c.update_deduplication(ns, &format!("rr-missing-{unique}"), &rv(&updated), &dedup(1))
+            .await
+            .unwrap_err(),
+        ApiError::NotFound
     );
 
     // A spec fingerprint that is not 64 hex characters is refused by validation.
@@ -185,6 +203,79 @@ async fn requests(c: &dyn Cluster, ns: &str, unique: &str) {
             .unwrap_err(),
         ApiError::Invalid(_)
     ));
+}
+
+/// Every status field the orchestrator writes survives the gateway's status write unchanged.
+async fn ownership(c: &dyn Cluster, o: &dyn Orchestrator, ns: &str, unique: &str) {
+    let name = format!("rr-own-{unique}");
+    let f = fp(&format!("own-{unique}"));
+    c.create_request(&rr(ns, &name, &f)).await.expect("create");
+    let written = o
+        .patch_status(ns, &name, super::orchestrator_status())
+        .await
+        .expect("the orchestrator's status is valid");
+    let before = o.raw(ns, &name).await;
+    assert_eq!(
+        orchestrators_part(&before),
+        super::orchestrator_status(),
+        "the backend keeps every orchestrator field as written"
+    );
+    let updated = c
+        .update_deduplication(ns, &name, &rv(&written), &dedup(7))
+        .await
+        .expect("status write");
+    assert_eq!(updated.occurrence_count(), 7);
+    let after = o.raw(ns, &name).await;
+    assert_eq!(
+        orchestrators_part(&after),
+        orchestrators_part(&before),
+        "the gateway's write changes nothing it does not own"
+    );
+    assert_eq!(
+        after["status"]["deduplication"],
+        serde_json::to_value(dedup(7)).unwrap()
+    );
+    // And a second write only replaces the count it owns.
+    c.update_deduplication(ns, &name, &rv(&updated), &dedup(8))
+        .await
+        .expect("status write");
+    assert_eq!(orchestrators_part(&o.raw(ns, &name).await), orchestrators_part(&before));
+}
+
+/// Both backends refuse the same invalid objects and prune the same unknown fields.
+async fn validation(c: &dyn Cluster, o: &dyn Orchestrator, ns: &str, unique: &str) {
+    let f = fp(&format!("valid-{unique}"));
+    let invalid = |mutate: fn(&mut RemediationRequestSpec), what: &'static str| {
+        let mut bad = rr(ns, &format!("rr-invalid-{unique}"), &f);
+        mutate(&mut bad.spec);
+        (bad, what)
+    };
+    for (bad, what) in [
+        invalid(|s| s.severity = String::new(), "empty severity"),
+        invalid(|s| s.severity = "s".repeat(51), "severity over 50 characters"),
+        invalid(|s| s.firing_time = String::new(), "firingTime not a date-time"),
+        invalid(|s| s.target_type = "vmware".into(), "targetType outside its enum"),
+        invalid(|s| s.signal_source = "s".repeat(64), "signalSource over 63 characters"),
+    ] {
+        assert!(
+            matches!(c.create_request(&bad).await, Err(ApiError::Invalid(_))),
+            "{what} is refused"
+        );
+    }
+    let name = format!("rr-prune-{unique}");
+    c.create_request(&rr(ns, &name, &f)).await.expect("create");
+    o.patch_status(ns, &name, json!({"overallPhase": "Processing", "notInTheSchema": "x"}))
+        .await
+        .expect("unknown fields are pruned, not refused");
+    let stored = o.raw(ns, &name).await;
+    assert_eq!(stored["status"], json!({"overallPhase": "Processing"}), "pruned");
+    assert!(
+        matches!(
+            o.patch_status(ns, &name, json!({"overallPhase": "Dancing"})).await,
+            Err(ApiError::Invalid(_))
+        ),
+        "a phase outside the enum is refused"
+    );
 }
 
 /// The next event of the watch about `name` (others may share the namespace), within 20 s.
@@ -225,9 +316,10 @@ async fn watch(c: &dyn Cluster, ns: &str, unique: &str) {
     let created = c.create_request(&rr(ns, &name, &f)).await.expect("create");
     let seen = next_about(&mut events, &name).await;
     assert_eq!(seen.metadata.resource_version, created.metadata.resource_version);
-    let mut next = created.clone();
-    next.status = rr(ns, &name, &f).status;
-    let updated = c.update_request_status(&next).await.expect("status update");
+    let updated = c
+        .update_deduplication(ns, &name, &rv(&created), &dedup(99))
+        .await
+        .expect("status write");
     let seen = next_about(&mut events, &name).await;
     assert_eq!(seen.metadata.resource_version, updated.metadata.resource_version);
     assert_eq!(

@@ -200,10 +200,73 @@ where
 
 /// occurrenceCount of a stored RR.
 pub fn count_of(rr: &signal_gateway::crd::RemediationRequest) -> i64 {
-    rr.status
-        .as_ref()
-        .and_then(|s| s.deduplication.as_ref())
-        .map_or(0, |d| d.occurrence_count)
+    i64::from(rr.occurrence_count())
+}
+
+/// An object reference as Kubernaut's controllers write them (every field set).
+fn object_ref(kind: &str, name: &str) -> Value {
+    json!({
+        "apiVersion": "kubernaut.ai/v1alpha1", "kind": kind, "name": name, "namespace": "kubernaut-system",
+        "uid": "5b0c3f2e-6a1d-4c1e-9f00-0123456789ab", "resourceVersion": "4711", "fieldPath": "spec",
+    })
+}
+
+/// A status with every field the orchestrator and its fellow controllers own set, as they write
+/// them (KUBERNAUT.md, "Status fields owned by others"; tests/kubernaut_contract.rs checks that
+/// it covers every such path of Kubernaut's schema). The phase is active: signals count into it.
+pub fn orchestrator_status() -> Value {
+    json!({
+        "observedGeneration": 2,
+        "overallPhase": "Executing",
+        "message": "executing workflow restart-deployment",
+        "startTime": "2026-11-24T10:00:05Z",
+        "completedAt": "2026-11-24T10:30:00Z",
+        "retentionExpiryTime": "2026-11-25T10:00:00Z",
+        "conditions": [{
+            "type": "WorkflowExecuting", "status": "True", "observedGeneration": 2,
+            "lastTransitionTime": "2026-11-24T10:02:00Z", "reason": "WorkflowStarted", "message": "restart-deployment started",
+        }],
+        "phaseProgress": {
+            "signalProcessingRef": object_ref("SignalProcessing", "sp-1"),
+            "remediationProcessingRef": object_ref("RemediationProcessing", "rp-1"),
+            "aiAnalysisRef": object_ref("AIAnalysis", "ai-1"),
+            "workflowExecutionRef": object_ref("WorkflowExecution", "we-1"),
+            "currentProcessingRef": object_ref("WorkflowExecution", "we-1"),
+            "effectivenessAssessmentRef": object_ref("EffectivenessAssessment", "ea-1"),
+            "processingStartTime": "2026-11-24T10:00:06Z",
+            "analyzingStartTime": "2026-11-24T10:00:30Z",
+            "executingStartTime": "2026-11-24T10:02:00Z",
+            "verificationDeadline": "2026-11-24T10:40:00Z",
+        },
+        "routingStatus": {
+            "duplicateOf": "rr-older-1", "duplicateCount": 3, "duplicateRefs": ["rr-dup-1", "rr-dup-2"],
+            "blockReason": "ConsecutiveFailures", "blockMessage": "blocked after 3 failures",
+            "blockedUntil": "2026-11-24T11:00:00Z", "blockingWorkflowExecution": "we-0",
+            "nextAllowedExecution": "2026-11-24T11:30:00Z", "consecutiveFailureCount": 1,
+            "deduplicatedByWE": "we-0", "skipReason": "RecentlyRemediated", "skipMessage": "remediated 5 minutes ago",
+        },
+        "completionStatus": {
+            "outcome": "Inconclusive", "requiresManualReview": false, "approvalNotificationSent": true,
+            "failurePhase": "Executing", "failureReason": "timeout waiting for rollout", "timeoutPhase": "Verifying",
+            "timeoutTime": "2026-11-24T10:45:00Z", "notificationStatus": "Sent",
+            "notificationRequestRefs": [object_ref("NotificationRequest", "nr-1")],
+        },
+        "operatorAudit": {
+            "lastModifiedBy": "alice@example.com", "lastModifiedAt": "2026-11-24T10:10:00Z",
+            "preRemediationSpecHash": "sha256:0f1e2d3c",
+        },
+        "timeoutConfig": {"global": "1h0m0s", "processing": "5m0s", "analyzing": "10m0s", "executing": "30m0s"},
+        "workflowSelection": {
+            "selectedWorkflowRef": {
+                "workflowId": "restart-deployment", "version": "1.2.0",
+                "executionBundle": "oci://registry.example/workflows/restart:1.2.0", "executionBundleDigest": "sha256:abcd",
+            },
+            "executionRef": object_ref("WorkflowExecution", "we-1"),
+            "remediationTarget": {"kind": "Deployment", "name": "api", "namespace": "shop", "apiVersion": "apps/v1"},
+            "confidence": "0.92", "signalTargetDisplay": "Pod shop/api-0", "targetDisplay": "Deployment shop/api",
+            "workflowDisplayName": "Restart deployment",
+        },
+    })
 }
 
 /// The fingerprint of signals about Pod `pod` in `namespace` (no cluster id, no owner: the

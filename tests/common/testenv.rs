@@ -284,3 +284,37 @@ impl Replica {
         self.child.try_wait().expect("try_wait on the replica process")
     }
 }
+
+/// The RemediationOrchestrator's status writes, made by the testenv admin (the gateway's RBAC
+/// has no such write): a merge patch of the status subresource, as Kubernaut's controllers do.
+pub struct AdminOrchestrator(pub kube::Client);
+
+#[async_trait::async_trait]
+impl super::contract::Orchestrator for AdminOrchestrator {
+    async fn patch_status(
+        &self,
+        ns: &str,
+        name: &str,
+        patch: serde_json::Value,
+    ) -> Result<RemediationRequest, signal_gateway::cluster::ApiError> {
+        let api: Api<RemediationRequest> = Api::namespaced(self.0.clone(), ns);
+        api.patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&serde_json::json!({ "status": patch })),
+        )
+        .await
+        .map_err(signal_gateway::backend::kubernetes::map_error)
+    }
+
+    async fn raw(&self, ns: &str, name: &str) -> serde_json::Value {
+        raw_request(&self.0, ns, name).await
+    }
+}
+
+/// An RR exactly as the API server stores it (untyped JSON: nothing dropped by our types).
+pub async fn raw_request(client: &kube::Client, ns: &str, name: &str) -> serde_json::Value {
+    let resource = kube::api::ApiResource::erase::<RemediationRequest>(&());
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource);
+    serde_json::to_value(api.get(name).await.expect("get the RR")).expect("serialises")
+}
