@@ -114,6 +114,10 @@ async fn an_incident_its_duplicates_a_failed_create_and_a_batch_give_exactly_the
     let (status, failed) = post_alerts(&gw, token, &webhook(vec![pod_alert("shop", "broken-0")])).await;
     assert_eq!(status, 503, "{failed}");
     failing.store(false, Ordering::SeqCst);
+    // A resolved alert makes no decision: no event.
+    let mut resolved = pod_alert("shop", "api-0");
+    resolved["status"] = Value::String("resolved".into());
+    assert_eq!(post_alerts(&gw, token, &webhook(vec![resolved])).await.0, 200);
     // A notification of 20 alerts about 20 pods: 20 new incidents.
     let batch: Value = serde_json::from_str(&common::fixture("batch-20-firing.json")).unwrap();
     let (status, answer) = post_alerts(&gw, token, &batch).await;
