@@ -195,7 +195,7 @@ impl Pipeline {
     /// Metrics, span fields, audit events and log line of a processed signal.
     fn finish(&self, outcome: Outcome, facts: Option<SignalFacts>, calls: f64, started: StdInstant) -> Outcome {
         if let Some(facts) = facts {
-            self.audit(&facts, &outcome, started);
+            self.audit(facts, &outcome, started);
         }
         if !matches!(outcome, Outcome::Skipped { .. }) {
             self.latency.observe(started.elapsed());
@@ -227,7 +227,7 @@ impl Pipeline {
     /// The audit events of one decision (KUBERNAUT.md): a new incident is received + created, a
     /// duplicate is deduplicated with its own count, a signal answered 503 because its outcome
     /// could not be stored is crd.failed. Skipped signals make no decision and no event.
-    fn audit(&self, facts: &SignalFacts, outcome: &Outcome, started: StdInstant) {
+    fn audit(&self, facts: SignalFacts, outcome: &Outcome, started: StdInstant) {
         let at = rfc3339(self.clock.now());
         let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         match outcome {

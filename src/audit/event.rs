@@ -174,41 +174,41 @@ impl SignalFacts {
 
     /// `gateway.signal.received` and `gateway.crd.created` for a signal that created RR
     /// `namespace/name`.
-    pub fn created(&self, namespace: &str, name: &str, at: &str, duration_ms: u64) -> [AuditEvent; 2] {
+    pub fn created(self, namespace: &str, name: &str, at: &str, duration_ms: u64) -> [AuditEvent; 2] {
         let rr = format!("{namespace}/{name}");
+        let mut created = self.event(EventType::CrdCreated, name, at, duration_ms);
+        created.resource_id = rr.clone();
+        created.event_data.remediation_request = Some(rr.clone());
+        created.event_data.occurrence_count = Some(1);
+
         let mut received = self.event(EventType::SignalReceived, name, at, duration_ms);
         received.actor_type_and_id(self.sender());
         received.resource_type = "Signal";
         received.resource_id = self.fingerprint.clone();
-        self.with_signal(&mut received.event_data);
-        received.event_data.remediation_request = Some(rr.clone());
+        received.event_data.remediation_request = Some(rr);
         received.event_data.deduplication_status = Some("new");
-
-        let mut created = self.event(EventType::CrdCreated, name, at, duration_ms);
-        created.resource_id = rr.clone();
-        created.event_data.remediation_request = Some(rr);
-        created.event_data.occurrence_count = Some(1);
+        self.into_signal(&mut received.event_data);
         [received, created]
     }
 
     /// `gateway.signal.deduplicated` for a signal counted into RR `namespace/name` as its
     /// `count`-th occurrence.
-    pub fn deduplicated(&self, namespace: &str, name: &str, count: i64, at: &str, duration_ms: u64) -> AuditEvent {
+    pub fn deduplicated(self, namespace: &str, name: &str, count: i64, at: &str, duration_ms: u64) -> AuditEvent {
         let mut e = self.event(EventType::SignalDeduplicated, name, at, duration_ms);
         e.actor_type_and_id(self.sender());
         e.resource_type = "Signal";
         e.resource_id = self.fingerprint.clone();
-        self.with_signal(&mut e.event_data);
         e.event_data.remediation_request = Some(format!("{namespace}/{name}"));
         e.event_data.deduplication_status = Some("duplicate");
         e.event_data.occurrence_count = Some(i32::try_from(count).unwrap_or(i32::MAX));
+        self.into_signal(&mut e.event_data);
         e
     }
 
     /// `gateway.crd.failed` for a signal whose outcome could not be stored (answered 503). No
     /// RR name is known, so the correlation id is `signalName:namespace:Kind:name`, as
     /// Kubernaut's gateway writes it.
-    pub fn failed(&self, code: &str, message: &str, at: &str, duration_ms: u64) -> AuditEvent {
+    pub fn failed(self, code: &str, message: &str, at: &str, duration_ms: u64) -> AuditEvent {
         let t = &self.target;
         let id = cut(
             format!("{}:{}:{}:{}", self.signal_name, t.namespace, t.kind, t.name),
@@ -234,10 +234,11 @@ impl SignalFacts {
         }
     }
 
-    fn with_signal(&self, d: &mut EventData) {
-        d.original_payload = Some(Payload(self.payload.clone()));
-        d.signal_labels = Some(self.labels.clone());
-        d.signal_annotations = Some(self.annotations.clone());
+    /// Moves the signal's payload, labels and annotations into `d` (no copies on the signal path).
+    fn into_signal(self, d: &mut EventData) {
+        d.original_payload = Some(Payload(self.payload));
+        d.signal_labels = Some(self.labels);
+        d.signal_annotations = Some(self.annotations);
     }
 
     /// The fields every event has; actor `gateway`/`crd-creator` and resource
