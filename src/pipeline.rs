@@ -117,7 +117,6 @@ impl Pipeline {
         // Decremented however this future ends, including when its caller drops it.
         let _in_flight = InFlight::enter(&m.signals_in_flight);
         let received = self.clock.now();
-        let (target, mut owner_calls) = tallied(self.resolver.resolve(signal.target.clone())).await;
         // A configured cluster id wins over the one the sender names (Alertmanager commonLabels).
         let cluster_id = if self.cluster_id.is_empty() {
             signal
@@ -127,6 +126,26 @@ impl Pipeline {
                 .unwrap_or_default()
         } else {
             self.cluster_id.clone()
+        };
+        let (resolved, mut owner_calls) = tallied(self.resolver.resolve(signal.target.clone())).await;
+        let target = match resolved {
+            Ok(target) => target,
+            Err(e) => {
+                // The fingerprint depends on the owner: without it, any answer could be wrong.
+                tracing::warn!(error = %e, "could not read the target's owner chain; answering 503");
+                let outcome = Outcome::Failed {
+                    fingerprint: None,
+                    error: DedupError::Api(e),
+                };
+                // Its crd.failed event names the target as the signal did (no owner, no other
+                // fingerprint is known).
+                let facts = self.audit.enabled().then(|| {
+                    let named = signal.target.clone();
+                    let fp = Fingerprint::of(&cluster_id, &named);
+                    SignalFacts::new(user, &spec_of(signal, &fp, named, cluster_id, received))
+                });
+                return self.finish(outcome, facts, f64::from(owner_calls), started);
+            }
         };
         let fingerprint = Fingerprint::of(&cluster_id, &target);
         let span = tracing::Span::current();

@@ -1,8 +1,9 @@
 //! Owner resolution: climbs controller ownerReferences from the labelled object
 //! (Pod -> ReplicaSet -> Deployment, Pod -> Job -> CronJob, ...) so all pods of one workload
 //! share one fingerprint. Reads only metadata (one read per object at a time: concurrent signals
-//! share it), caches answers for a short TTL, and falls back to the deepest object it could
-//! identify when a read fails: a signal is never dropped here.
+//! share it) and caches answers for a short TTL. An object that is gone (NotFound) ends the
+//! climb there; any other failed read is an error the caller answers 503 — never a fallback to
+//! a shallower object, which would give the incident a second fingerprint (a second RR).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,27 +43,24 @@ impl OwnerResolver {
         }
     }
 
-    /// The top controller of `target`, or the deepest object known when a read fails.
+    /// The top controller of `target` (the object itself when it has none or is gone). Errors
+    /// other than NotFound are errors: the fingerprint must not depend on whether a read worked.
     #[tracing::instrument(skip_all, fields(kind = %target.kind, name = %target.name))]
-    pub async fn resolve(&self, target: TargetResource) -> TargetResource {
+    pub async fn resolve(&self, target: TargetResource) -> Result<TargetResource, ApiError> {
         if !self.enabled {
-            return target;
+            return Ok(target);
         }
         let mut current = target;
         for _ in 0..self.max_depth {
             if !FOLLOW.iter().any(|(k, _)| *k == current.kind) {
                 break;
             }
-            match self.owner_of(&current).await {
-                Ok(Some(owner)) => current = owner,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::debug!(error = %e, "owner read failed; using the deepest resolved object");
-                    break;
-                }
+            match self.owner_of(&current).await? {
+                Some(owner) => current = owner,
+                None => break,
             }
         }
-        current
+        Ok(current)
     }
 
     async fn owner_of(&self, obj: &TargetResource) -> Result<Option<TargetResource>, ApiError> {
@@ -187,7 +185,7 @@ mod tests {
             Fault::Pass
         }));
         let resolver = OwnerResolver::new(counting, true, 5, Duration::from_secs(30));
-        let top = resolver.resolve(pod("api-7d9f-x1")).await;
+        let top = resolver.resolve(pod("api-7d9f-x1")).await.unwrap();
         assert_eq!(
             (top.kind.as_str(), top.name.as_str(), top.namespace.as_str()),
             ("Deployment", "api", "shop")
@@ -197,7 +195,7 @@ mod tests {
             2,
             "Pod and ReplicaSet metadata; Deployments are not climbed"
         );
-        resolver.resolve(pod("api-7d9f-x1")).await;
+        resolver.resolve(pod("api-7d9f-x1")).await.unwrap();
         assert_eq!(
             reads.load(Ordering::SeqCst),
             2,
@@ -216,7 +214,10 @@ mod tests {
         }));
         let resolver = OwnerResolver::new(slow, true, 5, Duration::from_secs(30));
         let tops = futures::future::join_all((0..20).map(|_| resolver.resolve(pod("api-7d9f-x1")))).await;
-        assert!(tops.iter().all(|t| t.kind == "Deployment" && t.name == "api"));
+        assert!(
+            tops.iter()
+                .all(|t| t.as_ref().is_ok_and(|t| t.kind == "Deployment" && t.name == "api"))
+        );
         assert_eq!(
             reads.load(Ordering::SeqCst),
             2,
@@ -226,29 +227,45 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_unreadable_pod_falls_back_to_the_labelled_pod() {
-        let store = store_with_deployment();
-        let forbidden = Arc::new(Faulty::new(store, |op| match op {
-            Op::GetMetadata => Fault::Fail(ApiError::Forbidden("pods is forbidden".into())),
-            _ => Fault::Pass,
-        }));
-        let resolver = OwnerResolver::new(forbidden, true, 5, Duration::from_secs(30));
-        assert_eq!(resolver.resolve(pod("api-7d9f-x1")).await, pod("api-7d9f-x1"));
+    async fn a_failed_owner_read_is_an_error_never_a_shallower_target() {
+        // Issue 13, path 2: a throttled ReplicaSet read used to fall back to the pod, i.e. a
+        // second fingerprint (and a second RR) for the incident the Deployment's RR stands for.
+        for error in [
+            ApiError::Throttled { retry_after: None },
+            ApiError::Timeout,
+            ApiError::Unavailable("503".into()),
+            ApiError::Forbidden("replicasets is forbidden".into()),
+        ] {
+            let reads = Arc::new(AtomicUsize::new(0));
+            let r = reads.clone();
+            let e = error.clone();
+            let second_fails = Arc::new(Faulty::new(store_with_deployment(), move |op| match op {
+                Op::GetMetadata if r.fetch_add(1, Ordering::SeqCst) == 1 => Fault::Fail(e.clone()),
+                _ => Fault::Pass,
+            }));
+            let resolver = OwnerResolver::new(second_fails, true, 5, Duration::from_secs(30));
+            assert_eq!(resolver.resolve(pod("api-7d9f-x1")).await, Err(error.clone()));
+            assert_eq!(
+                resolver.resolve(pod("api-7d9f-x1")).await.unwrap().kind,
+                "Deployment",
+                "the error was not cached: the next read resolves ({error:?})"
+            );
+        }
     }
 
     #[tokio::test]
     async fn missing_objects_and_disabled_resolution_keep_the_labelled_target() {
         let store = store_with_deployment();
         let resolver = OwnerResolver::new(store.clone(), true, 5, Duration::from_secs(30));
-        assert_eq!(resolver.resolve(pod("gone")).await, pod("gone"));
+        assert_eq!(resolver.resolve(pod("gone")).await, Ok(pod("gone")));
         let off = OwnerResolver::new(store, false, 5, Duration::from_secs(30));
-        assert_eq!(off.resolve(pod("api-7d9f-x1")).await, pod("api-7d9f-x1"));
+        assert_eq!(off.resolve(pod("api-7d9f-x1")).await, Ok(pod("api-7d9f-x1")));
     }
 
     #[tokio::test]
     async fn depth_is_bounded() {
         let store = store_with_deployment();
         let resolver = OwnerResolver::new(store, true, 1, Duration::from_secs(30));
-        assert_eq!(resolver.resolve(pod("api-7d9f-x1")).await.kind, "ReplicaSet");
+        assert_eq!(resolver.resolve(pod("api-7d9f-x1")).await.unwrap().kind, "ReplicaSet");
     }
 }

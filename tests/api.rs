@@ -395,6 +395,64 @@ async fn debug_endpoints_list_requests_and_set_phase() {
 }
 
 #[tokio::test]
+async fn a_person_can_play_the_orchestrator_with_outcome_cooldown_and_any_status_field() {
+    let gw = Gateway::embedded(test_config()).await;
+    let body = webhook(vec![pod_alert("shop", "a")]);
+    let (_, _, created) = gw.alerts(&body).await;
+    let name = created["remediationRequestName"].as_str().unwrap();
+    let phase = format!("{}/debug/remediationrequests/{name}/phase", gw.admin);
+    let status = format!("{}/debug/remediationrequests/{name}/status", gw.admin);
+
+    let resp = gw
+        .client
+        .put(&phase)
+        .json(&json!({"phase": "Completed", "outcome": "ManualReviewRequired"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (s, _, b) = gw.alerts(&body).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "manual review absorbs: {b}");
+
+    let resp = gw
+        .client
+        .put(&phase)
+        .json(&json!({"phase": "Completed", "outcome": "Remediated", "cooldown": "10m"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let rr: Value = resp.json().await.unwrap();
+    assert!(
+        rr["status"]["routingStatus"]["nextAllowedExecution"].is_string(),
+        "{rr}"
+    );
+    let (s, _, b) = gw.alerts(&body).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "the cooldown absorbs: {b}");
+
+    let resp = gw
+        .client
+        .patch(&status)
+        .json(&json!({"routingStatus": {"nextAllowedExecution": null}, "message": "done"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (s, _, b) = gw.alerts(&body).await;
+    assert_eq!(s, StatusCode::CREATED, "cooldown lifted: a new RR: {b}");
+
+    for (bad, why) in [
+        (json!({"deduplication": {"occurrenceCount": 1}}), "the gateway's field"),
+        (json!({"overallPhase": "Exploded"}), "outside the schema"),
+        (json!(["not", "an", "object"]), "not a merge patch"),
+    ] {
+        let resp = gw.client.patch(&status).json(&bad).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{why}");
+    }
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn health_readiness_and_metrics_are_served() {
     let gw = Gateway::embedded(test_config()).await;
     let get = |p: &str| gw.client.get(format!("{}{p}", gw.admin)).send();

@@ -48,22 +48,23 @@ fn seconds(duration: &str) -> u64 {
     duration.trim_end_matches('s').parse().expect("a duration in seconds")
 }
 
+/// What every overlay installs besides the namespace and the CRD.
+const GATEWAY_KINDS: [&str; 11] = [
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ConfigMap",
+    "Deployment",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+    "FlowSchema",
+    "PriorityLevelConfiguration",
+];
+
 fn check_common(overlay: &str, items: &[Value]) -> Value {
-    for kind in [
-        "Namespace",
-        "CustomResourceDefinition",
-        "ServiceAccount",
-        "Role",
-        "RoleBinding",
-        "ClusterRole",
-        "ClusterRoleBinding",
-        "ConfigMap",
-        "Deployment",
-        "PodDisruptionBudget",
-        "NetworkPolicy",
-        "FlowSchema",
-        "PriorityLevelConfiguration",
-    ] {
+    for kind in ["Namespace", "CustomResourceDefinition"] {
         assert!(items.iter().any(|o| o["kind"] == kind), "{overlay}: no {kind}");
     }
     assert_eq!(
@@ -71,6 +72,15 @@ fn check_common(overlay: &str, items: &[Value]) -> Value {
         2,
         "{overlay}: signals + metrics Services"
     );
+    check_gateway(overlay, items)
+}
+
+/// The gateway's own objects: least-privilege pod, probes, downward-API identity, a config it
+/// accepts and a grace period that outlasts its drain.
+fn check_gateway(overlay: &str, items: &[Value]) -> Value {
+    for kind in GATEWAY_KINDS {
+        assert!(items.iter().any(|o| o["kind"] == kind), "{overlay}: no {kind}");
+    }
     let deployment = find(items, "Deployment", "signal-gateway").clone();
     let pod = &deployment["spec"]["template"]["spec"];
     assert_eq!(pod["serviceAccountName"], "signal-gateway");
@@ -140,6 +150,82 @@ fn the_production_overlay_runs_three_spread_replicas_that_keep_two_through_disru
     let pdb = find(&items, "PodDisruptionBudget", "signal-gateway");
     assert_eq!(pdb["spec"]["minAvailable"], 2);
     assert!(pdb["spec"].get("maxUnavailable").is_none());
+}
+
+#[test]
+fn the_kubernaut_overlay_takes_the_old_gateways_place_and_leaves_the_crd_and_namespace_to_the_chart() {
+    // Kubernaut's chart made the release namespace (and installed the CRD, as the testenv has).
+    let ns = "kubernaut-system";
+    let exists = Command::new(testenv().repo.join("target/testenv/bin/kubectl"))
+        .arg("--kubeconfig")
+        .arg(&testenv().admin_kubeconfig)
+        .args(["get", "namespace", ns])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if !exists {
+        common::testenv::kubectl(&["create", "namespace", ns]);
+    }
+    let items = dry_run("kubernaut");
+    let deployment = check_gateway("kubernaut", &items);
+    for kind in ["Namespace", "CustomResourceDefinition"] {
+        assert!(!items.iter().any(|o| o["kind"] == kind), "the chart owns the {kind}");
+    }
+    for o in &items {
+        if let Some(object_ns) = o["metadata"]["namespace"].as_str() {
+            assert_eq!(object_ns, ns, "{} {}", o["kind"], o["metadata"]["name"]);
+        }
+    }
+    // Where Alertmanager already sends: gateway-service, port names of Kubernaut's chart.
+    let service = find(&items, "Service", "gateway-service");
+    let ports: Vec<(String, u64)> = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["port"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        ports,
+        vec![("http".into(), 8080), ("health".into(), 8081), ("metrics".into(), 9090)]
+    );
+    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in service["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&pod_labels[k], v, "gateway-service selects our pods ({k})");
+    }
+    assert_eq!(pod_labels["app"], "gateway");
+    // Senders keep Kubernaut's RBAC: create on services/gateway-service, and the gateway checks it.
+    let role = find(&items, "ClusterRole", "gateway-signal-source");
+    assert_eq!(role["rules"][0]["resourceNames"][0], "gateway-service");
+    assert_eq!(role["rules"][0]["verbs"][0], "create");
+    let config: signal_gateway::config::Config = signal_gateway::config::Config::from_yaml(
+        find(&items, "ConfigMap", "signal-gateway")["data"]["config.yaml"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let authz = &config.auth.authorization;
+    assert_eq!(
+        (authz.verb.as_str(), authz.resource.as_str(), authz.name.as_str()),
+        ("create", "services", "gateway-service")
+    );
+    // The gateway's identity is the ServiceAccount in Kubernaut's namespace everywhere it is named.
+    for (kind, name) in [
+        ("RoleBinding", "signal-gateway"),
+        ("ClusterRoleBinding", "signal-gateway-auth-delegator"),
+        ("ClusterRoleBinding", "signal-gateway-owner-resolution"),
+    ] {
+        assert_eq!(
+            find(&items, kind, name)["subjects"][0]["namespace"],
+            ns,
+            "{kind}/{name}"
+        );
+    }
+    assert_eq!(
+        find(&items, "FlowSchema", "signal-gateway")["spec"]["rules"][0]["subjects"][0]["serviceAccount"]["namespace"],
+        ns
+    );
+    assert_eq!(deployment["spec"]["replicas"], 3);
 }
 
 #[test]

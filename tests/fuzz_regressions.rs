@@ -182,9 +182,9 @@ async fn an_owner_reference_that_names_no_valid_object_is_not_followed() {
         );
     }
     let resolver = OwnerResolver::new(store, true, 5, Duration::from_secs(30));
-    assert_eq!(resolver.resolve(pod("bad-name")).await, pod("bad-name"));
-    assert_eq!(resolver.resolve(pod("bad-version")).await, pod("bad-version"));
-    let good = resolver.resolve(pod("good")).await;
+    assert_eq!(resolver.resolve(pod("bad-name")).await, Ok(pod("bad-name")));
+    assert_eq!(resolver.resolve(pod("bad-version")).await, Ok(pod("bad-version")));
+    let good = resolver.resolve(pod("good")).await.unwrap();
     assert_eq!(
         (good.kind.as_str(), good.name.as_str(), good.namespace.as_str()),
         ("ReplicaSet", "api-7d9f", "payments")

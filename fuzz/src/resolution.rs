@@ -188,10 +188,19 @@ async fn resolve(
     target: &TargetResource,
     max_depth: usize,
     fault: Option<(usize, ApiError)>,
-) -> (TargetResource, usize) {
+) -> (Result<TargetResource, ApiError>, usize) {
     let (r, reads) = resolver(store, true, max_depth, fault);
     let top = r.resolve(target.clone()).await;
     (top, reads.load(Ordering::SeqCst))
+}
+
+/// [`resolve`] without a fault, which never fails.
+async fn resolve_ok(store: &Arc<EmbeddedStore>, target: &TargetResource, max_depth: usize) -> (TargetResource, usize) {
+    let (top, reads) = resolve(store, target, max_depth, None).await;
+    (
+        top.expect("only NotFound happens without a fault, and it is no error"),
+        reads,
+    )
 }
 
 /// Every invariant of owner resolution on one decoded scenario.
@@ -201,7 +210,7 @@ pub async fn check_scenario(s: &Scenario) {
     check_target(&s.target);
 
     // Terminates within max_depth reads, stays in the signal's namespace, names a valid object.
-    let (r, reads) = resolve(&store, &s.target, n, None).await;
+    let (r, reads) = resolve_ok(&store, &s.target, n).await;
     assert!(reads <= n, "{reads} reads with max_depth {n}");
     assert_eq!(
         r.namespace, s.target.namespace,
@@ -216,7 +225,7 @@ pub async fn check_scenario(s: &Scenario) {
     // Depth n is n single steps, and each step follows a stored controller ownerReference.
     let mut step = s.target.clone();
     for _ in 0..n {
-        let (next, reads) = resolve(&store, &step, 1, None).await;
+        let (next, reads) = resolve_ok(&store, &step, 1).await;
         assert!(reads <= 1);
         if next != step {
             assert!(
@@ -230,12 +239,12 @@ pub async fn check_scenario(s: &Scenario) {
 
     // Deterministic, and a second resolution on the same resolver comes from the cache.
     let (cached, reads_before) = resolver(&store, true, n, None);
-    let first = cached.resolve(s.target.clone()).await;
+    let first = cached.resolve(s.target.clone()).await.expect("no fault");
     let used = reads_before.load(Ordering::SeqCst);
     assert_eq!(first, r, "two fresh resolvers disagree");
     assert_eq!(
         cached.resolve(s.target.clone()).await,
-        r,
+        Ok(r.clone()),
         "the cache changed the answer"
     );
     assert_eq!(
@@ -246,20 +255,25 @@ pub async fn check_scenario(s: &Scenario) {
 
     // Disabled or depth 0: the labelled target, no read.
     let (off, off_reads) = resolver(&store, false, n, None);
-    assert_eq!(off.resolve(s.target.clone()).await, s.target);
+    assert_eq!(off.resolve(s.target.clone()).await, Ok(s.target.clone()));
     assert_eq!(off_reads.load(Ordering::SeqCst), 0);
-    assert_eq!(resolve(&store, &s.target, 0, None).await, (s.target.clone(), 0));
+    assert_eq!(resolve_ok(&store, &s.target, 0).await, (s.target.clone(), 0));
 
-    // A failing read k: the deepest object resolved before it (what depth k reaches).
+    // A failing read k: NotFound ends the climb at the object that is gone (what depth k
+    // reaches); any other error is the answer, never a shallower target (another fingerprint).
     if let Some((k, error)) = &s.fault {
         let (failed, _) = resolve(&store, &s.target, n, Some((*k, error.clone()))).await;
-        let want = if *k < reads {
-            resolve(&store, &s.target, *k, None).await.0
+        if *k >= reads {
+            assert_eq!(failed, Ok(r.clone()), "read {k} never happens");
+        } else if *error == ApiError::NotFound {
+            assert_eq!(
+                failed,
+                Ok(resolve_ok(&store, &s.target, *k).await.0),
+                "NotFound at read {k}"
+            );
         } else {
-            r.clone()
-        };
-        assert_eq!(failed, want, "read {k} failing with {error:?}");
-        assert_eq!(failed.namespace, s.target.namespace);
+            assert_eq!(failed, Err(error.clone()), "read {k} failing with {error:?}");
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! The buffered trail: the signal path hands events to [`AuditTrail::record`], which only takes a
 //! lock and pushes (bounded in events and in bytes; a full buffer refuses the newest event, ADR
-//! 0009); one background task takes batches out (when `batchSize` are waiting, or
+//! 0011); one background task takes batches out (when `batchSize` are waiting, or
 //! `flushInterval` after the oldest waiting event arrived), sends them one at a time through a
 //! [`Deliver`], and retries a batch that got no acceptable answer with jittered exponential
 //! backoff. Events in flight still count against the bounds until their batch is done with.

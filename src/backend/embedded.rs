@@ -216,9 +216,23 @@ impl EmbeddedStore {
         Ok(rr)
     }
 
-    /// Sets `status.overallPhase`, as the orchestrator would.
+    /// Sets `status.overallPhase` (empty: removes it), as the orchestrator would.
     pub fn set_phase(&self, namespace: &str, name: &str, phase: &str) -> Result<RemediationRequest> {
+        let phase = (!phase.is_empty()).then_some(phase);
         self.patch_status(namespace, name, &serde_json::json!({ "overallPhase": phase }))
+    }
+
+    /// Deletes RR `name`, as a retention controller (or a person) would.
+    pub fn delete_request(&self, namespace: &str, name: &str) -> Result<RemediationRequest> {
+        let mut st = self.state.lock().expect("embedded store poisoned");
+        let k = key(namespace, name);
+        let rr = st.requests.remove(&k).ok_or(ApiError::NotFound)?;
+        if let Some(names) = st.by_fingerprint.get_mut(&key(namespace, &rr.spec.signal_fingerprint)) {
+            names.retain(|n| n != name);
+        }
+        st.next_rv();
+        let _ = self.changes.send(RequestEvent::Deleted(rr.clone()));
+        Ok(rr)
     }
 
     /// Registers an object's metadata so owner resolution can read it.

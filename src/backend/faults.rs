@@ -1,7 +1,9 @@
 //! A `Cluster` wrapper that injects faults per operation: fail with a given error, hang, hide
-//! list results, or wait at a gate. For tests and demos of failure handling; never configured
-//! in production.
+//! list results, wait at a gate — or let the call through and then fail or hang, as an API
+//! server does that stores a write and loses the answer. For tests and demos of failure
+//! handling; never configured in production.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -48,6 +50,17 @@ pub enum Fault {
     Gate(Arc<Semaphore>),
     /// Take this long, then pass (a slow API server).
     Delay(std::time::Duration),
+    /// Make the call (it is stored), then answer this error instead of its result.
+    StoreThenFail(ApiError),
+    /// Make the call (it is stored), then never answer.
+    StoreThenHang,
+}
+
+/// What to do once the call itself has been made.
+enum After {
+    Answer,
+    Fail(ApiError),
+    Hang,
 }
 
 type Hook = dyn Fn(Op) -> Fault + Send + Sync;
@@ -68,11 +81,35 @@ impl Faulty {
     async fn apply(&self, op: Op) -> Result<bool> {
         apply(&*self.hook, op).await
     }
+
+    /// Runs `call` under the hook's fault for `op`.
+    async fn run<T>(&self, op: Op, call: impl Future<Output = Result<T>>) -> Result<T> {
+        let after = match (self.hook)(op) {
+            Fault::StoreThenFail(e) => After::Fail(e),
+            Fault::StoreThenHang => After::Hang,
+            other => {
+                before(other).await?;
+                After::Answer
+            }
+        };
+        let answer = call.await;
+        match after {
+            After::Answer => answer,
+            After::Fail(e) => Err(e),
+            After::Hang => futures::future::pending().await,
+        }
+    }
 }
 
-/// Applies the hook's fault for `op`; `Ok(true)` means "hide the results".
+/// Applies the hook's fault for `op` before the call; `Ok(true)` means "hide the results".
+/// (The store-then faults act after the call: [`Faulty::run`]; here they pass.)
 async fn apply(hook: &Hook, op: Op) -> Result<bool> {
-    match hook(op) {
+    before(hook(op)).await
+}
+
+async fn before(fault: Fault) -> Result<bool> {
+    match fault {
+        Fault::StoreThenFail(_) | Fault::StoreThenHang => Ok(false),
         Fault::Pass => Ok(false),
         Fault::Fail(e) => Err(e),
         Fault::Hang => futures::future::pending().await,
@@ -104,12 +141,10 @@ impl Cluster for Faulty {
         self.inner.list_requests(namespace, fingerprint).await
     }
     async fn get_request(&self, namespace: &str, name: &str) -> Result<RemediationRequest> {
-        self.apply(Op::GetRequest).await?;
-        self.inner.get_request(namespace, name).await
+        self.run(Op::GetRequest, self.inner.get_request(namespace, name)).await
     }
     async fn create_request(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
-        self.apply(Op::CreateRequest).await?;
-        self.inner.create_request(rr).await
+        self.run(Op::CreateRequest, self.inner.create_request(rr)).await
     }
     async fn update_deduplication(
         &self,
@@ -118,10 +153,12 @@ impl Cluster for Faulty {
         resource_version: &str,
         deduplication: &Deduplication,
     ) -> Result<RemediationRequest> {
-        self.apply(Op::UpdateDeduplication).await?;
-        self.inner
-            .update_deduplication(namespace, name, resource_version, deduplication)
-            .await
+        self.run(
+            Op::UpdateDeduplication,
+            self.inner
+                .update_deduplication(namespace, name, resource_version, deduplication),
+        )
+        .await
     }
     fn watch_requests(&self, namespace: &str) -> BoxStream<'static, Result<RequestEvent>> {
         let (hook, inner, namespace) = (self.hook.clone(), self.inner.clone(), namespace.to_owned());
@@ -141,28 +178,23 @@ impl Cluster for Faulty {
         .boxed()
     }
     async fn create_lease(&self, lease: &Lease) -> Result<Lease> {
-        self.apply(Op::CreateLease).await?;
-        self.inner.create_lease(lease).await
+        self.run(Op::CreateLease, self.inner.create_lease(lease)).await
     }
     async fn get_lease(&self, namespace: &str, name: &str) -> Result<Lease> {
-        self.apply(Op::GetLease).await?;
-        self.inner.get_lease(namespace, name).await
+        self.run(Op::GetLease, self.inner.get_lease(namespace, name)).await
     }
     async fn list_leases(&self, namespace: &str, label: (&str, &str)) -> Result<Vec<Lease>> {
-        self.apply(Op::ListLeases).await?;
-        self.inner.list_leases(namespace, label).await
+        self.run(Op::ListLeases, self.inner.list_leases(namespace, label)).await
     }
     async fn update_lease(&self, lease: &Lease) -> Result<Lease> {
-        self.apply(Op::UpdateLease).await?;
-        self.inner.update_lease(lease).await
+        self.run(Op::UpdateLease, self.inner.update_lease(lease)).await
     }
     async fn delete_lease(&self, namespace: &str, name: &str, resource_version: &str) -> Result<()> {
-        self.apply(Op::DeleteLease).await?;
-        self.inner.delete_lease(namespace, name, resource_version).await
+        self.run(Op::DeleteLease, self.inner.delete_lease(namespace, name, resource_version))
+            .await
     }
     async fn get_metadata(&self, object: &ObjectRef) -> Result<ObjectMeta> {
-        self.apply(Op::GetMetadata).await?;
-        self.inner.get_metadata(object).await
+        self.run(Op::GetMetadata, self.inner.get_metadata(object)).await
     }
     async fn check_ready(&self, namespace: &str) -> std::result::Result<(), String> {
         self.inner.check_ready(namespace).await

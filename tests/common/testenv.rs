@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use kube::api::{Api, ListParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use reqwest::StatusCode;
 use signal_gateway::crd::RemediationRequest;
 
 pub struct TestEnv {
@@ -317,4 +318,52 @@ pub async fn raw_request(client: &kube::Client, ns: &str, name: &str) -> serde_j
     let resource = kube::api::ApiResource::erase::<RemediationRequest>(&());
     let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource);
     serde_json::to_value(api.get(name).await.expect("get the RR")).expect("serialises")
+}
+
+/// `n` replicas named `<prefix>-<i>` with `config`, each ready, and a client for them.
+pub async fn start_replicas(prefix: &str, n: usize, config: &str) -> (Vec<Replica>, reqwest::Client) {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(200).build().unwrap();
+    let replicas: Vec<Replica> = (0..n)
+        .map(|i| Replica::start(&format!("{prefix}-{i}"), config))
+        .collect();
+    for r in &replicas {
+        r.wait_ready(&client).await;
+    }
+    (replicas, client)
+}
+
+/// Posts `count` copies of an alert for each pod, round-robin over the replicas, all at once.
+pub async fn storm(
+    replicas: &[Replica],
+    client: &reqwest::Client,
+    namespace: &str,
+    pods: &[String],
+    count: usize,
+) -> Vec<(StatusCode, serde_json::Value)> {
+    let mut tasks = Vec::new();
+    let mut i = 0;
+    for _ in 0..count {
+        for pod in pods {
+            let url = format!("{}/api/v1/signals/prometheus", replicas[i % replicas.len()].base);
+            i += 1;
+            let body = super::webhook(vec![super::pod_alert(namespace, pod)]).to_string();
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let r = client
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("request sent");
+                let status = r.status();
+                (status, r.json().await.unwrap_or(serde_json::Value::Null))
+            }));
+        }
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
 }
