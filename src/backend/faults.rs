@@ -190,8 +190,11 @@ impl Cluster for Faulty {
         self.run(Op::UpdateLease, self.inner.update_lease(lease)).await
     }
     async fn delete_lease(&self, namespace: &str, name: &str, resource_version: &str) -> Result<()> {
-        self.run(Op::DeleteLease, self.inner.delete_lease(namespace, name, resource_version))
-            .await
+        self.run(
+            Op::DeleteLease,
+            self.inner.delete_lease(namespace, name, resource_version),
+        )
+        .await
     }
     async fn get_metadata(&self, object: &ObjectRef) -> Result<ObjectMeta> {
         self.run(Op::GetMetadata, self.inner.get_metadata(object)).await
