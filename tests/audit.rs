@@ -85,12 +85,17 @@ async fn an_incident_its_duplicates_a_failed_create_and_a_batch_give_exactly_the
     config.auth.mode = AuthMode::Static;
     config.auth.tokens_file = Some(tokens);
     config.server.request_timeout = Duration::from_secs(1);
-    let failing = Arc::new(AtomicBool::new(false));
+    let (failing, unreadable) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
     let cluster = {
-        let failing = failing.clone();
+        let (failing, unreadable) = (failing.clone(), unreadable.clone());
         Arc::new(Faulty::new(store.clone(), move |op| {
-            if op == Op::CreateRequest && failing.load(Ordering::SeqCst) {
+            let fails = match op {
+                Op::CreateRequest => failing.load(Ordering::SeqCst),
+                Op::GetMetadata => unreadable.load(Ordering::SeqCst),
+                _ => false,
+            };
+            if fails {
                 Fault::Fail(ApiError::Unavailable("etcdserver: request timed out".into()))
             } else {
                 Fault::Pass
@@ -114,6 +119,11 @@ async fn an_incident_its_duplicates_a_failed_create_and_a_batch_give_exactly_the
     let (status, failed) = post_alerts(&gw, token, &webhook(vec![pod_alert("shop", "broken-0")])).await;
     assert_eq!(status, 503, "{failed}");
     failing.store(false, Ordering::SeqCst);
+    // A target whose owner chain cannot be read: 503 too, one failed event.
+    unreadable.store(true, Ordering::SeqCst);
+    let (status, _) = post_alerts(&gw, token, &webhook(vec![pod_alert("shop", "unreadable-0")])).await;
+    assert_eq!(status, 503);
+    unreadable.store(false, Ordering::SeqCst);
     // A resolved alert makes no decision: no event.
     let mut resolved = pod_alert("shop", "api-0");
     resolved["status"] = Value::String("resolved".into());
@@ -135,11 +145,13 @@ async fn an_incident_its_duplicates_a_failed_create_and_a_batch_give_exactly_the
         ("gateway.crd.created".into(), rr.clone(), 1),
     ];
     expected.extend((2..=10).map(|n| ("gateway.signal.deduplicated".into(), rr.clone(), n)));
-    expected.push((
-        "gateway.crd.failed".into(),
-        "KubePodCrashLooping:shop:Pod:broken-0".into(),
-        0,
-    ));
+    for pod in ["broken-0", "unreadable-0"] {
+        expected.push((
+            "gateway.crd.failed".into(),
+            format!("KubePodCrashLooping:shop:Pod:{pod}"),
+            0,
+        ));
+    }
     for name in &batch_rrs {
         expected.push(("gateway.signal.received".into(), name.clone(), 0));
         expected.push(("gateway.crd.created".into(), name.clone(), 1));
