@@ -5,7 +5,8 @@
 //! is in the stored count.
 //!
 //! The worker is a spawned task, so a caller that disconnects does not cancel a write others wait
-//! on; waiters whose deadline has passed are answered DeadlineExceeded before any write is sent.
+//! on; waiters whose deadline has passed are answered DeadlineExceeded before any write is sent,
+//! and waiters whose caller has gone are dropped before it (their retry would count them again).
 //!
 //! Linger (`dedup.linger`, ADR 0007): when the fingerprint is *hot* — its RR was written, by any
 //! replica, within the last two of its lingers — the worker lets a batch gather signals until the
@@ -178,8 +179,13 @@ impl Coalescer {
                 queue.waiters.drain(..take).collect()
             };
             let now = Instant::now();
-            let (live, late): (Vec<Waiter>, Vec<Waiter>) =
-                batch.into_iter().partition(|w| w.deadline > now + MIN_BUDGET);
+            // A waiter whose caller has gone (client disconnected, handler dropped at the drain
+            // deadline) is not written: nobody would be told, and the sender's retry would count
+            // it a second time.
+            let (live, late): (Vec<Waiter>, Vec<Waiter>) = batch
+                .into_iter()
+                .filter(|w| !w.tx.is_closed())
+                .partition(|w| w.deadline > now + MIN_BUDGET);
             for w in late {
                 let _ = w.tx.send(Err(DedupError::DeadlineExceeded));
             }
@@ -236,6 +242,9 @@ impl Coalescer {
         let now = Instant::now();
         let mut joined = 0;
         for w in queue.waiters.drain(..room) {
+            if w.tx.is_closed() {
+                continue; // its caller has gone: not written (see `drain`)
+            }
             if w.deadline > now + MIN_BUDGET {
                 span.follows_from(&w.span);
                 batch.push(w);
@@ -464,6 +473,90 @@ mod tests {
         assert_eq!(store.all_requests().len(), 1);
         let stored = store.all_requests().remove(0);
         assert_eq!(stored.status.unwrap().deduplication.unwrap().occurrence_count, 100);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiter_whose_caller_has_gone_is_not_written() {
+        // Issue 13, path 4(a): before, it was counted — and its sender's retry counted again.
+        let clock: SharedClock = Arc::new(SystemClock);
+        let store = Arc::new(EmbeddedStore::new(clock.clone()));
+        let gate = Arc::new(Semaphore::new(0));
+        let at_gate = Arc::new(AtomicUsize::new(0));
+        let (g, a) = (gate.clone(), at_gate.clone());
+        let cluster: Arc<dyn crate::cluster::Cluster> = Arc::new(Faulty::new(store.clone(), move |op| match op {
+            Op::CreateLease => {
+                a.fetch_add(1, Ordering::SeqCst);
+                Fault::Gate(g.clone())
+            }
+            _ => Fault::Pass,
+        }));
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        let lock = LeaseLock::new(
+            cluster.clone(),
+            clock.clone(),
+            "ns".into(),
+            "a".into(),
+            Duration::from_secs(30),
+            metrics.clone(),
+        );
+        let settings = Settings {
+            namespace: "ns".into(),
+            strategy: Strategy::Optimistic,
+            backoff_initial: Duration::from_millis(5),
+            backoff_max: Duration::from_millis(50),
+            write_grace: Duration::from_millis(100),
+            watch: false,
+            watch_wait: Duration::ZERO,
+        };
+        let dedup = Arc::new(Dedup::new(cluster, lock, clock, metrics.clone(), settings));
+        let coalescer = Coalescer::new(dedup, metrics, 1000, Duration::ZERO);
+        let target = crate::crd::TargetResource {
+            kind: "Pod".into(),
+            name: "p".into(),
+            namespace: "n".into(),
+            api_version: String::new(),
+        };
+        let fp = Fingerprint::of("", &target);
+        let spec = RemediationRequestSpec {
+            target_resource: target,
+            ..RemediationRequestSpec::example(fp.as_str())
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let submit = |c: &Arc<Coalescer>| {
+            let (c, fp, spec) = (c.clone(), fp.clone(), spec.clone());
+            tokio::spawn(async move { c.submit(fp, spec, deadline).await })
+        };
+        let first = submit(&coalescer);
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while at_gate.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < until, "first write never started");
+            tokio::task::yield_now().await;
+        }
+        let queued: Vec<_> = (0..10).map(|_| submit(&coalescer)).collect();
+        while coalescer.queued(&fp) < 10 {
+            assert!(std::time::Instant::now() < until, "signals never queued");
+            tokio::task::yield_now().await;
+        }
+        for task in &queued[..4] {
+            task.abort();
+            while !task.is_finished() {
+                tokio::task::yield_now().await;
+            }
+        }
+        gate.add_permits(1000);
+        assert_eq!(first.await.unwrap().unwrap().occurrence_count, 1);
+        let mut counts = Vec::new();
+        for task in queued.into_iter().skip(4) {
+            counts.push(task.await.unwrap().unwrap().occurrence_count);
+        }
+        counts.sort();
+        assert_eq!(counts, (2..=7).collect::<Vec<_>>());
+        let stored = store.all_requests().remove(0);
+        assert_eq!(
+            stored.occurrence_count(),
+            7,
+            "the 4 whose callers had gone were not counted"
+        );
     }
 
     /// A coalescer on an embedded store (paused-clock friendly: TokioClock) counting status writes.

@@ -469,6 +469,12 @@ impl Config {
             "lock.leaseDuration must be at least 3s"
         );
         anyhow::ensure!(
+            self.lock.lease_duration > self.backend.api_timeout + Duration::from_secs(1),
+            "lock.leaseDuration ({:?}) must exceed backend.apiTimeout + 1s ({:?}): a create under the lock must complete before the lock can be taken over",
+            self.lock.lease_duration,
+            self.backend.api_timeout + Duration::from_secs(1)
+        );
+        anyhow::ensure!(
             self.server.request_timeout > Duration::ZERO,
             "server.requestTimeout must be positive"
         );

@@ -32,8 +32,8 @@ use crate::clock::{SharedClock, rfc3339};
 use crate::cluster::{ApiError, Cluster};
 use crate::crd::{Deduplication, RemediationRequest, RemediationRequestSpec};
 use crate::fingerprint::Fingerprint;
-use crate::hints::{HintCache, Newer, WatchTask};
-use crate::lock::{Attempt, LeaseLock, LockGuard, backoff};
+use crate::hints::{HintCache, Landed, Newer, WatchTask};
+use crate::lock::{Attempt, FenceError, LeaseLock, LockGuard, backoff};
 use crate::metrics::Metrics;
 use crate::signal::Source;
 
@@ -63,6 +63,12 @@ pub enum DedupError {
     LockTimeout { holder: String, expires_in: Duration },
     #[error("deadline exceeded before the outcome was stored")]
     DeadlineExceeded,
+    /// The creation lock was lost or is about to expire before the create could be sent.
+    #[error("creation lock lost before the request could be created")]
+    LockLost,
+    /// A write was sent and no answer came within `backend.apiTimeout` + 1 s: it may be stored.
+    #[error("the API server did not answer a write in time; it may be stored")]
+    Unanswered,
     #[error("{0}")]
     Internal(String),
 }
@@ -77,6 +83,8 @@ impl DedupError {
             DedupError::Api(_) => "api_error",
             DedupError::LockTimeout { .. } => "lock_timeout",
             DedupError::DeadlineExceeded => "deadline_exceeded",
+            DedupError::LockLost => "lock_lost",
+            DedupError::Unanswered => "unanswered",
             DedupError::Internal(_) => "internal",
         }
     }
@@ -302,6 +310,7 @@ impl Dedup {
         loop {
             // The synced watch knowing no active RR saves the list before the lock; the list
             // under the lock decides whether to create.
+            let mut guess = None;
             if !self.hints.knows_none_active(fp) {
                 let existing = self.lookup(fp, deadline).await?;
                 if let Some(active) = self.pick(&existing) {
@@ -311,8 +320,10 @@ impl Dedup {
                     self.metrics.retries.with_label_values(&["gone"]).inc();
                     continue;
                 }
+                guess = Some(next_name(fp, &existing));
             }
-            if let Step::Done(w) = self.create_locked(fp, n, spec, deadline, true).await? {
+            let guess = guess.unwrap_or_else(|| self.guess_name(fp));
+            if let Step::Done(w) = self.create_locked(fp, n, spec, deadline, true, &guess).await? {
                 return Ok(*w);
             }
             self.metrics.retries.with_label_values(&["gone"]).inc();
@@ -327,7 +338,8 @@ impl Dedup {
         deadline: Instant,
     ) -> Result<Written> {
         loop {
-            if let Step::Done(w) = self.create_locked(fp, n, spec, deadline, false).await? {
+            let guess = self.guess_name(fp);
+            if let Step::Done(w) = self.create_locked(fp, n, spec, deadline, false, &guess).await? {
                 return Ok(*w);
             }
             self.metrics.retries.with_label_values(&["gone"]).inc();
@@ -364,8 +376,15 @@ impl Dedup {
         Ok(listed)
     }
 
+    /// The name the next RR of `fp` will most likely get, from what the hints know (recorded with
+    /// the Lease, so the fence before the create usually costs no write).
+    fn guess_name(&self, fp: &Fingerprint) -> String {
+        generation_name(fp, self.hints.highest_generation(fp).unwrap_or(0) + 1)
+    }
+
     /// Takes the lock (waiting while another replica holds it), then decides again under it.
     /// With `watch_for_rr`, a waiter polls for the RR the holder creates and counts into it.
+    /// `guess`: the RR name this replica expects to create (recorded with the Lease).
     async fn create_locked(
         &self,
         fp: &Fingerprint,
@@ -373,11 +392,12 @@ impl Dedup {
         spec: &RemediationRequestSpec,
         deadline: Instant,
         watch_for_rr: bool,
+        guess: &str,
     ) -> Result<Step> {
         let started = Instant::now();
         let mut attempt = 0;
         let guard = loop {
-            let tried = within(deadline, self.lock.try_acquire(fp)).await;
+            let tried = within(deadline, self.lock.try_acquire(fp, Some(guess))).await;
             match tried {
                 Ok(Attempt::Acquired(guard)) => break guard,
                 Ok(Attempt::Held { holder, expires_in }) => {
@@ -423,9 +443,18 @@ impl Dedup {
             }
         };
         self.metrics.lock_wait.observe(started.elapsed().as_secs_f64());
-        let result = self.create_under_lock(fp, n, spec, deadline, &guard).await;
-        guard.release().await;
-        result
+        match Box::pin(self.create_under_lock(fp, n, spec, deadline, &guard)).await {
+            // A create whose outcome is unknown: the Lease (naming it) stays until it expires, so
+            // whoever creates next creates the same name, never a second RR (ADR 0011).
+            Err(Unresolved(e)) => {
+                guard.abandon().await;
+                Err(e)
+            }
+            Ok(result) => {
+                guard.release().await;
+                result
+            }
+        }
     }
 
     fn lock_failed(&self, started: Instant, reason: &str) {
@@ -433,6 +462,8 @@ impl Dedup {
         self.metrics.lock_failures.with_label_values(&[reason]).inc();
     }
 
+    /// Under the lock: a fresh list decides; then the create, fenced by the Lease. `Err` only for
+    /// a create whose outcome is unknown (the Lease must then be left to expire).
     #[tracing::instrument(name = "dedup.create", skip_all, fields(rr_name = tracing::field::Empty))]
     async fn create_under_lock(
         &self,
@@ -440,20 +471,50 @@ impl Dedup {
         n: &Batch<'_>,
         spec: &RemediationRequestSpec,
         deadline: Instant,
-        _held: &LockGuard,
-    ) -> Result<Step> {
-        let existing = self.lookup(fp, deadline).await?;
+        guard: &LockGuard,
+    ) -> std::result::Result<Result<Step>, Unresolved> {
+        let existing = match self.lookup(fp, deadline).await {
+            Ok(existing) => existing,
+            Err(e) => return Ok(Err(e)),
+        };
         if let Some(active) = self.pick(&existing) {
-            return self.increment(fp, active, n, deadline).await;
+            return Ok(self.increment(fp, active, n, deadline).await);
         }
-        let name = next_name(fp, &existing);
+        // One past the highest generation listed — or the name a previous holder of this Lease
+        // was creating, if that is higher: its create may still land (ADR 0011).
+        let name = name_to_create(fp, &existing, guard.inherited());
         tracing::Span::current().record("rr_name", name.as_str());
         let rr = RemediationRequest {
             metadata: creation_metadata(&name, &self.settings.namespace, self.clock.now()),
             spec: spec.clone(),
             status: None,
         };
-        let created = match self.write(deadline, self.cluster.create_request(&rr)).await {
+        // The create is sent only while the Lease covers it; when no API request slot frees up
+        // in time, the fence renews the Lease and the create waits again, up to the deadline.
+        let sent = loop {
+            let send_by = match guard.fence(&name, self.settings.write_grace).await {
+                Ok(send_by) => send_by,
+                Err(FenceError::Api(e)) => return Ok(Err(DedupError::Api(e))),
+                // Another replica took the Lease over and creates (the name we would have): decide
+                // again, counting into what it creates.
+                Err(FenceError::Lost) => {
+                    self.metrics.retries.with_label_values(&["lock_lost"]).inc();
+                    return Ok(Ok(Step::Gone));
+                }
+                // The renewal itself took too long (a saturated API server): try again while the
+                // deadline allows.
+                Err(FenceError::Expiring) if Instant::now() < deadline => continue,
+                Err(FenceError::Expiring) => return Ok(Err(DedupError::LockLost)),
+            };
+            match self
+                .write(deadline.min(send_by), self.cluster.create_request(&rr))
+                .await
+            {
+                Err(DedupError::DeadlineExceeded) if Instant::now() < deadline => continue,
+                other => break other,
+            }
+        };
+        let created = match sent {
             Ok(created) => {
                 self.hints.observe(&created);
                 // Labelled by ingestion source like the other signal metrics.
@@ -461,28 +522,58 @@ impl Dedup {
                 self.metrics.crds_created.with_label_values(&[source]).inc();
                 created
             }
-            // Someone created it first (e.g. our lease expired under a paused process): count into it.
+            // Someone created it first (a previous holder of the Lease): count into it.
             Err(DedupError::Api(ApiError::AlreadyExists)) => {
                 self.metrics.retries.with_label_values(&["already_exists"]).inc();
-                match within(deadline, self.cluster.get_request(&self.settings.namespace, &name)).await {
-                    Ok(theirs) => {
-                        self.hints.observe(&theirs);
-                        return self.increment(fp, theirs, n, deadline).await;
-                    }
-                    Err(DedupError::Api(ApiError::NotFound)) => return Ok(Step::Gone),
-                    Err(e) => return Err(e),
-                }
+                return Ok(self.count_into_named(fp, &name, n, deadline).await);
             }
-            Err(e) => return Err(e),
+            // Sent, answer lost: whether it was stored decides everything. Read it back.
+            Err(e) if ambiguous(&e) => {
+                tracing::warn!(rr_name = %name, error = %e, "create unanswered; reading it back");
+                return match within(
+                    deadline + self.settings.write_grace,
+                    self.cluster.get_request(&self.settings.namespace, &name),
+                )
+                .await
+                {
+                    Ok(stored) => {
+                        self.hints.observe(&stored);
+                        Ok(self.increment(fp, stored, n, deadline).await.map(|step| match step {
+                            // Our create landed (or an identical name's): the first count is ours.
+                            Step::Done(mut w) => {
+                                w.created = w.before == 0;
+                                Step::Done(w)
+                            }
+                            gone => gone,
+                        }))
+                    }
+                    // Not there (yet): it may still land; leave the Lease naming it.
+                    Err(_) => Err(Unresolved(e)),
+                };
+            }
+            // Not sent, or refused: certainly not stored.
+            Err(e) => return Ok(Err(e)),
         };
-        Ok(match self.increment(fp, created, n, deadline).await? {
-            Step::Done(mut w) => {
+        Ok(match self.increment(fp, created, n, deadline).await {
+            Ok(Step::Done(mut w)) => {
                 // This batch created the RR, even if a waiting replica's count landed first.
                 w.created = true;
-                Step::Done(w)
+                Ok(Step::Done(w))
             }
-            Step::Gone => Step::Gone,
+            other => other,
         })
+    }
+
+    /// Counts into RR `name`, read fresh (it exists: our create met AlreadyExists).
+    async fn count_into_named(&self, fp: &Fingerprint, name: &str, n: &Batch<'_>, deadline: Instant) -> Result<Step> {
+        match within(deadline, self.cluster.get_request(&self.settings.namespace, name)).await {
+            Ok(theirs) => {
+                self.hints.observe(&theirs);
+                self.increment(fp, theirs, n, deadline).await
+            }
+            Err(DedupError::Api(ApiError::NotFound)) => Ok(Step::Gone),
+            Err(e) => Err(e),
+        }
     }
 
     /// Adds `n` to the RR's count with a resourceVersion-conditioned status update, refreshing
@@ -546,16 +637,35 @@ impl Dedup {
                 occurrence_count: count,
             };
             let sent_at = Instant::now();
-            let namespace = rr.metadata.namespace.as_deref().unwrap_or(&self.settings.namespace);
+            let namespace = rr
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| self.settings.namespace.clone());
             let outcome = self
                 .write(
                     deadline,
-                    self.cluster.update_deduplication(namespace, &name, &rv, &next),
+                    self.cluster.update_deduplication(&namespace, &name, &rv, &next),
                 )
                 .await;
             if outcome.is_ok() {
                 self.record_write_latency(sent_at.elapsed());
             }
+            let outcome = match outcome {
+                // Boxed: a rare path, kept out of the (large) state of every count's future.
+                Err(e) if ambiguous(&e) => {
+                    match Box::pin(self.resolve_write(fp, &namespace, &name, &rv, &next, deadline)).await {
+                        Resolved::Stored(rr) => Ok(rr),
+                        Resolved::NotStored(current) => {
+                            // Never applied: count again from the version that is there now.
+                            rr = current;
+                            continue;
+                        }
+                        Resolved::Unknown => Err(e),
+                    }
+                }
+                other => other,
+            };
             match outcome {
                 Ok(updated) => {
                     self.metrics.occurrences.inc_by(u64::from(n));
@@ -646,15 +756,109 @@ impl Dedup {
     /// Waiting for an API request slot counts against the deadline (a write that gets none is
     /// not sent); once sent, the client's own timeout (`backend.apiTimeout`, below the grace)
     /// ends it first, so a write is not abandoned in flight by this bound.
+    /// The two outcomes of a write are "not sent" (`DeadlineExceeded`) and "sent and answered";
+    /// a sent write that got no answer within the grace is `Unanswered` (it may be stored: the
+    /// caller resolves it before answering).
     async fn write<T>(&self, deadline: Instant, fut: impl Future<Output = Result<T, ApiError>>) -> Result<T> {
         if Instant::now() >= deadline {
             return Err(DedupError::DeadlineExceeded);
         }
-        match crate::backend::metered::send_by(deadline, within(deadline + self.settings.write_grace, fut)).await {
-            Err(DedupError::Api(ApiError::NotSent)) => Err(DedupError::DeadlineExceeded),
-            other => other,
+        let answered = tokio::time::timeout_at(deadline + self.settings.write_grace, fut);
+        match crate::backend::metered::send_by(deadline, answered).await {
+            Ok(Err(ApiError::NotSent)) => Err(DedupError::DeadlineExceeded),
+            Ok(answer) => answer.map_err(DedupError::Api),
+            Err(_) => Err(DedupError::Unanswered),
         }
     }
+
+    /// Whether a sent status write of `next` on RR `name` (conditioned on `rv`), whose answer was
+    /// lost, is stored. First the identical write again: exactly one of the two can apply (both
+    /// carry the same precondition), so if the repeat is stored the original never will be.
+    /// On Conflict the RR moved on: it is ours when the version after `rv` carries our
+    /// `deduplication` — read back, or seen by the watch, whose history of versions after the last
+    /// list is complete.
+    async fn resolve_write(
+        &self,
+        fp: &Fingerprint,
+        namespace: &str,
+        name: &str,
+        rv: &str,
+        next: &Deduplication,
+        deadline: Instant,
+    ) -> Resolved {
+        // Each step gets one write's grace from now (the deadline may have passed while the
+        // original went unanswered): the caller waits up to four graces past the deadline.
+        let until = Instant::now().max(deadline) + self.settings.write_grace;
+        let again = self
+            .write(until, self.cluster.update_deduplication(namespace, name, rv, next))
+            .await;
+        match again {
+            Ok(updated) => {
+                self.metrics.write_resolutions.with_label_values(&["resent"]).inc();
+                return Resolved::Stored(updated);
+            }
+            Err(DedupError::Api(ApiError::Conflict(_))) => {}
+            Err(e) => {
+                tracing::warn!(rr_name = name, error = %e, "unanswered write could not be resolved");
+                self.metrics.write_resolutions.with_label_values(&["unknown"]).inc();
+                return Resolved::Unknown;
+            }
+        }
+        let current = match within(
+            Instant::now() + self.settings.write_grace,
+            self.cluster.get_request(namespace, name),
+        )
+        .await
+        {
+            Ok(current) => current,
+            Err(_) => {
+                self.metrics.write_resolutions.with_label_values(&["unknown"]).inc();
+                return Resolved::Unknown;
+            }
+        };
+        self.hints.observe(&current);
+        let ours = current.status.as_ref().and_then(|s| s.deduplication.as_ref()) == Some(next);
+        let current_rv = current.metadata.resource_version.clone().unwrap_or_default();
+        let verdict = if ours {
+            Landed::Yes
+        } else {
+            let marker = (next.last_seen_at.as_str(), next.occurrence_count);
+            let wait = Instant::now() + self.settings.watch_wait.max(Duration::from_millis(100));
+            self.hints.landed(fp, name, rv, marker, &current_rv, wait).await
+        };
+        match verdict {
+            Landed::Yes => {
+                self.metrics.write_resolutions.with_label_values(&["stored"]).inc();
+                Resolved::Stored(current)
+            }
+            Landed::No => {
+                self.metrics.write_resolutions.with_label_values(&["not_stored"]).inc();
+                Resolved::NotStored(current)
+            }
+            Landed::Unknown => {
+                self.metrics.write_resolutions.with_label_values(&["unknown"]).inc();
+                Resolved::Unknown
+            }
+        }
+    }
+}
+
+/// What became of a status write whose answer was lost.
+enum Resolved {
+    /// It (or its identical repeat) is stored; the RR as read after it.
+    Stored(RemediationRequest),
+    /// It is not, and cannot be any more; the RR's current version.
+    NotStored(RemediationRequest),
+    /// Cannot tell: answer 503 (the sender's retry may count it twice).
+    Unknown,
+}
+
+/// Errors after which a sent write may or may not be stored.
+fn ambiguous(e: &DedupError) -> bool {
+    matches!(
+        e,
+        DedupError::Unanswered | DedupError::Api(ApiError::Timeout | ApiError::Unavailable(_))
+    )
 }
 
 /// Runs an API call, failing with DeadlineExceeded when the batch deadline passes first.
@@ -682,16 +886,42 @@ pub fn creation_metadata(name: &str, namespace: &str, now: jiff::Timestamp) -> O
     }
 }
 
-/// Deterministic name of the next RR for `fp`: `rr-<fp[:16]>-<generation>`, one past the highest
-/// generation listed. Two creators that saw the same list pick the same name.
+/// A create whose outcome is unknown (sent, answer lost, not found on reading it back).
+struct Unresolved(DedupError);
+
+/// `rr-<fp[:16]>-<generation>`.
+pub fn generation_name(fp: &Fingerprint, generation: u64) -> String {
+    format!("rr-{}-{generation}", fp.short())
+}
+
+/// The generation of RR `name` of `fp`, if it is named by the rule above.
+pub fn generation_of(fp: &Fingerprint, name: &str) -> Option<u64> {
+    name.strip_prefix("rr-")?
+        .strip_prefix(fp.short())?
+        .strip_prefix('-')?
+        .parse()
+        .ok()
+}
+
+/// Deterministic name of the next RR for `fp`: one past the highest generation listed. Two
+/// creators that saw the same list pick the same name.
 pub fn next_name(fp: &Fingerprint, existing: &[RemediationRequest]) -> String {
-    let prefix = format!("rr-{}-", fp.short());
     let highest = existing
         .iter()
-        .filter_map(|rr| rr.metadata.name.as_deref()?.strip_prefix(&prefix)?.parse::<u64>().ok())
+        .filter_map(|rr| generation_of(fp, rr.metadata.name.as_deref()?))
         .max()
         .unwrap_or(0);
-    format!("{prefix}{}", highest + 1)
+    generation_name(fp, highest + 1)
+}
+
+/// The name to create under the lock: [`next_name`], unless the previous holder of the Lease was
+/// creating a later generation (not listed yet: its create may still land), then that one.
+fn name_to_create(fp: &Fingerprint, existing: &[RemediationRequest], inherited: Option<&str>) -> String {
+    let next = next_name(fp, existing);
+    match inherited {
+        Some(name) if generation_of(fp, name) >= generation_of(fp, &next) => name.to_owned(),
+        _ => next,
+    }
 }
 
 #[cfg(test)]

@@ -41,6 +41,10 @@ use crate::metrics::Metrics;
 const MAX_OBJECTS: usize = 100_000;
 const MAX_ACTIVE: usize = 20_000;
 
+/// Versions remembered by their `deduplication` marker (for telling whether an unanswered write
+/// landed): about a minute of writes at a few hundred per second.
+const MAX_MARKERS: usize = 16_384;
+
 /// A watch that failed after running this long restarts with the shortest backoff again.
 const HEALTHY_WATCH: Duration = Duration::from_secs(60);
 
@@ -62,6 +66,9 @@ struct PerFingerprint {
     changed_at: Option<Instant>,
     /// Woken on every change of this fingerprint's RRs.
     changed: Arc<Notify>,
+    /// The highest generation (`rr-<fp16>-<n>`) of this fingerprint's RRs seen (a guess of the
+    /// next name; the list under the lock decides).
+    highest: u64,
 }
 
 #[derive(Default)]
@@ -78,6 +85,22 @@ struct State {
     fingerprints: HashMap<String, PerFingerprint>,
     /// Names seen by the list in progress (between `Init` and `Synced`).
     listing: Option<HashMap<String, String>>,
+    /// Versions seen, as (name, lastSeenAt, occurrenceCount) of their `deduplication`, oldest first.
+    markers: std::collections::VecDeque<(String, String, i32)>,
+    marker_set: std::collections::HashSet<(String, String, i32)>,
+    /// Every version with a resourceVersion above this came through the watch since its last list
+    /// (versions up to it may have been skipped by a list). `None` while not synced.
+    history_from: Option<u64>,
+    /// Highest resourceVersion the watch delivered since its last list.
+    applied_rv: u64,
+}
+
+/// Whether an unanswered write landed, as far as the watch can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landed {
+    Yes,
+    No,
+    Unknown,
 }
 
 /// The newest version of an RR, as far as the cache knows.
@@ -127,6 +150,7 @@ impl State {
         let Some(name) = rr.metadata.name.as_deref() else {
             return false;
         };
+        self.remember_marker(name, rr);
         let rv = rv_of(rr);
         if let Some(known) = self.objects.get(name)
             && !newer(rv, &known.rv)
@@ -164,7 +188,9 @@ impl State {
                 self.unindex(&prev.fingerprint, name);
             }
         }
+        let generation = Fingerprint::parse(&fingerprint).and_then(|f| crate::dedup::generation_of(&f, name));
         let per = self.fingerprints.entry(fingerprint).or_default();
+        per.highest = per.highest.max(generation.unwrap_or(0));
         match active {
             Some(_) if !per.active.iter().any(|n| n == name) => per.active.push(name.to_owned()),
             Some(_) => {}
@@ -173,6 +199,21 @@ impl State {
         per.changed_at = Some(now);
         per.changed.notify_waiters();
         true
+    }
+
+    fn remember_marker(&mut self, name: &str, rr: &RemediationRequest) {
+        let Some(d) = rr.status.as_ref().and_then(|s| s.deduplication.as_ref()) else {
+            return;
+        };
+        let marker = (name.to_owned(), d.last_seen_at.clone(), d.occurrence_count);
+        if self.marker_set.insert(marker.clone()) {
+            self.markers.push_back(marker);
+            if self.markers.len() > MAX_MARKERS
+                && let Some(old) = self.markers.pop_front()
+            {
+                self.marker_set.remove(&old);
+            }
+        }
     }
 
     fn forget(&mut self, rr: &RemediationRequest, now: Instant) {
@@ -288,6 +329,8 @@ impl HintCache {
             RequestEvent::Init => {
                 self.metrics.watch_relists.inc();
                 st.synced = false;
+                st.history_from = None;
+                st.applied_rv = 0;
                 st.overflowed_in_list = false;
                 st.listing = Some(HashMap::new());
                 self.metrics.watch_synced.set(0);
@@ -324,14 +367,22 @@ impl HintCache {
                 }
                 st.complete = !st.overflowed_in_list;
                 st.synced = true;
+                st.history_from = Some(listed_max.unwrap_or(0));
+                st.applied_rv = listed_max.unwrap_or(0);
                 self.metrics.watch_synced.set(1);
             }
             RequestEvent::Applied(rr) => {
                 self.metrics.watch_events.with_label_values(&["applied"]).inc();
+                if let Ok(rv) = rv_of(&rr).parse::<u64>() {
+                    st.applied_rv = st.applied_rv.max(rv);
+                }
                 st.observe(&rr, now, wall);
             }
             RequestEvent::Deleted(rr) => {
                 self.metrics.watch_events.with_label_values(&["deleted"]).inc();
+                if let Ok(rv) = rv_of(&rr).parse::<u64>() {
+                    st.applied_rv = st.applied_rv.max(rv);
+                }
                 st.forget(&rr, now);
             }
         }
@@ -341,6 +392,7 @@ impl HintCache {
     fn unsync(&self) {
         let mut st = self.state();
         st.synced = false;
+        st.history_from = None;
         st.listing = None;
         self.metrics.watch_synced.set(0);
     }
@@ -371,6 +423,68 @@ impl HintCache {
         let wall = self.clock.now();
         let st = self.state();
         st.synced && st.complete && st.active(fp.as_str(), wall).is_none()
+    }
+
+    /// The highest generation of `fp`'s RRs this replica has seen, if any.
+    pub fn highest_generation(&self, fp: &Fingerprint) -> Option<u64> {
+        self.state()
+            .fingerprints
+            .get(fp.as_str())
+            .map(|p| p.highest)
+            .filter(|h| *h > 0)
+    }
+
+    /// Whether a write of RR `name` based on version `base_rv`, carrying `marker` (its
+    /// `lastSeenAt` and `occurrenceCount`), landed, given the RR is now at `current_rv`: yes when
+    /// a version with that marker was seen; no when the watch has delivered every version from
+    /// `base_rv` through `current_rv` and none carried it; waits up to `until` for the watch to
+    /// catch up, then unknown.
+    pub async fn landed(
+        &self,
+        fp: &Fingerprint,
+        name: &str,
+        base_rv: &str,
+        marker: (&str, i32),
+        current_rv: &str,
+        until: Instant,
+    ) -> Landed {
+        let key = (name.to_owned(), marker.0.to_owned(), marker.1);
+        let (Ok(base), Ok(current)) = (base_rv.parse::<u64>(), current_rv.parse::<u64>()) else {
+            return Landed::Unknown;
+        };
+        loop {
+            let changed = {
+                let mut st = self.state();
+                if st.marker_set.contains(&key) {
+                    return Landed::Yes;
+                }
+                match st.history_from {
+                    Some(from) if st.synced && base >= from => {
+                        if st.applied_rv >= current {
+                            return Landed::No;
+                        }
+                    }
+                    _ => return Landed::Unknown,
+                }
+                st.fingerprints
+                    .entry(fp.as_str().to_owned())
+                    .or_default()
+                    .changed
+                    .clone()
+            };
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let st = self.state();
+                if st.marker_set.contains(&key) || st.applied_rv >= current {
+                    continue;
+                }
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return Landed::Unknown;
+            }
+        }
     }
 
     /// Whether an RR of `fp` changed (any writer) within `window`.

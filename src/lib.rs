@@ -171,11 +171,14 @@ pub async fn serve(
     )?);
     authenticator.watch_files();
     let transport = http::server::Transport::from_config(&config.server, &metrics)?;
+    // The Lease holder identity: the pod name plus a per-process part, so two processes that
+    // share a pod name never take each other's live lock for their own leftover.
+    let holder = lock::process_identity(&config.identity.pod_name);
     let lock = lock::LeaseLock::new(
         cluster.clone(),
         deps.clock.clone(),
         namespace.clone(),
-        config.identity.pod_name.clone(),
+        holder.clone(),
         config.lock.lease_duration,
         metrics.clone(),
     );
@@ -262,7 +265,7 @@ pub async fn serve(
     ));
     tracing::info!(
         signals = %signals_addr, admin = %admin_addr, backend = deps.cluster.backend_name(),
-        namespace = %namespace, holder = %config.identity.pod_name, strategy = config.dedup.strategy.as_str(),
+        namespace = %namespace, holder = %holder, strategy = config.dedup.strategy.as_str(),
         auth = config.auth.mode.as_str(), tls = transport.is_tls(),
         "signal-gateway started"
     );

@@ -1,14 +1,28 @@
 //! Per-fingerprint creation lock on a `coordination.k8s.io/v1` Lease.
 //!
 //! Acquire: create the Lease (no GET when uncontended). On AlreadyExists read it: held by us
-//! (a leftover of this identity) or expired -> take over with a resourceVersion-conditioned
-//! update, never a blind write; held by someone else -> report who and for how long.
-//! While held, a background task renews it every `duration / 3`. Release deletes it with a
-//! resourceVersion precondition, so a lease taken over by another replica is never deleted.
-//! A guard dropped without `release()` (panic, cancellation) releases from a spawned task, and
-//! [`LeaseLock::release_all`] frees whatever is still held at shutdown.
+//! (a leftover of this process's identity) or expired -> take over with a
+//! resourceVersion-conditioned update, never a blind write; held by someone else -> report who
+//! and for how long. While held, a background task renews it every `duration / 3`. Release
+//! deletes it with a resourceVersion precondition, so a lease taken over by another replica is
+//! never deleted. A guard dropped without `release()` (panic, cancellation) releases from a
+//! spawned task, and [`LeaseLock::release_all`] frees whatever is still held at shutdown — after
+//! which nothing renews (a renewal of a deleted Lease would create it again) and nothing creates.
+//!
+//! **Fencing a create** (ADR 0011): a holder creates an RR only through [`LockGuard::fence`],
+//! which records the RR name in the Lease (annotation [`CREATING_ANNOTATION`], a conditional
+//! update unless the Lease already names it) and returns the instant by which the create must be
+//! sent so that it completes while the Lease is still ours. A replica that takes an expired Lease
+//! over inherits that name and creates the same one, so a create still in flight from a paused or
+//! partitioned holder meets AlreadyExists instead of opening a second RR — even when the older
+//! generation it was named after has been deleted meanwhile.
+//!
+//! Holder identities carry a per-process part ([`process_identity`]): two processes that share a
+//! pod name (a fixed `hostname`, POD_NAME unset) never take each other's live Lease for their own
+//! leftover.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,9 +40,18 @@ use crate::metrics::Metrics;
 /// Label on every lock Lease, so the sweep lists only ours.
 pub const LEASE_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "signal-gateway");
 
+/// Annotation on a lock Lease: the RR its holder creates (or is about to).
+pub const CREATING_ANNOTATION: &str = "signal-gateway.kubernaut.ai/creating";
+
 /// Name of the lock Lease for a fingerprint.
 pub fn lease_name(fp: &Fingerprint) -> String {
     format!("gw-lock-{}", fp.short())
+}
+
+/// `<pod name>_<8 random hex>`: the Lease holder identity of this process (as client-go's leader
+/// election adds a unique part to the hostname).
+pub fn process_identity(pod_name: &str) -> String {
+    format!("{pod_name}_{:08x}", fastrand::u32(..))
 }
 
 #[derive(Clone)]
@@ -43,9 +66,48 @@ struct Inner {
     holder: String,
     duration: Duration,
     metrics: Metrics,
-    /// Leases held now: name -> the Lease as we last wrote it (its resourceVersion is the
-    /// precondition of the next renewal and of the release).
-    held: Mutex<HashMap<String, Arc<Mutex<Lease>>>>,
+    /// Leases held now, by name.
+    held: Mutex<HashMap<String, Arc<Held>>>,
+}
+
+/// One held Lease, shared by its guard and its renewer.
+struct Held {
+    /// The Lease as we last wrote it (its resourceVersion is the precondition of the next write
+    /// and of the release). Every write holds this lock, so renewals and the record of a create
+    /// never race each other.
+    lease: tokio::sync::Mutex<Lease>,
+    /// Until when the Lease is certainly ours: the send time of our last successful write plus
+    /// the lease duration (no other replica takes it over before).
+    valid_until: Mutex<Instant>,
+    /// Lost (taken over or deleted), released or abandoned: never written again, and no create
+    /// may be fenced under it.
+    over: AtomicBool,
+}
+
+impl Held {
+    fn new(lease: Lease, written_at: Instant, duration: Duration) -> Self {
+        Held {
+            lease: tokio::sync::Mutex::new(lease),
+            valid_until: Mutex::new(written_at + duration),
+            over: AtomicBool::new(false),
+        }
+    }
+
+    fn is_over(&self) -> bool {
+        self.over.load(Ordering::SeqCst)
+    }
+
+    fn end(&self) {
+        self.over.store(true, Ordering::SeqCst);
+    }
+
+    fn valid_until(&self) -> Instant {
+        *self.valid_until.lock().expect("lease validity poisoned")
+    }
+
+    fn wrote(&self, at: Instant, duration: Duration) {
+        *self.valid_until.lock().expect("lease validity poisoned") = at + duration;
+    }
 }
 
 /// Result of one acquisition attempt.
@@ -56,6 +118,26 @@ pub enum Attempt {
         holder: String,
         expires_in: Duration,
     },
+}
+
+/// Why a create may not be sent under a guard.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum FenceError {
+    #[error("the creation lock was lost (taken over, deleted, or released at shutdown)")]
+    Lost,
+    #[error("the creation lock expires before a create could complete")]
+    Expiring,
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+fn creating_of(lease: &Lease) -> Option<String> {
+    lease.metadata.annotations.as_ref()?.get(CREATING_ANNOTATION).cloned()
+}
+
+/// An error after which the write may or may not have been applied.
+fn ambiguous(e: &ApiError) -> bool {
+    matches!(e, ApiError::Timeout | ApiError::Unavailable(_))
 }
 
 impl LeaseLock {
@@ -100,12 +182,14 @@ impl LeaseLock {
     }
 
     /// One attempt to take the lock for `fp`; waiting and retrying is the caller's policy.
+    /// `creating`: the RR name the caller expects to create, recorded with the Lease so that the
+    /// fence before the create usually needs no extra write.
     #[tracing::instrument(name = "lock.acquire", skip_all, fields(lease = tracing::field::Empty, outcome = tracing::field::Empty))]
-    pub async fn try_acquire(&self, fp: &Fingerprint) -> Result<Attempt> {
+    pub async fn try_acquire(&self, fp: &Fingerprint, creating: Option<&str>) -> Result<Attempt> {
         let span = tracing::Span::current();
         let name = lease_name(fp);
         span.record("lease", name.as_str());
-        let result = self.attempt(&name).await;
+        let result = self.attempt(&name, creating).await;
         let outcome = match &result {
             Ok(Attempt::Acquired(g)) => g.how,
             Ok(Attempt::Held { .. }) => "contended",
@@ -116,7 +200,7 @@ impl LeaseLock {
         result
     }
 
-    async fn attempt(&self, name: &str) -> Result<Attempt> {
+    async fn attempt(&self, name: &str, creating: Option<&str>) -> Result<Attempt> {
         let c = &self.inner.cluster;
         let ns = &self.inner.namespace;
         for _ in 0..3 {
@@ -126,14 +210,23 @@ impl LeaseLock {
                     name: Some(name.to_owned()),
                     namespace: Some(ns.clone()),
                     labels: Some([(LEASE_LABEL.0.to_owned(), LEASE_LABEL.1.to_owned())].into()),
+                    annotations: creating.map(|n| [(CREATING_ANNOTATION.to_owned(), n.to_owned())].into()),
                     ..ObjectMeta::default()
                 },
                 spec: Some(self.spec(now, 0)),
             };
+            let sent = Instant::now();
             match c.create_lease(&lease).await {
-                Ok(created) => return Ok(Attempt::Acquired(self.hold(name, &created, "acquired"))),
+                Ok(created) => return Ok(Attempt::Acquired(self.hold(name, created, sent, None, "acquired"))),
                 Err(ApiError::AlreadyExists) => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if ambiguous(&e) {
+                        // It may have been stored: a Lease of ours nobody holds would block this
+                        // fingerprint for a whole lease duration on every replica.
+                        self.clean_up_if_ours(name);
+                    }
+                    return Err(e);
+                }
             }
             let current = match c.get_lease(ns, name).await {
                 Ok(l) => l,
@@ -156,20 +249,37 @@ impl LeaseLock {
                     .unwrap_or_default();
                 return Ok(Attempt::Held { holder, expires_in });
             }
-            // Expired, released-but-not-deleted, or a leftover of our own identity: take it over,
-            // conditioned on the resourceVersion we read.
+            // Expired, released-but-not-deleted, or a leftover of this process: take it over,
+            // conditioned on the resourceVersion we read. The name its holder was creating stays
+            // recorded: whoever creates next creates that one.
+            let inherited = creating_of(&current);
+            let mut metadata = current.metadata.clone();
+            if inherited.is_none()
+                && let Some(n) = creating
+            {
+                metadata
+                    .annotations
+                    .get_or_insert_with(Default::default)
+                    .insert(CREATING_ANNOTATION.to_owned(), n.to_owned());
+            }
             let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(holder != self.inner.holder);
             let takeover = Lease {
-                metadata: current.metadata.clone(),
+                metadata,
                 spec: Some(self.spec(now, transitions)),
             };
+            let sent = Instant::now();
             match c.update_lease(&takeover).await {
                 Ok(updated) => {
-                    tracing::info!(lease = name, previous_holder = %holder, "took over expired lease");
-                    return Ok(Attempt::Acquired(self.hold(name, &updated, "takeover")));
+                    tracing::info!(lease = name, previous_holder = %holder, creating = inherited.as_deref().unwrap_or_default(), "took over expired lease");
+                    return Ok(Attempt::Acquired(self.hold(name, updated, sent, inherited, "takeover")));
                 }
                 Err(ApiError::Conflict(_) | ApiError::NotFound) => continue, // someone else moved first
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if ambiguous(&e) {
+                        self.clean_up_if_ours(name);
+                    }
+                    return Err(e);
+                }
             }
         }
         Ok(Attempt::Held {
@@ -178,44 +288,84 @@ impl LeaseLock {
         })
     }
 
-    fn hold(&self, name: &str, lease: &Lease, how: &'static str) -> LockGuard {
-        let last = Arc::new(Mutex::new(lease.clone()));
+    /// After a Lease write whose answer was lost: in the background, read the Lease and delete it
+    /// (conditioned on the version read) if it names this process as holder and no guard of ours
+    /// holds it.
+    fn clean_up_if_ours(&self, name: &str) {
+        let lock = self.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            let c = &lock.inner.cluster;
+            let ns = &lock.inner.namespace;
+            let Ok(lease) = c.get_lease(ns, &name).await else {
+                return;
+            };
+            let ours = lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(lock.holder());
+            let guarded = lock.inner.held.lock().expect("held locks poisoned").contains_key(&name);
+            if ours && !guarded {
+                let rv = lease.metadata.resource_version.clone().unwrap_or_default();
+                if c.delete_lease(ns, &name, &rv).await.is_ok() {
+                    lock.inner.metrics.lock_releases.with_label_values(&["cleaned"]).inc();
+                    tracing::info!(lease = %name, "deleted the lease an unanswered acquire left behind");
+                }
+            }
+        });
+    }
+
+    fn hold(
+        &self,
+        name: &str,
+        lease: Lease,
+        written_at: Instant,
+        inherited: Option<String>,
+        how: &'static str,
+    ) -> LockGuard {
+        let held = Arc::new(Held::new(lease, written_at, self.inner.duration));
         self.inner
             .held
             .lock()
             .expect("held locks poisoned")
-            .insert(name.to_owned(), last.clone());
+            .insert(name.to_owned(), held.clone());
         self.inner.metrics.locks_held.inc();
         let (stop, stopped) = oneshot::channel();
-        let renewer = tokio::spawn(self.clone().renew_loop(name.to_owned(), last.clone(), stopped));
+        let renewer = tokio::spawn(self.clone().renew_loop(name.to_owned(), held.clone(), stopped));
         LockGuard {
             lock: self.clone(),
             name: name.to_owned(),
-            last,
+            held,
+            inherited,
             acquired_at: Instant::now(),
             how,
             renewer: Some((stop, renewer)),
         }
     }
 
-    /// Renews every third of the lease duration until stopped or the lease is lost.
-    async fn renew_loop(self, name: String, last: Arc<Mutex<Lease>>, mut stop: oneshot::Receiver<()>) {
+    /// Renews every third of the lease duration until stopped, released or the lease is lost.
+    async fn renew_loop(self, name: String, held: Arc<Held>, mut stop: oneshot::Receiver<()>) {
         let period = self.inner.duration / 3;
         loop {
             tokio::select! {
                 _ = &mut stop => return,
                 _ = tokio::time::sleep(period) => {}
             }
-            let mut renewed = last.lock().expect("lease poisoned").clone();
+            let mut lease = held.lease.lock().await;
+            if held.is_over() {
+                // Released (e.g. at shutdown) or lost: a renewal now would create the Lease again.
+                return;
+            }
+            let mut renewed = lease.clone();
             if let Some(spec) = renewed.spec.as_mut() {
                 spec.renew_time = Some(MicroTime(self.inner.clock.now()));
             }
+            let sent = Instant::now();
             match self.inner.cluster.update_lease(&renewed).await {
                 Ok(l) => {
-                    *last.lock().expect("lease poisoned") = l;
+                    *lease = l;
+                    held.wrote(sent, self.inner.duration);
                     self.inner.metrics.lock_renewals.with_label_values(&["renewed"]).inc();
                 }
                 Err(ApiError::Conflict(_) | ApiError::NotFound) => {
+                    held.end();
                     self.inner.metrics.lock_renewals.with_label_values(&["lost"]).inc();
                     tracing::warn!(lease = %name, "lease lost while held (taken over or deleted)");
                     return;
@@ -277,14 +427,22 @@ impl LeaseLock {
         removed
     }
 
-    /// Releases every lease still held (shutdown after the drain deadline).
+    /// Ends `held` (no more renewals, no more creates under it) and deletes its Lease if still ours.
+    async fn end_and_release(&self, name: &str, held: &Held) -> &'static str {
+        let lease = held.lease.lock().await;
+        held.end();
+        let rv = lease.metadata.resource_version.clone().unwrap_or_default();
+        drop(lease);
+        self.release_lease(name, &rv).await
+    }
+
+    /// Releases every lease still held (shutdown after the drain deadline): each is ended first,
+    /// so its renewer never writes it again and no create is fenced under it, then deleted.
     pub async fn release_all(&self) -> usize {
-        let held: Vec<(String, Arc<Mutex<Lease>>)> =
-            self.inner.held.lock().expect("held locks poisoned").drain().collect();
-        for (name, last) in &held {
+        let held: Vec<(String, Arc<Held>)> = self.inner.held.lock().expect("held locks poisoned").drain().collect();
+        for (name, h) in &held {
             self.inner.metrics.locks_held.dec();
-            let rv = resource_version(last);
-            self.release_lease(name, &rv).await;
+            self.end_and_release(name, h).await;
         }
         held.len()
     }
@@ -354,7 +512,9 @@ impl LeaseLock {
 pub struct LockGuard {
     lock: LeaseLock,
     name: String,
-    last: Arc<Mutex<Lease>>,
+    held: Arc<Held>,
+    /// The RR name the previous holder was creating, when this guard took an expired Lease over.
+    inherited: Option<String>,
     acquired_at: Instant,
     /// `acquired` or `takeover`.
     pub how: &'static str,
@@ -362,10 +522,63 @@ pub struct LockGuard {
 }
 
 impl LockGuard {
+    /// The RR name a previous holder of this Lease was creating (its create may still land).
+    pub fn inherited(&self) -> Option<&str> {
+        self.inherited.as_deref()
+    }
+
+    /// Clears the way for creating RR `name` under this lock: records `name` in the Lease (one
+    /// conditional update, unless the Lease already names it and has `needed` left) and returns
+    /// the instant by which the create must be sent — `needed` before the Lease could be taken
+    /// over. Lost or released: no create may be sent; `Expiring` only when even a renewed Lease
+    /// would not last `needed` (a configuration the gateway refuses at startup).
+    #[tracing::instrument(name = "lock.fence", skip_all, fields(lease = %self.name, rr_name = name))]
+    pub async fn fence(&self, name: &str, needed: Duration) -> std::result::Result<Instant, FenceError> {
+        let mut lease = self.held.lease.lock().await;
+        if self.held.is_over() {
+            return Err(FenceError::Lost);
+        }
+        // Write when the Lease does not name `name` yet, or when what is left of it would not
+        // cover the create (the write renews it too).
+        let short = self.held.valid_until() < Instant::now() + needed;
+        if short || creating_of(&lease).as_deref() != Some(name) {
+            let mut next = lease.clone();
+            next.metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(CREATING_ANNOTATION.to_owned(), name.to_owned());
+            if let Some(spec) = next.spec.as_mut() {
+                spec.renew_time = Some(MicroTime(self.lock.inner.clock.now()));
+            }
+            let sent = Instant::now();
+            match self.lock.inner.cluster.update_lease(&next).await {
+                Ok(l) => {
+                    *lease = l;
+                    self.held.wrote(sent, self.lock.inner.duration);
+                }
+                Err(ApiError::Conflict(_) | ApiError::NotFound) => {
+                    self.held.end();
+                    return Err(FenceError::Lost);
+                }
+                Err(e) => return Err(FenceError::Api(e)),
+            }
+        }
+        let send_by = self.held.valid_until().checked_sub(needed).unwrap_or_else(Instant::now);
+        if send_by <= Instant::now() {
+            return Err(FenceError::Expiring);
+        }
+        Ok(send_by)
+    }
+
+    fn stop_renewing(&mut self) -> Option<JoinHandle<()>> {
+        let (stop, renewer) = self.renewer.take()?;
+        let _ = stop.send(());
+        Some(renewer)
+    }
+
     #[tracing::instrument(name = "lock.release", skip_all, fields(lease = %self.name, result = tracing::field::Empty))]
     pub async fn release(mut self) {
-        if let Some((stop, renewer)) = self.renewer.take() {
-            let _ = stop.send(());
+        if let Some(renewer) = self.stop_renewing() {
             let _ = renewer.await; // a renewal in flight finishes and records its resourceVersion
         }
         self.lock
@@ -374,23 +587,45 @@ impl LockGuard {
             .lock_hold
             .observe(self.acquired_at.elapsed().as_secs_f64());
         if self.lock.forget(&self.name) {
-            let rv = resource_version(&self.last);
-            let result = self.lock.release_lease(&self.name, &rv).await;
+            let result = self.lock.end_and_release(&self.name, &self.held).await;
             tracing::Span::current().record("result", result);
+        }
+    }
+
+    /// Gives the lock up without deleting the Lease: after a create whose outcome is unknown, the
+    /// Lease (naming that RR) must stay until it expires, so whoever takes it over creates the
+    /// same name. Nothing renews it any more.
+    pub async fn abandon(mut self) {
+        if let Some(renewer) = self.stop_renewing() {
+            let _ = renewer.await;
+        }
+        self.held.end();
+        self.lock
+            .inner
+            .metrics
+            .lock_hold
+            .observe(self.acquired_at.elapsed().as_secs_f64());
+        if self.lock.forget(&self.name) {
+            self.lock
+                .inner
+                .metrics
+                .lock_releases
+                .with_label_values(&["abandoned"])
+                .inc();
+            tracing::warn!(lease = %self.name, "left the lease to expire: a create under it may still land");
         }
     }
 }
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        let Some((stop, renewer)) = self.renewer.take() else {
+        let Some(renewer) = self.stop_renewing() else {
             return;
         };
         // Dropped without release(): stop renewing and release from a task of our own.
-        let _ = stop.send(());
         let lock = self.lock.clone();
         let name = std::mem::take(&mut self.name);
-        let last = self.last.clone();
+        let held = self.held.clone();
         let acquired_at = self.acquired_at;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
@@ -400,22 +635,11 @@ impl Drop for LockGuard {
                     .lock_hold
                     .observe(acquired_at.elapsed().as_secs_f64());
                 if lock.forget(&name) {
-                    let rv = resource_version(&last);
-                    lock.release_lease(&name, &rv).await;
+                    lock.end_and_release(&name, &held).await;
                 }
             });
         }
     }
-}
-
-fn resource_version(lease: &Mutex<Lease>) -> String {
-    lease
-        .lock()
-        .expect("lease poisoned")
-        .metadata
-        .resource_version
-        .clone()
-        .unwrap_or_default()
 }
 
 /// Full-jitter exponential backoff bounded by `max`.
@@ -478,7 +702,7 @@ mod tests {
     }
 
     async fn acquire(lock: &LeaseLock) -> LockGuard {
-        match lock.try_acquire(&fp()).await.unwrap() {
+        match lock.try_acquire(&fp(), None).await.unwrap() {
             Attempt::Acquired(g) => g,
             Attempt::Held { holder, .. } => panic!("held by {holder}"),
         }
@@ -501,7 +725,7 @@ mod tests {
         let w = World::new();
         let _held = acquire(&w.replica("a")).await;
         tokio::time::advance(Duration::from_secs(5)).await;
-        match w.replica("b").try_acquire(&fp()).await.unwrap() {
+        match w.replica("b").try_acquire(&fp(), None).await.unwrap() {
             Attempt::Held { holder, expires_in } => {
                 assert_eq!(holder, "a");
                 assert!(
@@ -566,7 +790,7 @@ mod tests {
         let renewed = lease.spec.as_ref().unwrap().renew_time.as_ref().unwrap().0;
         assert!(w.clock.now().duration_since(renewed).unsigned_abs() <= LEASE / 3 + Duration::from_secs(1));
         assert!(matches!(
-            w.replica("b").try_acquire(&fp()).await.unwrap(),
+            w.replica("b").try_acquire(&fp(), None).await.unwrap(),
             Attempt::Held { .. }
         ));
         guard.release().await;
@@ -612,7 +836,7 @@ mod tests {
             tokio::time::advance(LEASE * 2).await;
             let (b, c) = (w.replica("b"), w.replica("c"));
             let f = fp();
-            let (rb, rc) = tokio::join!(b.try_acquire(&f), c.try_acquire(&f));
+            let (rb, rc) = tokio::join!(b.try_acquire(&f, None), c.try_acquire(&f, None));
             let won: Vec<bool> = [rb.unwrap(), rc.unwrap()]
                 .into_iter()
                 .map(|r| matches!(r, Attempt::Acquired(_)))
@@ -665,12 +889,87 @@ mod tests {
         assert!(w.store.all_leases().is_empty());
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn after_release_all_nothing_renews_or_creates_under_a_lock_a_worker_still_holds() {
+        // Issue 13, path 5: release_all deleted the Lease but left the worker's renewer running;
+        // its next renewal (a PUT, which creates a missing Lease) brought the lock back for good.
+        let w = World::new();
+        let a = w.replica("a");
+        let guard = acquire(&a).await;
+        assert_eq!(a.release_all().await, 1);
+        assert!(w.store.all_leases().is_empty());
+        tokio::time::sleep(LEASE * 2).await; // several renewal periods
+        assert!(w.store.all_leases().is_empty(), "nothing renewed the released lease");
+        assert_eq!(
+            guard.fence("rr-x-1", Duration::from_secs(1)).await,
+            Err(FenceError::Lost),
+            "the worker may not create after shutdown released its lock"
+        );
+        guard.release().await;
+        assert!(w.store.all_leases().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_processes_sharing_a_pod_name_never_take_each_others_live_lock() {
+        // Issue 13, path 6: with one identity, each took the other's live Lease for its own
+        // leftover and took it over — the lock excluded nobody.
+        let (first, second) = (process_identity("gw"), process_identity("gw"));
+        assert_ne!(first, second);
+        assert!(first.starts_with("gw_") && second.starts_with("gw_"));
+        let w = World::new();
+        let _held = acquire(&w.replica(&first)).await;
+        assert!(matches!(
+            w.replica(&second).try_acquire(&fp(), None).await.unwrap(),
+            Attempt::Held { .. }
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_create_is_fenced_by_the_lease_and_a_takeover_inherits_the_name_in_flight() {
+        let w = World::new();
+        let a = w.replica("a");
+        let guard = match a.try_acquire(&fp(), Some("rr-x-1")).await.unwrap() {
+            Attempt::Acquired(g) => g,
+            Attempt::Held { .. } => panic!("uncontended"),
+        };
+        let rv = w.lease().await.metadata.resource_version;
+        // The Lease already names rr-x-1: no write; the create must be sent before it could expire.
+        let send_by = guard.fence("rr-x-1", Duration::from_secs(5)).await.unwrap();
+        assert_eq!(w.lease().await.metadata.resource_version, rv, "no extra write");
+        assert!(send_by <= Instant::now() + LEASE - Duration::from_secs(5));
+        // Another name: recorded with a conditional update.
+        guard.fence("rr-x-2", Duration::from_secs(5)).await.unwrap();
+        assert_eq!(creating_of(&w.lease().await).as_deref(), Some("rr-x-2"));
+        // "a" stalls with that create in flight; its Lease runs out and "b" takes it over.
+        let (stop, renewer) = {
+            let mut guard = guard;
+            let r = guard.renewer.take().unwrap();
+            std::mem::forget(guard);
+            r
+        };
+        let _ = stop.send(());
+        let _ = renewer.await;
+        tokio::time::advance(LEASE + Duration::from_secs(1)).await;
+        let taken = match w.replica("b").try_acquire(&fp(), Some("rr-x-1")).await.unwrap() {
+            Attempt::Acquired(g) => g,
+            Attempt::Held { .. } => panic!("expired"),
+        };
+        assert_eq!(
+            taken.inherited(),
+            Some("rr-x-2"),
+            "b creates what a may still be creating"
+        );
+        // A fence too close to expiry refuses.
+        assert_eq!(taken.fence("rr-x-2", LEASE * 2).await, Err(FenceError::Expiring));
+        taken.release().await;
+    }
+
     #[tokio::test]
     async fn errors_other_than_not_found_propagate() {
         let w = World::new();
         w.store.set_unavailable(true);
         assert!(matches!(
-            w.replica("a").try_acquire(&fp()).await,
+            w.replica("a").try_acquire(&fp(), None).await,
             Err(ApiError::Unavailable(_))
         ));
     }

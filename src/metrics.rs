@@ -51,6 +51,7 @@ pub struct Metrics {
     pub api_calls_per_signal: Histogram,
 
     pub status_conflicts: IntCounter,
+    pub write_resolutions: IntCounterVec,
     pub retries: IntCounterVec,
     pub occurrences: IntCounter,
     pub coalesced_batch: Histogram,
@@ -293,6 +294,12 @@ impl Metrics {
                 "gateway_dedup_status_update_conflicts_total",
                 "Conditional status updates rejected with 409 Conflict (then retried).",
             )?,
+            write_resolutions: counter_vec(
+                r,
+                "gateway_dedup_unanswered_writes_total",
+                "Status writes sent whose answer was lost, by what reading back found: resent (the identical repeat was stored), stored, not_stored (counted again), unknown (answered 503).",
+                &["result"],
+            )?,
             retries: counter_vec(
                 r,
                 "gateway_dedup_retries_total",
@@ -378,7 +385,7 @@ impl Metrics {
     /// Exports every series with a closed label set at zero from the start, so rates, ratios and
     /// alerts see "0" rather than "no data" before the first event of a kind.
     fn initialise_known_series(&self) {
-        let closed: [(&IntCounterVec, &[&str]); 13] = [
+        let closed: [(&IntCounterVec, &[&str]); 14] = [
             (&self.signals_absorbed, &["active", "manual_review", "cooldown"]),
             (
                 &self.dedup_decisions,
@@ -387,11 +394,18 @@ impl Metrics {
             (&self.lock_acquisitions, &["acquired", "contended", "takeover", "error"]),
             (&self.lock_failures, &["timeout", "api_error"]),
             (&self.lock_renewals, &["renewed", "lost", "error"]),
-            (&self.lock_releases, &["released", "gone", "lost", "error", "swept"]),
+            (
+                &self.lock_releases,
+                &["released", "gone", "lost", "error", "swept", "abandoned", "cleaned"],
+            ),
+            (&self.write_resolutions, &["resent", "stored", "not_stored", "unknown"]),
             (&self.hint_lookups, &["hit", "conflict", "stale", "miss", "absent"]),
             (&self.conflict_refreshes, &["watch", "get"]),
             (&self.watch_events, &["listed", "applied", "deleted"]),
-            (&self.retries, &["conflict", "already_exists", "gone", "lock_contended"]),
+            (
+                &self.retries,
+                &["conflict", "already_exists", "gone", "lock_contended", "lock_lost"],
+            ),
             (&self.auth_cache, &["hit", "miss"]),
             (
                 &self.signals_rejected,

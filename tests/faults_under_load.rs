@@ -552,7 +552,7 @@ async fn faults_under_mixed_load_lose_no_ack_create_no_duplicate_leak_no_lease_a
         let orphaned = lock_leases(&admin)
             .await
             .iter()
-            .filter(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(replicas[0].name.as_str()))
+            .filter(|l| common::testenv::held_by(l, &replicas[0].name))
             .count();
         tm.events
             .push((load.now(), format!("{orphaned} Leases held by the killed replica")));
@@ -649,13 +649,9 @@ async fn faults_under_mixed_load_lose_no_ack_create_no_duplicate_leak_no_lease_a
     // (c) No lock Lease left once the lease duration (twice, for the sweep) and the sweep period
     // have passed: neither of this run's fingerprints nor held by this run's replicas.
     let lease_names: HashSet<String> = attempts.iter().map(|a| format!("gw-lock-{}", &a.fp[..16])).collect();
-    let holders: HashSet<String> = replicas.iter().map(|r| r.name.clone()).collect();
     let ours = |l: &Lease| {
         l.metadata.name.as_ref().is_some_and(|n| lease_names.contains(n))
-            || l.spec
-                .as_ref()
-                .and_then(|s| s.holder_identity.as_ref())
-                .is_some_and(|h| holders.contains(h))
+            || replicas.iter().any(|r| common::testenv::held_by(l, &r.name))
     };
     let leases_at_drain: Vec<String> = lock_leases(&admin)
         .await

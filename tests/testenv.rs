@@ -237,7 +237,9 @@ async fn a_dead_holders_lease_is_taken_over_and_a_live_foreign_lease_delays_then
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_while_holding_a_lock_blocks_only_until_the_lease_expires() {
     let _one_storm_at_a_time = STORMS.lock().await;
-    let short = "logging:\n  format: json\nserver:\n  requestTimeout: 20s\nlock:\n  leaseDuration: 4s\n";
+    // A short lease, still long enough to cover a create (leaseDuration > apiTimeout + 1s, with
+    // room for the lock's own writes on a loaded API server).
+    let short = "logging:\n  format: json\nserver:\n  requestTimeout: 30s\nbackend:\n  apiTimeout: 2s\nlock:\n  leaseDuration: 8s\n";
     let (mut replicas, client) = start_replicas(&format!("kill-{}", unique()), 3, short).await;
     let admin = admin().await;
     let ns = format!("shop-{}", unique());
@@ -274,7 +276,7 @@ async fn a_replica_killed_while_holding_a_lock_blocks_only_until_the_lease_expir
         .unwrap()
         .items
         .into_iter()
-        .filter(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(victim_name.as_str()))
+        .filter(|l| common::testenv::held_by(l, &victim_name))
         .filter_map(|l| l.metadata.name)
         .collect();
     assert!(
@@ -283,7 +285,7 @@ async fn a_replica_killed_while_holding_a_lock_blocks_only_until_the_lease_expir
     );
 
     // The survivors carry on, including for the fingerprints whose lock the dead replica held:
-    // those wait until the lease expires (4 s), then proceed.
+    // those wait until the lease expires (8 s), then proceed.
     let answers = storm(&replicas[1..], &client, &ns, &pods, 1).await;
     assert!(
         answers.iter().all(|(s, _)| s.is_success()),

@@ -430,7 +430,11 @@ impl Cluster for EmbeddedStore {
             return Ok(new);
         };
         check_rv(&lease.metadata, &stored.metadata, "leases.coordination.k8s.io")?;
+        // An update replaces what the client owns (labels, annotations, spec) and keeps what the
+        // server owns.
         let mut meta = stored.metadata.clone();
+        meta.labels = lease.metadata.labels.clone();
+        meta.annotations = lease.metadata.annotations.clone();
         meta.resource_version = Some(st.next_rv());
         let updated = Lease {
             metadata: meta,

@@ -341,8 +341,14 @@ async fn leases(c: &dyn Cluster, ns: &str, unique: &str) {
 
     let mut mine = got.clone();
     mine.spec.as_mut().unwrap().holder_identity = Some("b".into());
+    mine.metadata.annotations = Some([("signal-gateway.kubernaut.ai/creating".to_owned(), "rr-x-2".to_owned())].into());
     let updated = c.update_lease(&mine).await.expect("conditional update");
     assert_eq!(updated.spec.as_ref().unwrap().holder_identity.as_deref(), Some("b"));
+    assert_eq!(
+        c.get_lease(ns, &name).await.unwrap().metadata.annotations.unwrap()["signal-gateway.kubernaut.ai/creating"],
+        "rr-x-2",
+        "an update writes the annotations it carries"
+    );
     assert!(
         matches!(c.update_lease(&mine).await.unwrap_err(), ApiError::Conflict(_)),
         "stale rv"

@@ -367,3 +367,13 @@ pub async fn storm(
     }
     out
 }
+
+/// Whether `lease` is held by the replica started as `pod_name` (holder identities carry a
+/// per-process part: `<pod name>_<8 hex>`).
+pub fn held_by(lease: &k8s_openapi::api::coordination::v1::Lease, pod_name: &str) -> bool {
+    lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.as_deref())
+        .is_some_and(|h| h.strip_prefix(pod_name).is_some_and(|rest| rest.starts_with('_')))
+}
