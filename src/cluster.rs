@@ -141,10 +141,10 @@ pub trait Cluster: Send + Sync + 'static {
         resource_version: &str,
         deduplication: &Deduplication,
     ) -> Result<RemediationRequest>;
-    /// Watches every RemediationRequest in `namespace`: a list first, then changes. The stream
-    /// ends after yielding an error (the watch broke, or fell too far behind); the caller starts
-    /// a new one, which lists again. A cache fed by it is a hint only, never a correctness
-    /// decision (ADR 0007).
+    /// Watches every RemediationRequest in `namespace`: a list first, then changes. An error
+    /// (the watch broke, or fell too far behind) is yielded; then the stream either restarts
+    /// itself with a fresh list (`Init` ...) after a backoff, or ends and the caller starts a new
+    /// one. A cache fed by it is a hint only, never a correctness decision (ADR 0007).
     fn watch_requests(&self, namespace: &str) -> BoxStream<'static, Result<RequestEvent>>;
 
     async fn create_lease(&self, lease: &Lease) -> Result<Lease>;

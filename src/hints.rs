@@ -14,9 +14,9 @@
 //! under the lock still decides whether to create. A stale or wrong cache costs API calls, never
 //! a duplicate or a lost count.
 //!
-//! The watch restarts (and lists again) after any error, with jittered backoff; until a list has
-//! completed it is *unsynced* and the gateway behaves as without it (fresh list on a miss, GET
-//! after a conflict).
+//! The watch restarts (and lists again) after any error, with jittered backoff (kube-runtime's
+//! on the kubernetes backend); until a list has completed it is *unsynced* and the gateway
+//! behaves as without it (fresh list on a miss, GET after a conflict).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -73,8 +73,10 @@ struct PerFingerprint {
 
 #[derive(Default)]
 struct State {
-    /// A complete list has been applied and the watch has not failed since.
+    /// A complete list has been applied and the watch has not failed since its last event.
     synced: bool,
+    /// A complete list has been applied since the watch last started over.
+    listed: bool,
     /// False after an overflow, until the next list that fits.
     complete: bool,
     /// The list in progress overflowed (then it cannot vouch for absence either).
@@ -301,16 +303,17 @@ impl HintCache {
                         self.apply(event);
                     }
                     Err(e) => {
+                        // The kubernetes backend's watcher resumes after its own backoff (from the
+                        // last version, or with a fresh list); until it delivers, no claims.
                         self.metrics.watch_errors.inc();
+                        self.broken();
                         tracing::warn!(error = %e, "RemediationRequest watch failed; listing again after a backoff");
-                        break;
                     }
                 }
             }
+            // The stream ended (the embedded store's feed after its consumer fell behind): start a
+            // new one. Only a watch that ran for a while resets the backoff.
             self.unsync();
-            // Only a watch that ran for a while resets the backoff: one that lists and then
-            // fails at once (e.g. `list` allowed but `watch` forbidden) must not relist the
-            // namespace every few hundred milliseconds.
             if started.elapsed() >= HEALTHY_WATCH {
                 failures = 0;
             }
@@ -329,6 +332,7 @@ impl HintCache {
             RequestEvent::Init => {
                 self.metrics.watch_relists.inc();
                 st.synced = false;
+                st.listed = false;
                 st.history_from = None;
                 st.applied_rv = 0;
                 st.overflowed_in_list = false;
@@ -367,6 +371,7 @@ impl HintCache {
                 }
                 st.complete = !st.overflowed_in_list;
                 st.synced = true;
+                st.listed = true;
                 st.history_from = Some(listed_max.unwrap_or(0));
                 st.applied_rv = listed_max.unwrap_or(0);
                 self.metrics.watch_synced.set(1);
@@ -376,6 +381,7 @@ impl HintCache {
                 if let Ok(rv) = rv_of(&rr).parse::<u64>() {
                     st.applied_rv = st.applied_rv.max(rv);
                 }
+                st.synced = st.listed; // the watch delivers again
                 st.observe(&rr, now, wall);
             }
             RequestEvent::Deleted(rr) => {
@@ -383,15 +389,26 @@ impl HintCache {
                 if let Ok(rv) = rv_of(&rr).parse::<u64>() {
                     st.applied_rv = st.applied_rv.max(rv);
                 }
+                st.synced = st.listed;
                 st.forget(&rr, now);
             }
         }
+        self.metrics.watch_synced.set(i64::from(st.synced));
         self.metrics.watch_cached.set(st.active_total as i64);
     }
 
+    /// The watch failed. It resumes from the last version it delivered (nothing is missed) or
+    /// starts over with a list; until it delivers again, nothing is vouched for.
+    fn broken(&self) {
+        self.state().synced = false;
+        self.metrics.watch_synced.set(0);
+    }
+
+    /// The watch stream ended: a new one lists again.
     fn unsync(&self) {
         let mut st = self.state();
         st.synced = false;
+        st.listed = false;
         st.history_from = None;
         st.listing = None;
         self.metrics.watch_synced.set(0);

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::testenv::{Replica, admin, client_for, requests_for, start_replicas, storm, testenv, unique};
+use common::testenv::{Replica, admin, client_for, kubectl, requests_for, start_replicas, storm, testenv, unique};
 use common::{count_of, eventually, fp_of_pod, pod_alert, webhook};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -723,4 +723,77 @@ async fn without_the_lease_permission_signals_fail_503_and_readyz_names_the_gap(
         log.contains("forbidden") && log.contains("leases"),
         "the log names the forbidden lease call:\n{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_watch_relists_with_backoff_and_recovers_once_allowed_while_signals_are_stored() {
+    let admin = admin().await;
+    let ns = format!("sg-nowatch-{}", unique());
+    kubectl(&["create", "namespace", &ns]);
+    let role = |verbs: &str| {
+        format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: gw\n  namespace: {ns}\nrules:\n- apiGroups: [kubernaut.ai]\n  resources: [remediationrequests]\n  verbs: [{verbs}]\n- apiGroups: [kubernaut.ai]\n  resources: [remediationrequests/status]\n  verbs: [patch]\n- apiGroups: [coordination.k8s.io]\n  resources: [leases]\n  verbs: [get, list, create, update, delete]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: gw\n  namespace: {ns}\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: Role\n  name: gw\nsubjects:\n- kind: ServiceAccount\n  name: signal-gateway\n  namespace: {}\n",
+            testenv().namespace
+        )
+    };
+    let file = testenv().repo.join(format!("target/testenv/nowatch-{}.yaml", unique()));
+    std::fs::write(&file, role("get, list, create")).unwrap();
+    kubectl(&["apply", "-f", file.to_str().unwrap()]);
+    let replica = Replica::start_as(
+        &format!("nowatch-{}", unique()),
+        CONFIG,
+        &testenv().gateway_kubeconfig,
+        &ns,
+    );
+    let client = reqwest::Client::new();
+    // Signals are stored without the watch (hints from its own writes, fresh lists).
+    eventually(Duration::from_secs(60), "the replica serves", || async {
+        replica.readyz(&client).await.map(|_| ())
+    })
+    .await;
+    let send = || {
+        client
+            .post(format!("{}/api/v1/signals/prometheus", replica.base))
+            .json(&webhook(vec![pod_alert("shop", "api-0")]))
+            .send()
+    };
+    assert_eq!(send().await.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(send().await.unwrap().status(), StatusCode::ACCEPTED);
+    // The watch is refused (list allowed): relists are spaced by a backoff, not a tight loop.
+    let started = std::time::Instant::now();
+    let relists = || replica.metric(&client, "gateway_rr_watch_relists_total", &[]);
+    let first = relists().await;
+    eventually(Duration::from_secs(30), "the watch fails at least twice", || async {
+        (replica.metric(&client, "gateway_rr_watch_errors_total", &[]).await >= 2.0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await; // a window to count relists in, not a wait for a condition
+    let window = started.elapsed().as_secs_f64();
+    let relisted = relists().await - first;
+    // Backoff from 0.8 s doubling: at most about log2(window) + 2 relists; a 200 ms loop would be 5 per second.
+    assert!(
+        relisted <= window.log2() + 3.0,
+        "{relisted} relists in {window:.1} s: the refused watch is retried in a tight loop"
+    );
+    assert_eq!(replica.metric(&client, "gateway_rr_watch_synced", &[]).await, 0.0);
+    // Allowed again: the watch resumes without a restart (seen once it delivers our next write).
+    std::fs::write(&file, role("get, list, watch, create")).unwrap();
+    kubectl(&["apply", "-f", file.to_str().unwrap()]);
+    let mut acknowledged = 2;
+    let give_up = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        assert_eq!(send().await.unwrap().status(), StatusCode::ACCEPTED);
+        acknowledged += 1;
+        if replica.metric(&client, "gateway_rr_watch_synced", &[]).await == 1.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < give_up,
+            "the watch never delivered once allowed"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await; // one signal per half second while polling
+    }
+    let rrs = requests_for(&admin, &ns, &fp_of_pod("shop", "api-0")).await;
+    assert_eq!(count_of(&rrs[0]), acknowledged);
+    let _ = std::fs::remove_file(file);
 }

@@ -15,7 +15,7 @@ use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
     Preconditions,
 };
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Config};
 use tokio::time::Instant;
 
@@ -218,27 +218,21 @@ impl Cluster for KubernetesCluster {
     fn watch_requests(&self, namespace: &str) -> BoxStream<'static, Result<RequestEvent>> {
         // kube-runtime's watcher: a paginated list (served from the API server's watch cache:
         // this feeds hints, so "any" semantics are enough and cheapest), then a watch with
-        // bookmarks that it resumes after the server's timeout. On the first error the stream
-        // ends; the caller lists again (which is also how a 410 Gone is recovered).
+        // bookmarks that it resumes after the server's timeout. After an error (403, 410 Gone,
+        // connection lost) kube's default backoff (jittered, exponential to 30 s, reset after a
+        // healthy stretch) restarts it with a fresh list; the error is yielded first.
         let config = watcher::Config::default().any_semantic();
-        let events = watcher(self.requests(namespace), config).map(|item| {
-            item.map(|event| match event {
-                watcher::Event::Init => RequestEvent::Init,
-                watcher::Event::InitApply(rr) => RequestEvent::Listed(rr),
-                watcher::Event::InitDone => RequestEvent::Synced,
-                watcher::Event::Apply(rr) => RequestEvent::Applied(rr),
-                watcher::Event::Delete(rr) => RequestEvent::Deleted(rr),
-            })
-            .map_err(map_watch_error)
-        });
-        // Stop after the first error (inclusive).
-        events
-            .scan(false, |failed, item| {
-                let out = (!*failed).then(|| {
-                    *failed = item.is_err();
-                    item
-                });
-                futures::future::ready(out)
+        watcher(self.requests(namespace), config)
+            .default_backoff()
+            .map(|item| {
+                item.map(|event| match event {
+                    watcher::Event::Init => RequestEvent::Init,
+                    watcher::Event::InitApply(rr) => RequestEvent::Listed(rr),
+                    watcher::Event::InitDone => RequestEvent::Synced,
+                    watcher::Event::Apply(rr) => RequestEvent::Applied(rr),
+                    watcher::Event::Delete(rr) => RequestEvent::Deleted(rr),
+                })
+                .map_err(map_watch_error)
             })
             .boxed()
     }
