@@ -22,6 +22,7 @@ pub struct Config {
     pub auth: Auth,
     pub scope: Scope,
     pub freshness: Freshness,
+    pub audit: Audit,
     /// Who this replica is and where its objects live; from the environment, not the file.
     #[serde(skip)]
     pub identity: Identity,
@@ -209,6 +210,56 @@ impl Default for Freshness {
     }
 }
 
+/// The audit trail to Kubernaut's DataStorage (src/audit/, docs/audit.md). Off while `url` is empty.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct Audit {
+    /// DataStorage base URL (`/api/v1/audit/events/batch` is appended); empty: no audit trail.
+    pub url: String,
+    /// Bearer token sent to DataStorage, re-read for every batch (the projected token rotates).
+    pub token_file: std::path::PathBuf,
+    /// CA bundle (PEM) DataStorage's certificate must chain to; empty: the system's roots.
+    pub ca_file: String,
+    /// Most events held (waiting or in flight); a full buffer refuses the newest.
+    pub buffer_size: usize,
+    /// Most bytes of event text held (waiting or in flight); the memory bound.
+    pub buffer_bytes: usize,
+    /// Most events in one batch.
+    pub batch_size: usize,
+    /// A partial batch goes out this long after its oldest event was recorded.
+    #[serde(with = "friendly_duration")]
+    pub flush_interval: Duration,
+    /// Retries of a batch answered 5xx/408/429, timed out or not connected, before it is dropped.
+    pub max_retries: u32,
+    /// First retry delay (jittered, doubling up to 30 s).
+    #[serde(with = "friendly_duration")]
+    pub retry_backoff: Duration,
+    /// Time one batch request may take.
+    #[serde(with = "friendly_duration")]
+    pub timeout: Duration,
+    /// DataStorage readiness URL; when set, `/readyz` also needs it to answer 2xx.
+    #[serde(rename = "healthURL")]
+    pub health_url: String,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Audit {
+            url: String::new(),
+            token_file: "/var/run/secrets/kubernetes.io/serviceaccount/token".into(),
+            ca_file: String::new(),
+            buffer_size: 10_000,
+            buffer_bytes: 32 * 1024 * 1024,
+            batch_size: 100,
+            flush_interval: Duration::from_secs(1),
+            max_retries: 8,
+            retry_backoff: Duration::from_millis(500),
+            timeout: Duration::from_secs(5),
+            health_url: String::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
@@ -391,6 +442,7 @@ impl Default for Config {
             auth: Auth::default(),
             scope: Scope::default(),
             freshness: Freshness::default(),
+            audit: Audit::default(),
             identity: Identity {
                 pod_name: "signal-gateway".into(),
                 pod_namespace: "default".into(),
@@ -485,6 +537,26 @@ impl Config {
                 );
             }
             AuthMode::None => {}
+        }
+        if !self.audit.url.is_empty() {
+            let a = &self.audit;
+            anyhow::ensure!(
+                a.url.starts_with("http://") || a.url.starts_with("https://"),
+                "audit.url must be an http:// or https:// URL"
+            );
+            anyhow::ensure!(
+                a.health_url.is_empty() || a.health_url.starts_with("http://") || a.health_url.starts_with("https://"),
+                "audit.healthURL must be an http:// or https:// URL"
+            );
+            anyhow::ensure!(
+                a.buffer_size > 0 && a.batch_size > 0 && a.batch_size <= a.buffer_size,
+                "audit.bufferSize and audit.batchSize must be positive, the batch no larger than the buffer"
+            );
+            anyhow::ensure!(a.buffer_bytes >= 64 * 1024, "audit.bufferBytes must be at least 65536");
+            anyhow::ensure!(
+                a.flush_interval > Duration::ZERO && a.timeout > Duration::ZERO && a.retry_backoff > Duration::ZERO,
+                "audit.flushInterval, audit.timeout and audit.retryBackoff must be positive"
+            );
         }
         anyhow::ensure!(
             !self.identity.pod_name.is_empty(),

@@ -6,6 +6,7 @@
 
 pub mod absorb;
 pub mod admission;
+pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod bounded;
@@ -208,6 +209,7 @@ pub async fn serve(
     } else {
         config.dedup.linger
     };
+    let audit = audit::start(&config.audit, &metrics)?;
     let pipeline = pipeline::Pipeline {
         latency: pipeline::LatencyTracker::default(),
         freshness: admission::Freshness::new(&config.freshness),
@@ -226,6 +228,7 @@ pub async fn serve(
         clock: deps.clock.clone(),
         metrics: metrics.clone(),
         cluster_id: config.backend.cluster_id.clone(),
+        audit: audit.sink.clone(),
     };
     let state = Arc::new(http::AppState {
         pipeline,
@@ -247,6 +250,7 @@ pub async fn serve(
         shutting_down: AtomicBool::new(false),
         resends: Default::default(),
         readiness: Default::default(),
+        audit_health: audit.health.clone(),
     });
 
     let (stop_signals, mut signals_stopped) = watch::channel(false);
@@ -288,9 +292,11 @@ pub async fn serve(
         r = &mut signals_server => server_failed = Some(r),
     }
     state.shutting_down.store(true, Ordering::SeqCst);
+    // One drain deadline for the signals in flight and then the audit events they left.
+    let drain_deadline = tokio::time::Instant::now() + config.server.shutdown_timeout;
     let _ = stop_signals.send(true);
     if server_failed.is_none() {
-        match tokio::time::timeout(config.server.shutdown_timeout, &mut signals_server).await {
+        match tokio::time::timeout_at(drain_deadline, &mut signals_server).await {
             Ok(_) => tracing::info!("drained"),
             Err(_) => {
                 tracing::warn!(timeout = ?config.server.shutdown_timeout, "drain deadline passed; abandoning in-flight requests");
@@ -300,7 +306,12 @@ pub async fn serve(
     }
     let _ = stop_sweep.send(true);
     let _ = sweeper.await;
-    let released = lock.release_all().await;
+    let flush_audit = async {
+        if let Some(task) = audit.task {
+            task.drain(drain_deadline).await;
+        }
+    };
+    let (released, ()) = tokio::join!(lock.release_all(), flush_audit);
     if released > 0 {
         tracing::info!(released, "released leases still held at shutdown");
     }

@@ -43,6 +43,10 @@ struct Cli {
     /// Who may send signals (none: anyone; for a local trial).
     #[arg(long, global = true, value_enum)]
     auth_mode: Option<AuthMode>,
+    /// Kubernaut DataStorage base URL for the audit trail (audit.url), e.g.
+    /// https://data-storage-service.kubernaut.svc.cluster.local:8080; unset: no audit trail.
+    #[arg(long, global = true)]
+    audit_url: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -121,6 +125,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(m) = cli.auth_mode {
         config.auth.mode = m;
+    }
+    if let Some(url) = cli.audit_url {
+        config.audit.url = url;
     }
     let (identity, warnings) = identity();
     config.identity = identity;

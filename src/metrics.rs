@@ -7,7 +7,7 @@ use prometheus::{
 };
 
 /// client-go's rest_client_request_duration_seconds buckets.
-const API_LATENCY_BUCKETS: &[f64] = &[0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0];
+pub(crate) const API_LATENCY_BUCKETS: &[f64] = &[0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0];
 const SIGNAL_LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
@@ -15,7 +15,7 @@ const LOCK_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 const CALLS_PER_SIGNAL_BUCKETS: &[f64] = &[0.0, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0];
-const SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+pub(crate) const SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
 const LINGER_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5];
 
 #[derive(Clone)]
@@ -69,10 +69,13 @@ pub struct Metrics {
     pub watch_cached: IntGauge,
 
     pub build_info: IntGaugeVec,
+
+    /// The audit trail's own metrics (src/audit/metrics.rs).
+    pub audit: crate::audit::AuditMetrics,
 }
 
 /// A registry that also remembers what was registered (name, type), for the docs check.
-struct Reg<'a> {
+pub(crate) struct Reg<'a> {
     registry: &'a Registry,
     catalogue: std::cell::RefCell<Vec<(String, &'static str)>>,
 }
@@ -90,25 +93,25 @@ impl Reg<'_> {
     }
 }
 
-fn counter_vec(r: &Reg, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+pub(crate) fn counter_vec(r: &Reg, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     r.register(&c, "counter")?;
     Ok(c)
 }
 
-fn counter(r: &Reg, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+pub(crate) fn counter(r: &Reg, name: &str, help: &str) -> prometheus::Result<IntCounter> {
     let c = IntCounter::new(name, help)?;
     r.register(&c, "counter")?;
     Ok(c)
 }
 
-fn histogram(r: &Reg, name: &str, help: &str, buckets: &[f64]) -> prometheus::Result<Histogram> {
+pub(crate) fn histogram(r: &Reg, name: &str, help: &str, buckets: &[f64]) -> prometheus::Result<Histogram> {
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
     r.register(&h, "histogram")?;
     Ok(h)
 }
 
-fn histogram_vec(
+pub(crate) fn histogram_vec(
     r: &Reg,
     name: &str,
     help: &str,
@@ -126,7 +129,7 @@ fn gauge_vec(r: &Reg, name: &str, help: &str, labels: &[&str]) -> prometheus::Re
     Ok(g)
 }
 
-fn gauge(r: &Reg, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+pub(crate) fn gauge(r: &Reg, name: &str, help: &str) -> prometheus::Result<IntGauge> {
     let g = IntGauge::new(name, help)?;
     r.register(&g, "gauge")?;
     Ok(g)
@@ -250,7 +253,7 @@ impl Metrics {
             file_reloads: counter_vec(
                 r,
                 "gateway_file_reloads_total",
-                "Re-reads of changed files (tls_certificate, auth_tokens) by result: ok, error (tls_certificate: the previous certificate stays in use; auth_tokens: no static token is accepted until the file holds tokens again).",
+                "Re-reads of changed files (tls_certificate, auth_tokens, audit_ca) by result: ok, error (tls_certificate, audit_ca: the previous one stays in use; auth_tokens: no static token is accepted until the file holds tokens again).",
                 &["file", "result"],
             )?,
 
@@ -392,6 +395,7 @@ impl Metrics {
                 "Build and runtime information; value is always 1.",
                 &["version", "backend", "strategy"],
             )?,
+            audit: crate::audit::AuditMetrics::register(r)?,
         };
         m.initialise_known_series();
         #[cfg(target_os = "linux")]
@@ -440,7 +444,7 @@ impl Metrics {
                 vec.with_label_values(&[v]);
             }
         }
-        for file in ["tls_certificate", "auth_tokens"] {
+        for file in ["tls_certificate", "auth_tokens", "audit_ca"] {
             for result in ["ok", "error"] {
                 self.file_reloads.with_label_values(&[file, result]);
             }

@@ -7,6 +7,7 @@ use std::time::Instant as StdInstant;
 use tokio::time::Instant;
 
 use crate::admission::{Freshness, Scope, UNMANAGED_RESOURCE};
+use crate::audit::{AuditSink, SignalFacts};
 use crate::backend::metered::tallied;
 use crate::clock::{SharedClock, rfc3339};
 use crate::coalesce::{Ack, Coalescer};
@@ -57,6 +58,8 @@ pub struct Pipeline {
     pub clock: SharedClock,
     pub metrics: Metrics,
     pub cluster_id: String,
+    /// Where the audit events of each decision go (a no-op while `audit.url` is unset).
+    pub audit: Arc<dyn AuditSink>,
 }
 
 impl Pipeline {
@@ -100,7 +103,8 @@ impl Pipeline {
     #[tracing::instrument(name = "signal", skip_all, fields(
         source = signal.source.as_str(), signal_name = %signal.name, fingerprint = tracing::field::Empty,
         outcome = tracing::field::Empty, rr_name = tracing::field::Empty, api_calls = tracing::field::Empty))]
-    pub async fn process(&self, signal: Signal, deadline: Instant) -> Outcome {
+    /// `user`: the sender as authentication knows it (the audit trail's actor).
+    pub async fn process(&self, signal: Signal, user: Option<&str>, deadline: Instant) -> Outcome {
         let started = StdInstant::now();
         if let Err(skip) = self.freshness.check(&signal, self.clock.now()) {
             tracing::Span::current().record("outcome", skip.status());
@@ -113,19 +117,6 @@ impl Pipeline {
         // Decremented however this future ends, including when its caller drops it.
         let _in_flight = InFlight::enter(&m.signals_in_flight);
         let received = self.clock.now();
-        let (resolved, mut owner_calls) = tallied(self.resolver.resolve(signal.target.clone())).await;
-        let target = match resolved {
-            Ok(target) => target,
-            Err(e) => {
-                // The fingerprint depends on the owner: without it, any answer could be wrong.
-                tracing::warn!(error = %e, "could not read the target's owner chain; answering 503");
-                let outcome = Outcome::Failed {
-                    fingerprint: None,
-                    error: DedupError::Api(e),
-                };
-                return self.finish(outcome, f64::from(owner_calls), started);
-            }
-        };
         // A configured cluster id wins over the one the sender names (Alertmanager commonLabels).
         let cluster_id = if self.cluster_id.is_empty() {
             signal
@@ -136,11 +127,35 @@ impl Pipeline {
         } else {
             self.cluster_id.clone()
         };
+        let (resolved, mut owner_calls) = tallied(self.resolver.resolve(signal.target.clone())).await;
+        let target = match resolved {
+            Ok(target) => target,
+            Err(e) => {
+                // The fingerprint depends on the owner: without it, any answer could be wrong.
+                tracing::warn!(error = %e, "could not read the target's owner chain; answering 503");
+                let outcome = Outcome::Failed {
+                    fingerprint: None,
+                    error: DedupError::Api(e),
+                };
+                // Its crd.failed event names the target as the signal did (no owner, no other
+                // fingerprint is known).
+                let facts = self.audit.enabled().then(|| {
+                    let named = signal.target.clone();
+                    let fp = Fingerprint::of(&cluster_id, &named);
+                    SignalFacts::new(user, &spec_of(signal, &fp, named, cluster_id, received))
+                });
+                return self.finish(outcome, facts, f64::from(owner_calls), started);
+            }
+        };
         let fingerprint = Fingerprint::of(&cluster_id, &target);
         let span = tracing::Span::current();
         span.record("fingerprint", fingerprint.as_str());
+        let source = signal.source;
+        let spec = spec_of(signal, &fingerprint, target, cluster_id, received);
+        // The audit events carry the spec's values (built only when the trail is on).
+        let facts = self.audit.enabled().then(|| SignalFacts::new(user, &spec));
         if self.scope.enabled() {
-            let (managed, scope_calls) = tallied(self.scope.is_managed(&target)).await;
+            let (managed, scope_calls) = tallied(self.scope.is_managed(&spec.target_resource)).await;
             // Label reads count with the owner reads: both happen before the dedup write.
             owner_calls += scope_calls;
             let calls = f64::from(owner_calls);
@@ -154,7 +169,7 @@ impl Pipeline {
                     m.signals_rejected.with_label_values(&[UNMANAGED_RESOURCE]).inc();
                     Some(Outcome::Skipped {
                         skip: Skip::Rejected(UNMANAGED_RESOURCE.into()),
-                        target: Some(target.clone()),
+                        target: Some(spec.target_resource.clone()),
                         fingerprint: Some(fingerprint.clone()),
                     })
                 }
@@ -168,11 +183,9 @@ impl Pipeline {
                 }
             };
             if let Some(outcome) = outcome {
-                return self.finish(outcome, calls, started);
+                return self.finish(outcome, facts, calls, started);
             }
         }
-        let source = signal.source;
-        let spec = spec_of(signal, &fingerprint, target, cluster_id, received);
         let result = self.coalescer.submit(fingerprint.clone(), spec, deadline).await;
         let (outcome, calls) = match result {
             Ok(ack) => {
@@ -195,11 +208,14 @@ impl Pipeline {
                 )
             }
         };
-        self.finish(outcome, calls, started)
+        self.finish(outcome, facts, calls, started)
     }
 
-    /// Metrics, span fields and log line of a processed signal.
-    fn finish(&self, outcome: Outcome, calls: f64, started: StdInstant) -> Outcome {
+    /// Metrics, span fields, audit events and log line of a processed signal.
+    fn finish(&self, outcome: Outcome, facts: Option<SignalFacts>, calls: f64, started: StdInstant) -> Outcome {
+        if let Some(facts) = facts {
+            self.audit(facts, &outcome, started);
+        }
         if !matches!(outcome, Outcome::Skipped { .. }) {
             self.latency.observe(started.elapsed());
         }
@@ -223,6 +239,32 @@ impl Pipeline {
             _ => tracing::info!(outcome = label, "signal processed"),
         }
         outcome
+    }
+}
+
+impl Pipeline {
+    /// The audit events of one decision (KUBERNAUT.md): a new incident is received + created, a
+    /// duplicate is deduplicated with its own count, a signal answered 503 because its outcome
+    /// could not be stored is crd.failed. Skipped signals make no decision and no event.
+    fn audit(&self, facts: SignalFacts, outcome: &Outcome, started: StdInstant) {
+        let at = rfc3339(self.clock.now());
+        let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        match outcome {
+            Outcome::Stored { ack, .. } if ack.created => {
+                for e in facts.created(&ack.namespace, &ack.name, &at, ms) {
+                    self.audit.record(e);
+                }
+            }
+            Outcome::Stored { ack, .. } => {
+                self.audit
+                    .record(facts.deduplicated(&ack.namespace, &ack.name, ack.occurrence_count, &at, ms));
+            }
+            Outcome::Failed { error, .. } => {
+                self.audit
+                    .record(facts.failed(error.reason(), &error.to_string(), &at, ms));
+            }
+            Outcome::Skipped { .. } => {}
+        }
     }
 }
 

@@ -285,19 +285,7 @@ fn the_production_overlay_serves_tls_takes_audience_bound_tokens_and_bounds_its_
 
 #[test]
 fn the_kubernaut_overlay_takes_the_old_gateways_place_and_leaves_the_crd_and_namespace_to_the_chart() {
-    // Kubernaut's chart made the release namespace (and installed the CRD, as the testenv has).
-    let ns = "kubernaut-system";
-    let exists = Command::new(testenv().repo.join("target/testenv/bin/kubectl"))
-        .arg("--kubeconfig")
-        .arg(&testenv().admin_kubeconfig)
-        .args(["get", "namespace", ns])
-        .output()
-        .unwrap()
-        .status
-        .success();
-    if !exists {
-        common::testenv::kubectl(&["create", "namespace", ns]);
-    }
+    let ns = kubernaut_namespace();
     let items = dry_run("kubernaut");
     let deployment = check_gateway("kubernaut", &items);
     for kind in ["Namespace", "CustomResourceDefinition"] {
@@ -360,6 +348,58 @@ fn the_kubernaut_overlay_takes_the_old_gateways_place_and_leaves_the_crd_and_nam
         );
     }
     assert_eq!(deployment["spec"]["replicas"], 3);
+}
+
+/// Kubernaut's release namespace, as its chart made it (the CRD is installed, as the testenv has).
+fn kubernaut_namespace() -> &'static str {
+    let ns = "kubernaut-system";
+    let exists = Command::new(testenv().repo.join("target/testenv/bin/kubectl"))
+        .arg("--kubeconfig")
+        .arg(&testenv().admin_kubeconfig)
+        .args(["get", "namespace", ns])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if !exists {
+        common::testenv::kubectl(&["create", "namespace", ns]);
+    }
+    ns
+}
+
+#[test]
+fn the_kubernaut_audit_component_binds_the_data_storage_client_role_and_points_the_trail_at_datastorage() {
+    // The kubernaut overlay with deploy/kubernaut (the component) added, as an install would.
+    let ns = kubernaut_namespace();
+    let dir = testenv().repo.join("target/testenv/overlay-kubernaut-audit");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../../../deploy/overlays/kubernaut\ncomponents:\n  - ../../../deploy/kubernaut\n",
+    )
+    .unwrap();
+    let items = dry_run("../../target/testenv/overlay-kubernaut-audit");
+    let binding = find(&items, "RoleBinding", "signal-gateway-data-storage-client");
+    assert_eq!(
+        binding["metadata"]["namespace"], ns,
+        "in Kubernaut's namespace, where DataStorage checks"
+    );
+    assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
+    assert_eq!(binding["roleRef"]["name"], "data-storage-client");
+    assert_eq!(binding["subjects"][0]["kind"], "ServiceAccount");
+    assert_eq!(binding["subjects"][0]["name"], "signal-gateway");
+    assert_eq!(binding["subjects"][0]["namespace"], ns);
+    let deployment = find(&items, "Deployment", "signal-gateway");
+    let args: Vec<&str> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        args.contains(&"--audit-url=https://data-storage-service.kubernaut-system.svc.cluster.local:8080"),
+        "{args:?}"
+    );
 }
 
 #[test]

@@ -55,6 +55,13 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.shutting_down.load(Ordering::SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, "not ready: shutting down\n").into_response();
     }
+    // audit.healthURL: DataStorage must be ready too (Kubernaut's gateway does the same).
+    if let Some(health) = &state.audit_health
+        && let Err(reason) = health.check().await
+    {
+        tracing::warn!(reason = %reason, "not ready");
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")).into_response();
+    }
     if state.pipeline.latency.stored_within(RECENT_SUCCESS) {
         return "ok\n".into_response();
     }

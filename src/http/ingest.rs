@@ -24,6 +24,7 @@ use crate::signal::{Skip, Source, alertmanager, event};
 
 pub async fn prometheus(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
+    let user = caller(&req);
     let (body, _held) = match read_json_body(&state, req).await {
         Ok(b) => b,
         Err(p) => return p.into_response(),
@@ -61,14 +62,14 @@ pub async fn prometheus(State(state): State<Arc<AppState>>, req: Request) -> Res
     remembered.resize(total, None);
     let outcomes: Vec<Outcome> =
         futures::stream::iter(batch.alerts.into_iter().zip(remembered).map(|(item, known)| {
-            let state = state.clone();
+            let (state, user) = (state.clone(), user.clone());
             async move {
                 if let Some(stored) = known {
                     state.metrics.signals_resent.inc();
                     return stored;
                 }
                 match item {
-                    Ok(signal) => state.pipeline.process(signal, deadline).await,
+                    Ok(signal) => state.pipeline.process(signal, user.as_deref(), deadline).await,
                     Err(skip) => state.pipeline.skipped(Source::Prometheus, "none", skip),
                 }
             }
@@ -89,6 +90,7 @@ pub async fn prometheus(State(state): State<Arc<AppState>>, req: Request) -> Res
 
 pub async fn kubernetes_event(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
+    let user = caller(&req);
     let (body, _held) = match read_json_body(&state, req).await {
         Ok(b) => b,
         Err(p) => return p.into_response(),
@@ -105,12 +107,17 @@ pub async fn kubernetes_event(State(state): State<Arc<AppState>>, req: Request) 
             };
             state
                 .pipeline
-                .process(signal, Instant::now() + state.request_timeout)
+                .process(signal, user.as_deref(), Instant::now() + state.request_timeout)
                 .await
         }
         Err(skip) => state.pipeline.skipped(Source::KubernetesEvent, "none", skip),
     };
     single_response(outcome, &path)
+}
+
+/// The authenticated user of the request (see [`super::Caller`]).
+fn caller(req: &Request) -> Option<String> {
+    req.extensions().get::<super::Caller>().and_then(|c| c.0.clone())
 }
 
 /// Share of `server.requestTimeout` that recent signals may take before new ones are shed.

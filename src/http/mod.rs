@@ -59,7 +59,14 @@ pub struct AppState {
     pub resends: resend::ResendMemory,
     /// `/readyz`: one backend check at a time, shared by the probes.
     pub readiness: readiness::Readiness,
+    /// DataStorage's readiness, when `/readyz` should depend on it (`audit.healthURL`).
+    pub audit_health: Option<crate::audit::Health>,
 }
+
+/// Who sent a request, as authentication knows them: the user for `auth.mode` kubernetes or
+/// static, `None` for `none`. Put on the request by [`authenticate`] for the handlers to pass on.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Option<String>);
 
 pub fn signals_router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -80,11 +87,13 @@ pub fn signals_router(state: Arc<AppState>) -> Router {
 
 /// Lets the request through only with credentials `auth.mode` accepts; 401/403 otherwise, 503
 /// when the review API cannot answer. Runs before the body is read.
-async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+async fn authenticate(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path().to_owned();
     let mut refusal = match state.auth.check(req.headers()).await {
         Ok(Verdict::Allowed { user }) => {
             tracing::Span::current().record("user", user.as_str());
+            let known = state.auth.mode() != crate::config::AuthMode::None;
+            req.extensions_mut().insert(Caller(known.then_some(user)));
             return next.run(req).await;
         }
         Ok(Verdict::Unauthenticated(why)) => {

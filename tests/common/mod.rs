@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod contract;
+pub mod datastorage;
 pub mod testenv;
 
 use std::future::Future;

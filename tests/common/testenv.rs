@@ -109,7 +109,25 @@ impl Replica {
         Self::start_as(name, config_yaml, &testenv().gateway_kubeconfig, &testenv().namespace)
     }
 
-    pub fn start_as(name: &str, config_yaml: &str, kubeconfig: &PathBuf, namespace: &str) -> Self {
+    pub fn start_as(name: &str, config_yaml: &str, kubeconfig: &std::path::Path, namespace: &str) -> Self {
+        Self::spawn(
+            name,
+            config_yaml,
+            "kubernetes",
+            &[
+                ("KUBECONFIG", kubeconfig.as_os_str()),
+                ("POD_NAMESPACE", namespace.as_ref()),
+            ],
+        )
+    }
+
+    /// Starts `name` on the embedded backend (no testenv needed): a whole gateway as its own
+    /// process, for what only a process shows (its memory, signals).
+    pub fn start_embedded(name: &str, config_yaml: &str) -> Self {
+        Self::spawn(name, config_yaml, "embedded", &[("POD_NAMESPACE", "signals".as_ref())])
+    }
+
+    fn spawn(name: &str, config_yaml: &str, backend: &str, env: &[(&str, &std::ffi::OsStr)]) -> Self {
         let dir = repo().join("target/testenv/replicas");
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join(format!("{name}.yaml"));
@@ -123,7 +141,7 @@ impl Replica {
         let log = dir.join(format!("{name}.log"));
         let (port, admin) = (free_port(), free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_signal-gateway"))
-            .args(["serve", "--backend", "kubernetes", "--config"])
+            .args(["serve", "--backend", backend, "--config"])
             .arg(&config)
             .args([
                 "--listen",
@@ -131,9 +149,9 @@ impl Replica {
                 "--admin-listen",
                 &format!("127.0.0.1:{admin}"),
             ])
-            .env("KUBECONFIG", kubeconfig)
+            .env_remove("KUBECONFIG")
+            .envs(env.iter().copied())
             .env("POD_NAME", name)
-            .env("POD_NAMESPACE", namespace)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
