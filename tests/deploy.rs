@@ -369,16 +369,9 @@ fn kubernaut_namespace() -> &'static str {
 
 #[test]
 fn the_kubernaut_audit_component_binds_the_data_storage_client_role_and_points_the_trail_at_datastorage() {
-    // The kubernaut overlay with deploy/kubernaut (the component) added, as an install would.
+    // The kubernaut overlay includes deploy/kubernaut (the component).
     let ns = kubernaut_namespace();
-    let dir = testenv().repo.join("target/testenv/overlay-kubernaut-audit");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("kustomization.yaml"),
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../../../deploy/overlays/kubernaut\ncomponents:\n  - ../../../deploy/kubernaut\n",
-    )
-    .unwrap();
-    let items = dry_run("../../target/testenv/overlay-kubernaut-audit");
+    let items = dry_run("kubernaut");
     let binding = find(&items, "RoleBinding", "signal-gateway-data-storage-client");
     assert_eq!(
         binding["metadata"]["namespace"], ns,

@@ -1,5 +1,5 @@
 //! The audit trail Kubernaut's DataStorage keeps of every signal decision (KUBERNAUT.md, "Audit
-//! events to DataStorage"; docs/audit.md; ADR 0011).
+//! events to DataStorage"; docs/audit.md; ADR 0012).
 //!
 //! The pipeline knows only [`AuditSink`]: it builds the events of a decision ([`SignalFacts`])
 //! and hands them over, which never blocks and never fails the signal. [`AuditTrail`] is the
