@@ -90,13 +90,15 @@ impl OwnerResolver {
                     // to be non-empty, and they become the target's identity and an API URL path.
                     let usable = is_valid_object_name(&o.name)
                         && (o.api_version.is_empty() || is_valid_api_version(&o.api_version));
+                    // Found by fuzzing: an owner written without its apiVersion is named as the
+                    // signal's own target would be (normalised), so one climb gives one answer.
                     (o.controller == Some(true) && accepted.contains(&o.kind.as_str()) && usable).then(|| {
-                        TargetResource {
+                        normalise(TargetResource {
                             kind: o.kind,
                             name: o.name,
                             namespace: obj.namespace.clone(),
                             api_version: o.api_version,
-                        }
+                        })
                     })
                 })
             }

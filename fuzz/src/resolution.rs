@@ -155,9 +155,14 @@ impl Scenario {
             (o.kind.as_str(), o.namespace.as_str(), o.name.as_str())
                 == (from.kind.as_str(), from.namespace.as_str(), from.name.as_str())
                 && meta.owner_references.iter().flatten().any(|r| {
-                    r.controller == Some(true)
-                        && (r.kind.as_str(), r.name.as_str(), r.api_version.as_str())
-                            == (to.kind.as_str(), to.name.as_str(), to.api_version.as_str())
+                    // The owner as resolution names it: built-in kinds at their served version.
+                    let owner = signal_gateway::target::normalise(TargetResource {
+                        kind: r.kind.clone(),
+                        name: r.name.clone(),
+                        namespace: to.namespace.clone(),
+                        api_version: r.api_version.clone(),
+                    });
+                    r.controller == Some(true) && owner == *to
                 })
         })
     }
