@@ -6,15 +6,19 @@
 //! - **scope** (`scope.requireManagedLabel`): the gateway acts only on targets opted in with the
 //!   Kubernaut label `kubernaut.ai/managed=true`, on the (resolved) target or on its namespace;
 //!   `kubernaut.ai/managed=false` on the target opts it out of a managed namespace. Others are
-//!   answered `rejected` with reason `unmanaged_resource`. Label reads are cached for a short TTL
-//!   (one read per object at a time, as owner reads: [`crate::readcache`]).
+//!   answered `rejected` with reason `unmanaged_resource`. The label is read where the cluster
+//!   serves the target's kind ([`crate::discovery`]); a target whose label cannot be known (a kind
+//!   the cluster does not serve, a read that is forbidden) is not acted on. Label reads are cached
+//!   for a short TTL (one read per object at a time, as owner reads: [`crate::readcache`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::bounded::Limits;
 use crate::cluster::{ApiError, Cluster, ObjectRef};
 use crate::config;
 use crate::crd::TargetResource;
+use crate::discovery::Discovery;
 use crate::readcache::ReadCache;
 use crate::signal::{Signal, Skip};
 
@@ -67,18 +71,24 @@ type Label = Option<bool>;
 #[derive(Clone)]
 pub struct Scope {
     cluster: Arc<dyn Cluster>,
+    discovery: Discovery,
     enabled: bool,
     cache: Arc<ReadCache<ObjectRef, Label>>,
 }
 
-const SCOPE_CACHE_MAX: usize = 50_000;
+/// Label answers remembered (keys are sender-chosen: bounded in entries and bytes).
+const SCOPE_CACHE_LIMITS: Limits = Limits {
+    entries: 50_000,
+    bytes: 16 * 1024 * 1024,
+};
 
 impl Scope {
-    pub fn new(cluster: Arc<dyn Cluster>, config: &config::Scope) -> Self {
+    pub fn new(cluster: Arc<dyn Cluster>, discovery: Discovery, config: &config::Scope) -> Self {
         Scope {
             cluster,
+            discovery,
             enabled: config.require_managed_label,
-            cache: Arc::new(ReadCache::new(config.cache_ttl, SCOPE_CACHE_MAX)),
+            cache: Arc::new(ReadCache::new(config.cache_ttl, SCOPE_CACHE_LIMITS)),
         }
     }
 
@@ -86,31 +96,44 @@ impl Scope {
         self.enabled
     }
 
-    /// Whether the gateway may act on `target`. Errors reading the labels are errors (the sender
-    /// retries), except that a target the gateway may not read is judged by its namespace.
+    /// Whether the gateway may act on `target`. The target's own label decides, read where the
+    /// cluster serves its kind (discovery: the resource and version as served, not as sent);
+    /// only a target that does not exist, or carries no such label, is judged by its namespace.
+    /// A kind the cluster does not serve, or a target the gateway may not read, is not acted on:
+    /// its label, which might opt it out, cannot be known. Errors reading are errors (the sender
+    /// retries).
     pub async fn is_managed(&self, target: &TargetResource) -> Result<bool, ApiError> {
         if !self.enabled {
             return Ok(true);
         }
+        let Some(kind) = self.discovery.resolve(&target.api_version, &target.kind).await? else {
+            tracing::info!(kind = %target.kind, api_version = %target.api_version, "the cluster serves no such kind; not acting on it");
+            return Ok(false);
+        };
         let object = ObjectRef {
-            api_version: if target.api_version.is_empty() {
-                crate::target::default_api_version(&target.kind).into()
+            api_version: kind.api_version(),
+            kind: kind.kind.clone(),
+            resource: kind.resource.clone(),
+            namespace: if kind.namespaced {
+                target.namespace.clone()
             } else {
-                target.api_version.clone()
+                String::new()
             },
-            kind: target.kind.clone(),
-            namespace: target.namespace.clone(),
             name: target.name.clone(),
         };
         match self.label(object).await {
             Ok(Some(value)) => return Ok(value),
             Ok(None) => {}
             Err(ApiError::Forbidden(why)) => {
-                tracing::warn!(kind = %target.kind, reason = %why, "may not read the target's labels; judging by its namespace");
+                tracing::warn!(
+                    kind = %kind.kind, resource = %kind.resource, group = %kind.group, reason = %why,
+                    "may not read the target's labels (grant get on it): not acting on it"
+                );
+                return Ok(false);
             }
             Err(e) => return Err(e),
         }
-        if target.namespace.is_empty() {
+        if !kind.namespaced || target.namespace.is_empty() {
             return Ok(false);
         }
         Ok(self.label(ObjectRef::namespace(&target.namespace)).await? == Some(true))
@@ -216,6 +239,7 @@ mod tests {
             ObjectRef {
                 api_version: "apps/v1".into(),
                 kind: "Deployment".into(),
+                resource: "deployments".into(),
                 namespace: ns.into(),
                 name: name.into(),
             },
@@ -226,6 +250,10 @@ mod tests {
                 api_version: "apps/v1".into(),
             },
         )
+    }
+
+    fn scope_on(cluster: Arc<dyn Cluster>, config: &config::Scope) -> Scope {
+        Scope::new(cluster.clone(), Discovery::new(cluster), config)
     }
 
     fn enabled() -> config::Scope {
@@ -252,7 +280,7 @@ mod tests {
             let (obj, _) = deployment(ns, name);
             store.put_object(obj, labelled(label));
         }
-        let scope = Scope::new(store.clone(), &enabled());
+        let scope = scope_on(store.clone(), &enabled());
         for (ns, name, _, expected) in cases {
             let (_, target) = deployment(ns, name);
             assert_eq!(scope.is_managed(&target).await, Ok(expected), "{ns}/{name}");
@@ -263,7 +291,7 @@ mod tests {
             Ok(true),
             "a target that does not exist (yet) is judged by its namespace"
         );
-        let disabled = Scope::new(store.clone(), &config::Scope::default());
+        let disabled = scope_on(store.clone(), &config::Scope::default());
         let (_, target) = deployment("plain", "unlabelled");
         assert_eq!(disabled.is_managed(&target).await, Ok(true), "off by default");
     }
@@ -286,7 +314,7 @@ mod tests {
             }
             Fault::Pass
         }));
-        let scope = Scope::new(faulty, &enabled());
+        let scope = scope_on(faulty, &enabled());
         let (_, target) = deployment("managed", "web");
         assert_eq!(scope.is_managed(&target).await, Ok(true));
         let after_first = reads.load(Ordering::SeqCst);
@@ -304,10 +332,42 @@ mod tests {
             Op::GetMetadata => Fault::Fail(ApiError::Forbidden("deployments is forbidden".into())),
             _ => Fault::Pass,
         }));
-        let scope = Scope::new(forbidden, &enabled());
-        assert!(
-            matches!(scope.is_managed(&other).await, Err(ApiError::Forbidden(_))),
-            "the namespace must be readable"
+        let scope = scope_on(forbidden, &enabled());
+        assert_eq!(
+            scope.is_managed(&other).await,
+            Ok(false),
+            "a target whose label may not be read is not judged by its namespace"
         );
+    }
+
+    #[tokio::test]
+    async fn an_opted_out_object_stays_out_however_its_kind_and_version_are_written() {
+        let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+        store.put_object(ObjectRef::namespace("managed"), labelled(Some("true")));
+        let (obj, _) = deployment("managed", "payments");
+        store.put_object(obj, labelled(Some("false")));
+        let scope = scope_on(store.clone(), &enabled());
+        for (api_version, kind) in [
+            ("apps/v1", "Deployment"),
+            ("apps/v1beta2", "Deployment"),
+            ("apps/v1beta1", "deployment"),
+            ("", "DEPLOYMENT"),
+        ] {
+            let target = TargetResource {
+                kind: kind.into(),
+                name: "payments".into(),
+                namespace: "managed".into(),
+                api_version: api_version.into(),
+            };
+            assert_eq!(scope.is_managed(&target).await, Ok(false), "{api_version} {kind}");
+        }
+        // A kind the cluster does not serve names no object: its label cannot be known.
+        let invented = TargetResource {
+            kind: "Deploymentt".into(),
+            name: "payments".into(),
+            namespace: "managed".into(),
+            api_version: "apps/v1".into(),
+        };
+        assert_eq!(scope.is_managed(&invented).await, Ok(false));
     }
 }

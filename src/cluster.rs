@@ -61,11 +61,14 @@ impl ApiError {
     }
 }
 
-/// A reference to an object whose metadata the owner resolver reads.
+/// A reference to an object whose metadata the owner resolver or the scope check reads.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ObjectRef {
     pub api_version: String,
     pub kind: String,
+    /// The resource (plural) the API server serves the kind as, from discovery
+    /// ([`crate::discovery`]); empty: the lowercase kind plus `s`.
+    pub resource: String,
     pub namespace: String,
     pub name: String,
 }
@@ -76,8 +79,37 @@ impl ObjectRef {
         ObjectRef {
             api_version: "v1".into(),
             kind: "Namespace".into(),
+            resource: "namespaces".into(),
             namespace: String::new(),
             name: name.into(),
+        }
+    }
+
+    /// The API group (`apps` of `apps/v1`, empty for the core group).
+    pub fn group(&self) -> &str {
+        self.api_version.split_once('/').map_or("", |(g, _)| g)
+    }
+}
+
+/// A kind as the API server serves it (one entry of its discovery documents).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ApiKind {
+    /// Empty for the core group.
+    pub group: String,
+    pub version: String,
+    pub kind: String,
+    /// The resource (plural) in request paths.
+    pub resource: String,
+    pub namespaced: bool,
+}
+
+impl ApiKind {
+    /// `group/version`, or `version` for the core group.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
         }
     }
 }
@@ -112,6 +144,8 @@ pub mod verb {
 pub const RR_RESOURCE: &str = "remediationrequests";
 pub const RR_STATUS_RESOURCE: &str = "remediationrequests/status";
 pub const LEASE_RESOURCE: &str = "leases";
+/// The metric resource label of the discovery documents (`/api`, `/apis`).
+pub const DISCOVERY_RESOURCE: &str = "discovery";
 
 #[async_trait]
 pub trait Cluster: Send + Sync + 'static {
@@ -157,8 +191,13 @@ pub trait Cluster: Send + Sync + 'static {
     /// Deletes the lease only if its resourceVersion is still `resource_version`.
     async fn delete_lease(&self, namespace: &str, name: &str, resource_version: &str) -> Result<()>;
 
-    /// Metadata of an arbitrary object (for the controller owner chain).
+    /// Metadata of an arbitrary object (for the controller owner chain and the scope check).
     async fn get_metadata(&self, object: &ObjectRef) -> Result<ObjectMeta>;
+
+    /// Every kind the API server serves, in its order of preference (groups, then the versions
+    /// of each, preferred first): the core group (`core`) or all named groups. One request
+    /// (aggregated discovery).
+    async fn list_api_kinds(&self, core: bool) -> Result<Vec<ApiKind>>;
 
     /// Whether the backend answers and serves the CRD with the permissions the gateway needs;
     /// the error names what is missing.

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use crate::dedup::Strategy;
 
@@ -37,11 +37,15 @@ pub struct Server {
     pub max_body_bytes: usize,
     /// Signals processed at once; more are refused with 503 + Retry-After.
     pub max_in_flight: usize,
+    /// Request bodies held in memory at once, in bytes (each counted at its Content-Length, or
+    /// at `maxBodyBytes` when chunked, from before it is read until its answer); a body that
+    /// does not fit is refused with 503 + Retry-After.
+    pub max_buffered_body_bytes: usize,
     /// Time a signal may take until its outcome is stored; past it the answer is 503.
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub request_timeout: Duration,
     /// Drain deadline after SIGTERM; keep it below the pod's terminationGracePeriodSeconds.
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub shutdown_timeout: Duration,
     /// Largest request head (request line plus headers); larger ones are refused (431).
     pub max_header_bytes: usize,
@@ -49,11 +53,18 @@ pub struct Server {
     pub max_headers: usize,
     /// Time a client has to send a request head (also the idle keep-alive limit); slower
     /// connections are closed.
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub header_read_timeout: Duration,
-    /// Time a client has to send the whole request body; past it the answer is 408.
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    /// Time a client has to send the whole request body; past it the answer is 503 +
+    /// Retry-After (a stalled body may be the network: the sender retries).
+    #[serde(with = "friendly_duration")]
     pub body_read_timeout: Duration,
+    /// Open connections per port; a connection beyond it is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// Time a write to a client may make no progress (a reader that stopped reading); past it
+    /// the connection is closed.
+    #[serde(with = "friendly_duration")]
+    pub write_timeout: Duration,
     /// TLS for both ports when set (PEM files, re-read when they change).
     pub tls: Option<Tls>,
 }
@@ -67,7 +78,7 @@ pub struct Tls {
     pub key_file: std::path::PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
     /// Bearer tokens checked with TokenReview and authorized with a SubjectAccessReview.
@@ -96,27 +107,28 @@ pub struct Auth {
     /// `static`: file with one token per line (`#` comments); re-read when it changes.
     pub tokens_file: Option<std::path::PathBuf>,
     /// `kubernetes`: how long an allowed or denied token is remembered (keyed by its SHA-256).
-    #[serde(
-        rename = "cacheTTL",
-        deserialize_with = "duration",
-        serialize_with = "format_duration"
-    )]
+    #[serde(rename = "cacheTTL", with = "friendly_duration")]
     pub cache_ttl: Duration,
     /// `kubernetes`: how long an unknown (unauthenticated) token is remembered.
-    #[serde(
-        rename = "negativeCacheTTL",
-        deserialize_with = "duration",
-        serialize_with = "format_duration"
-    )]
+    #[serde(rename = "negativeCacheTTL", with = "friendly_duration")]
     pub negative_cache_ttl: Duration,
     /// `kubernetes`: TokenReview audiences (empty: the API server's).
     pub audiences: Vec<String>,
+    /// `kubernetes`: reviews per second of tokens not known to belong to a sender (a flood of
+    /// bogus tokens costs the API server at most this); beyond it the answer is 503.
+    pub review_rate: u32,
+    /// `kubernetes`: reviews of unknown tokens that may happen at once after a quiet while.
+    pub review_burst: u32,
+    /// `kubernetes`: reviews in flight at once (on their own connections, apart from the
+    /// RemediationRequest writes).
+    pub max_concurrent_reviews: usize,
     /// `kubernetes`: the permission a sender needs (SubjectAccessReview resource attributes).
     pub authorization: AccessAttributes,
 }
 
 /// SubjectAccessReview resource attributes. The default (create on the Service
-/// `signal-gateway` in the gateway's namespace) follows Kubernaut's gateway.
+/// `gateway-service` in the gateway's namespace) is what Kubernaut's chart grants its senders
+/// (ClusterRole `gateway-signal-source`), so they need no new RBAC.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct AccessAttributes {
@@ -136,11 +148,7 @@ pub struct Scope {
     /// or its namespace; `kubernaut.ai/managed=false` on the target opts it out).
     pub require_managed_label: bool,
     /// How long a label read is remembered.
-    #[serde(
-        rename = "cacheTTL",
-        deserialize_with = "duration",
-        serialize_with = "format_duration"
-    )]
+    #[serde(rename = "cacheTTL", with = "friendly_duration")]
     pub cache_ttl: Duration,
 }
 
@@ -148,10 +156,10 @@ pub struct Scope {
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct Freshness {
     /// Signals timestamped further than this in the future are rejected (`future_timestamp`).
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub max_future_skew: Duration,
     /// Signals older than this are rejected (`stale_signal`); `0s` turns the check off.
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub max_age: Duration,
 }
 
@@ -163,6 +171,9 @@ impl Default for Auth {
             cache_ttl: Duration::from_secs(30),
             negative_cache_ttl: Duration::from_secs(5),
             audiences: Vec::new(),
+            review_rate: 20,
+            review_burst: 40,
+            max_concurrent_reviews: 4,
             authorization: AccessAttributes::default(),
         }
     }
@@ -175,7 +186,7 @@ impl Default for AccessAttributes {
             group: String::new(),
             resource: "services".into(),
             subresource: String::new(),
-            name: "signal-gateway".into(),
+            name: "gateway-service".into(),
             namespace: String::new(),
         }
     }
@@ -216,15 +227,15 @@ pub struct Audit {
     /// Most events in one batch.
     pub batch_size: usize,
     /// A partial batch goes out this long after its oldest event was recorded.
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub flush_interval: Duration,
     /// Retries of a batch answered 5xx/408/429, timed out or not connected, before it is dropped.
     pub max_retries: u32,
     /// First retry delay (jittered, doubling up to 30 s).
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub retry_backoff: Duration,
     /// Time one batch request may take.
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub timeout: Duration,
     /// DataStorage readiness URL; when set, `/readyz` also needs it to answer 2xx.
     #[serde(rename = "healthURL")]
@@ -249,7 +260,7 @@ impl Default for Audit {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// Kubernetes when a cluster is configured (in-cluster or kubeconfig), else embedded.
@@ -269,7 +280,7 @@ pub struct Backend {
     #[serde(rename = "clusterID")]
     pub cluster_id: String,
     /// Per-request timeout of Kubernetes API calls.
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub api_timeout: Duration,
     /// Most Kubernetes API requests in flight per replica; more wait in the replica. The kube
     /// client speaks HTTP/1.1, so this also bounds its connections to the API server.
@@ -279,11 +290,11 @@ pub struct Backend {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct Lock {
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub lease_duration: Duration,
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub backoff_initial: Duration,
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub backoff_max: Duration,
 }
 
@@ -297,10 +308,10 @@ pub struct Dedup {
     pub watch: bool,
     /// After a status-update conflict, how long to wait for the watch to deliver the newer
     /// version before reading it from the API server.
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub watch_wait: Duration,
     /// Group commit: how long a hot fingerprint's batch may wait for more signals before its write.
-    #[serde(deserialize_with = "duration", serialize_with = "format_duration")]
+    #[serde(with = "friendly_duration")]
     pub linger: Duration,
 }
 
@@ -309,15 +320,11 @@ pub struct Dedup {
 pub struct OwnerResolution {
     pub enabled: bool,
     pub max_depth: usize,
-    #[serde(
-        rename = "cacheTTL",
-        deserialize_with = "duration",
-        serialize_with = "format_duration"
-    )]
+    #[serde(rename = "cacheTTL", with = "friendly_duration")]
     pub cache_ttl: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -355,12 +362,15 @@ impl Default for Server {
             admin_listen: ([0, 0, 0, 0], 9090).into(),
             max_body_bytes: 1024 * 1024,
             max_in_flight: 4096,
+            max_buffered_body_bytes: 32 * 1024 * 1024,
             request_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(20),
             max_header_bytes: 16 * 1024,
             max_headers: 64,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+            write_timeout: Duration::from_secs(10),
             tls: None,
         }
     }
@@ -489,6 +499,10 @@ impl Config {
             "server.maxBodyBytes must be at least 1024"
         );
         anyhow::ensure!(
+            self.server.max_buffered_body_bytes >= self.server.max_body_bytes,
+            "server.maxBufferedBodyBytes must be at least server.maxBodyBytes"
+        );
+        anyhow::ensure!(
             crate::signal::is_valid_namespace(self.namespace()),
             "namespace {:?} is not a valid namespace name",
             self.namespace()
@@ -498,18 +512,30 @@ impl Config {
             "server.maxHeaderBytes must be at least 1024 and server.maxHeaders at least 8"
         );
         anyhow::ensure!(
-            self.server.header_read_timeout > Duration::ZERO && self.server.body_read_timeout > Duration::ZERO,
-            "server.headerReadTimeout and server.bodyReadTimeout must be positive"
+            self.server.header_read_timeout > Duration::ZERO
+                && self.server.body_read_timeout > Duration::ZERO
+                && self.server.write_timeout > Duration::ZERO,
+            "server.headerReadTimeout, server.bodyReadTimeout and server.writeTimeout must be positive"
+        );
+        anyhow::ensure!(
+            self.server.max_connections > 0,
+            "server.maxConnections must be positive"
         );
         match self.auth.mode {
             AuthMode::Static => anyhow::ensure!(
                 self.auth.tokens_file.is_some(),
                 "auth.mode static needs auth.tokensFile"
             ),
-            AuthMode::Kubernetes => anyhow::ensure!(
-                !self.auth.authorization.verb.is_empty() && !self.auth.authorization.resource.is_empty(),
-                "auth.authorization needs a verb and a resource"
-            ),
+            AuthMode::Kubernetes => {
+                anyhow::ensure!(
+                    !self.auth.authorization.verb.is_empty() && !self.auth.authorization.resource.is_empty(),
+                    "auth.authorization needs a verb and a resource"
+                );
+                anyhow::ensure!(
+                    self.auth.review_rate > 0 && self.auth.review_burst > 0 && self.auth.max_concurrent_reviews > 0,
+                    "auth.reviewRate, auth.reviewBurst and auth.maxConcurrentReviews must be positive"
+                );
+            }
             AuthMode::None => {}
         }
         if !self.audit.url.is_empty() {
@@ -540,40 +566,19 @@ impl Config {
     }
 }
 
-/// Parses `250ms`, `30s`, `5m`, `1h` (one unit).
+/// Parses a duration in jiff's friendly format (`250ms`, `30s`, `1m30s`, `1.5s`, `2 hours`) or
+/// ISO 8601 (`PT30S`); never negative.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h)"))?;
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("invalid duration unit in {s:?}; use ms, s, m or h")),
-    })
+    let signed: jiff::SignedDuration = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("invalid duration {s:?} (write it like 250ms, 30s or 1m30s): {e}"))?;
+    Duration::try_from(signed).map_err(|_| format!("invalid duration {s:?}: must not be negative"))
 }
 
-fn format_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    let ms = d.as_millis();
-    let text = if ms.is_multiple_of(3_600_000) && ms > 0 {
-        format!("{}h", ms / 3_600_000)
-    } else if ms.is_multiple_of(60_000) && ms > 0 {
-        format!("{}m", ms / 60_000)
-    } else if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    };
-    s.serialize_str(&text)
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s).map_err(serde::de::Error::custom)
+/// Durations in the file: jiff's friendly format (or ISO 8601) in, friendly compact out.
+mod friendly_duration {
+    pub use jiff::fmt::serde::unsigned_duration::friendly::compact::required::{deserialize, serialize};
 }
 
 #[cfg(test)]
@@ -605,11 +610,32 @@ mod tests {
     }
 
     #[test]
+    fn durations_take_several_units_and_survive_a_round_trip() {
+        let c = Config::from_yaml(
+            "lock:\n  leaseDuration: 1m30s\nserver:\n  requestTimeout: 1.5s\n  shutdownTimeout: 20 seconds\n",
+        )
+        .unwrap();
+        assert_eq!(c.lock.lease_duration, Duration::from_secs(90));
+        assert_eq!(c.server.request_timeout, Duration::from_millis(1500));
+        assert_eq!(c.server.shutdown_timeout, Duration::from_secs(20));
+        assert_eq!(parse_duration("2h5m"), Ok(Duration::from_secs(7500)));
+        let text = serde_saphyr::to_string(&c).unwrap();
+        let again = Config::from_yaml(&text).unwrap();
+        assert_eq!(again.lock.lease_duration, c.lock.lease_duration, "{text}");
+        assert_eq!(again.server.request_timeout, c.server.request_timeout, "{text}");
+        assert!(
+            text.contains("leaseDuration: 1m 30s") || text.contains("leaseDuration: 1m30s"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn bad_values_are_explained() {
         let err = Config::from_yaml("lock:\n  leaseDuration: 30\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("needs a unit"), "{err}");
+        assert!(err.contains("leaseDuration") && err.contains("unit"), "{err}");
+        assert!(parse_duration("-5s").is_err(), "durations are never negative");
         let err = Config::from_yaml("dedup:\n  strategy: sometimes\n")
             .unwrap_err()
             .to_string();

@@ -37,7 +37,7 @@ use crate::lock::{Attempt, FenceError, LeaseLock, LockGuard, backoff};
 use crate::metrics::Metrics;
 use crate::signal::Source;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
     #[default]

@@ -9,12 +9,14 @@ pub mod admission;
 pub mod audit;
 pub mod auth;
 pub mod backend;
+pub mod bounded;
 pub mod clock;
 pub mod cluster;
 pub mod coalesce;
 pub mod config;
 pub mod crd;
 pub mod dedup;
+pub mod discovery;
 pub mod fingerprint;
 pub mod hints;
 pub mod http;
@@ -113,11 +115,12 @@ impl Deps {
         let cluster = KubernetesCluster::connect(
             config.backend.api_timeout,
             config.backend.max_concurrent_requests,
+            config.auth.max_concurrent_reviews + auth::KNOWN_REVIEW_SLOTS,
             metrics.clone(),
         )
         .await
         .context("connecting to the Kubernetes API server")?;
-        let reviewer: Arc<dyn auth::Reviewer> = Arc::new(backend::review::KubeReviewer::new(cluster.client()));
+        let reviewer: Arc<dyn auth::Reviewer> = Arc::new(backend::review::KubeReviewer::new(cluster.review_client()));
         Ok(Deps {
             cluster: Arc::new(cluster),
             embedded: None,
@@ -210,7 +213,11 @@ pub async fn serve(
     let pipeline = pipeline::Pipeline {
         latency: pipeline::LatencyTracker::default(),
         freshness: admission::Freshness::new(&config.freshness),
-        scope: admission::Scope::new(cluster.clone(), &config.scope),
+        scope: admission::Scope::new(
+            cluster.clone(),
+            discovery::Discovery::new(cluster.clone()),
+            &config.scope,
+        ),
         resolver: target::OwnerResolver::new(
             cluster.clone(),
             config.owner_resolution.enabled,
@@ -236,9 +243,13 @@ pub async fn serve(
         auth: authenticator,
         tls: transport.is_tls(),
         in_flight: Arc::new(Semaphore::new(config.server.max_in_flight)),
+        body_budget: Arc::new(Semaphore::new(
+            config.server.max_buffered_body_bytes / http::ingest::BODY_BUDGET_UNIT,
+        )),
         max_in_flight: config.server.max_in_flight,
         shutting_down: AtomicBool::new(false),
         resends: Default::default(),
+        readiness: Default::default(),
         audit_health: audit.health.clone(),
     });
 
@@ -247,6 +258,7 @@ pub async fn serve(
     let signals_addr = listeners.signals.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
     let mut signals_server = tokio::spawn(http::server::serve(
+        "signals",
         listeners.signals,
         http::signals_router(state.clone()),
         transport.clone(),
@@ -255,6 +267,7 @@ pub async fn serve(
         },
     ));
     let admin_server = tokio::spawn(http::server::serve(
+        "admin",
         listeners.admin,
         http::admin::admin_router(state.clone())
             .layer(axum::middleware::from_fn_with_state(state.clone(), http::harden)),

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use signal_gateway::config::{AuthMode, BackendKind, Config, Identity, LogFormat, parse_duration};
 use signal_gateway::dedup::Strategy;
 
-#[derive(Parser)]
+#[derive(Parser, Debug)]
 #[command(
     name = "signal-gateway",
     version,
@@ -19,8 +19,8 @@ struct Cli {
     /// YAML configuration file (unknown keys are errors).
     #[arg(long, global = true, env = "SIGNAL_GATEWAY_CONFIG")]
     config: Option<PathBuf>,
-    /// embedded, kubernetes or auto (kubernetes when a cluster is configured).
-    #[arg(long, global = true, value_parser = parse_backend)]
+    /// Where RemediationRequests live (auto: kubernetes when a cluster is configured).
+    #[arg(long, global = true, value_enum)]
     backend: Option<BackendKind>,
     /// Signals API address (default 0.0.0.0:8080).
     #[arg(long, global = true)]
@@ -31,18 +31,17 @@ struct Cli {
     /// Namespace of RemediationRequests and Leases (default POD_NAMESPACE).
     #[arg(long, global = true)]
     namespace: Option<String>,
-    /// optimistic or always-lock.
-    #[arg(long, global = true, value_parser = parse_strategy)]
+    /// Deduplication strategy.
+    #[arg(long, global = true, value_enum)]
     dedup_strategy: Option<Strategy>,
-    /// Lock lease duration, e.g. 30s.
+    /// Lock lease duration, e.g. 30s or 1m30s.
     #[arg(long, global = true, value_parser = parse_duration)]
     lease_duration: Option<std::time::Duration>,
-    /// json or text.
-    #[arg(long, global = true, value_parser = parse_log_format)]
+    /// Log format.
+    #[arg(long, global = true, value_enum)]
     log_format: Option<LogFormat>,
-    /// Who may send signals: kubernetes (TokenReview + SubjectAccessReview, the default),
-    /// static (auth.tokensFile) or none (anyone; for a local trial).
-    #[arg(long, global = true, value_parser = parse_auth_mode)]
+    /// Who may send signals (none: anyone; for a local trial).
+    #[arg(long, global = true, value_enum)]
     auth_mode: Option<AuthMode>,
     /// Kubernaut DataStorage base URL for the audit trail (audit.url), e.g.
     /// https://data-storage-service.kubernaut.svc.cluster.local:8080; unset: no audit trail.
@@ -50,46 +49,12 @@ struct Cli {
     audit_url: Option<String>,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug)]
 enum Command {
     /// Run the gateway (the default).
     Serve,
     /// Print the RemediationRequest CRD as YAML.
     Crd,
-}
-
-fn parse_backend(s: &str) -> Result<BackendKind, String> {
-    match s {
-        "auto" => Ok(BackendKind::Auto),
-        "embedded" => Ok(BackendKind::Embedded),
-        "kubernetes" => Ok(BackendKind::Kubernetes),
-        _ => Err("expected embedded, kubernetes or auto".into()),
-    }
-}
-
-fn parse_strategy(s: &str) -> Result<Strategy, String> {
-    match s {
-        "optimistic" => Ok(Strategy::Optimistic),
-        "always-lock" => Ok(Strategy::AlwaysLock),
-        _ => Err("expected optimistic or always-lock".into()),
-    }
-}
-
-fn parse_auth_mode(s: &str) -> Result<AuthMode, String> {
-    match s {
-        "kubernetes" => Ok(AuthMode::Kubernetes),
-        "static" => Ok(AuthMode::Static),
-        "none" => Ok(AuthMode::None),
-        _ => Err("expected kubernetes, static or none".into()),
-    }
-}
-
-fn parse_log_format(s: &str) -> Result<LogFormat, String> {
-    match s {
-        "json" => Ok(LogFormat::Json),
-        "text" => Ok(LogFormat::Text),
-        _ => Err("expected json or text".into()),
-    }
 }
 
 fn identity() -> (Identity, Vec<String>) {
@@ -202,4 +167,50 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        Cli::try_parse_from(std::iter::once("signal-gateway").chain(args.iter().copied())).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn enum_flags_take_the_config_files_spellings_and_list_them_when_wrong() {
+        let cli = parse(&[
+            "--backend",
+            "embedded",
+            "--dedup-strategy",
+            "always-lock",
+            "--log-format",
+            "text",
+            "--auth-mode",
+            "static",
+            "--lease-duration",
+            "1m30s",
+        ])
+        .unwrap();
+        assert_eq!(cli.backend, Some(BackendKind::Embedded));
+        assert_eq!(cli.dedup_strategy, Some(Strategy::AlwaysLock));
+        assert_eq!(cli.log_format, Some(LogFormat::Text));
+        assert_eq!(cli.auth_mode, Some(AuthMode::Static));
+        assert_eq!(cli.lease_duration, Some(std::time::Duration::from_secs(90)));
+        // Each flag's values are the configuration file's (one spelling for both).
+        for (flag, value) in [
+            ("--backend", "auto"),
+            ("--backend", "kubernetes"),
+            ("--dedup-strategy", "optimistic"),
+            ("--log-format", "json"),
+            ("--auth-mode", "kubernetes"),
+            ("--auth-mode", "none"),
+        ] {
+            parse(&[flag, value]).unwrap_or_else(|e| panic!("{flag} {value}: {e}"));
+        }
+        let err = parse(&["--backend", "cloud"]).unwrap_err();
+        assert!(err.contains("possible values: auto, embedded, kubernetes"), "{err}");
+        let err = parse(&["--auth-mode", "open"]).unwrap_err();
+        assert!(err.contains("possible values: kubernetes, static, none"), "{err}");
+    }
 }

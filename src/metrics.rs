@@ -27,6 +27,9 @@ pub struct Metrics {
     pub dedup_decisions: IntCounterVec,
     pub signal_duration: HistogramVec,
     pub signals_in_flight: IntGauge,
+    pub body_bytes_buffered: IntGauge,
+    pub http_connections: IntGaugeVec,
+    pub http_connections_refused: IntCounterVec,
     pub signals_shed: IntCounter,
     pub signals_resent: IntCounter,
     pub http_duration: HistogramVec,
@@ -120,6 +123,12 @@ pub(crate) fn histogram_vec(
     Ok(h)
 }
 
+fn gauge_vec(r: &Reg, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(&g, "gauge")?;
+    Ok(g)
+}
+
 pub(crate) fn gauge(r: &Reg, name: &str, help: &str) -> prometheus::Result<IntGauge> {
     let g = IntGauge::new(name, help)?;
     r.register(&g, "gauge")?;
@@ -176,6 +185,23 @@ impl Metrics {
                 SIGNAL_LATENCY_BUCKETS,
             )?,
             signals_in_flight: gauge(r, "gateway_signals_in_flight", "Signals being processed now.")?,
+            http_connections: gauge_vec(
+                r,
+                "gateway_http_connections",
+                "Open client connections by port (signals, admin), against server.maxConnections.",
+                &["port"],
+            )?,
+            http_connections_refused: counter_vec(
+                r,
+                "gateway_http_connections_refused_total",
+                "Connections closed as soon as accepted because the port had server.maxConnections open.",
+                &["port"],
+            )?,
+            body_bytes_buffered: gauge(
+                r,
+                "gateway_http_body_bytes_buffered",
+                "Bytes of request bodies held in memory now, as counted against server.maxBufferedBodyBytes.",
+            )?,
             signals_shed: counter(
                 r,
                 "gateway_signals_shed_total",
@@ -203,7 +229,7 @@ impl Metrics {
             auth_requests: counter_vec(
                 r,
                 "gateway_auth_requests_total",
-                "Signals API requests by authentication mode and result: allowed, unauthenticated (401), forbidden (403), error (503, the review API failed).",
+                "Signals API requests by authentication mode and result: allowed, unauthenticated (401), forbidden (403), error (503, the review API failed), limited (503, the review budget for unknown tokens is used up).",
                 &["mode", "result"],
             )?,
             auth_cache: counter_vec(
@@ -227,7 +253,7 @@ impl Metrics {
             file_reloads: counter_vec(
                 r,
                 "gateway_file_reloads_total",
-                "Re-reads of changed files (tls_certificate, auth_tokens, audit_ca) by result: ok, error (the old contents stay in use).",
+                "Re-reads of changed files (tls_certificate, auth_tokens, audit_ca) by result: ok, error (tls_certificate, audit_ca: the previous one stays in use; auth_tokens: no static token is accepted until the file holds tokens again).",
                 &["file", "result"],
             )?,
 
@@ -363,17 +389,12 @@ impl Metrics {
                 "Active RemediationRequests held as hints (from the watch and this replica's own writes).",
             )?,
 
-            build_info: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        "gateway_build_info",
-                        "Build and runtime information; value is always 1.",
-                    ),
-                    &["version", "backend", "strategy"],
-                )?;
-                r.register(&g, "gauge")?;
-                g
-            },
+            build_info: gauge_vec(
+                r,
+                "gateway_build_info",
+                "Build and runtime information; value is always 1.",
+                &["version", "backend", "strategy"],
+            )?,
             audit: crate::audit::AuditMetrics::register(r)?,
         };
         m.initialise_known_series();
@@ -427,6 +448,10 @@ impl Metrics {
             for result in ["ok", "error"] {
                 self.file_reloads.with_label_values(&[file, result]);
             }
+        }
+        for port in ["signals", "admin"] {
+            self.http_connections.with_label_values(&[port]);
+            self.http_connections_refused.with_label_values(&[port]);
         }
         for source in ["prometheus", "kubernetes-event"] {
             self.signals_deduplicated.with_label_values(&[source]);

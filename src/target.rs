@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::bounded::Limits;
 use crate::cluster::{ApiError, Cluster, ObjectRef};
 use crate::crd::TargetResource;
 use crate::readcache::ReadCache;
@@ -31,7 +32,11 @@ pub struct OwnerResolver {
     cache: Arc<OwnerCache>,
 }
 
-const CACHE_MAX_ENTRIES: usize = 50_000;
+/// Owner answers remembered (keys are sender-chosen: bounded in entries and bytes).
+const CACHE_LIMITS: Limits = Limits {
+    entries: 50_000,
+    bytes: 16 * 1024 * 1024,
+};
 
 impl OwnerResolver {
     pub fn new(cluster: Arc<dyn Cluster>, enabled: bool, max_depth: usize, ttl: Duration) -> Self {
@@ -39,7 +44,7 @@ impl OwnerResolver {
             cluster,
             enabled,
             max_depth,
-            cache: Arc::new(ReadCache::new(ttl, CACHE_MAX_ENTRIES)),
+            cache: Arc::new(ReadCache::new(ttl, CACHE_LIMITS)),
         }
     }
 
@@ -47,6 +52,7 @@ impl OwnerResolver {
     /// other than NotFound are errors: the fingerprint must not depend on whether a read worked.
     #[tracing::instrument(skip_all, fields(kind = %target.kind, name = %target.name))]
     pub async fn resolve(&self, target: TargetResource) -> Result<TargetResource, ApiError> {
+        let target = normalise(target);
         if !self.enabled {
             return Ok(target);
         }
@@ -71,16 +77,7 @@ impl OwnerResolver {
 
     /// Reads `obj`'s metadata: its accepted controller owner.
     async fn read_owner(&self, obj: &TargetResource) -> Result<Option<TargetResource>, ApiError> {
-        let reference = ObjectRef {
-            api_version: if obj.api_version.is_empty() {
-                default_api_version(&obj.kind).into()
-            } else {
-                obj.api_version.clone()
-            },
-            kind: obj.kind.clone(),
-            namespace: obj.namespace.clone(),
-            name: obj.name.clone(),
-        };
+        let reference = object_ref(obj);
         let owner = match self.cluster.get_metadata(&reference).await {
             Ok(meta) => {
                 let accepted = FOLLOW
@@ -93,13 +90,15 @@ impl OwnerResolver {
                     // to be non-empty, and they become the target's identity and an API URL path.
                     let usable = is_valid_object_name(&o.name)
                         && (o.api_version.is_empty() || is_valid_api_version(&o.api_version));
+                    // Found by fuzzing: an owner written without its apiVersion is named as the
+                    // signal's own target would be (normalised), so one climb gives one answer.
                     (o.controller == Some(true) && accepted.contains(&o.kind.as_str()) && usable).then(|| {
-                        TargetResource {
+                        normalise(TargetResource {
                             kind: o.kind,
                             name: o.name,
                             namespace: obj.namespace.clone(),
                             api_version: o.api_version,
-                        }
+                        })
                     })
                 })
             }
@@ -111,11 +110,34 @@ impl OwnerResolver {
     }
 }
 
-pub(crate) fn default_api_version(kind: &str) -> &'static str {
-    match kind {
-        "ReplicaSet" | "Deployment" | "StatefulSet" | "DaemonSet" => "apps/v1",
-        "Job" | "CronJob" => "batch/v1",
-        _ => "v1",
+/// A target as the signal named it, with a built-in kind written as Kubernetes writes it (`POD`
+/// and `pod` are `Pod`: one fingerprint, and the owner chain is climbed) at the version the
+/// cluster serves it (`apps/v1beta2` Deployments are `apps/v1`). Other kinds are kept as sent:
+/// a fingerprint never depends on what the API server answers.
+pub fn normalise(mut target: TargetResource) -> TargetResource {
+    if let Some(k) = crate::discovery::builtin(&target.kind) {
+        let group = target.api_version.split_once('/').map_or("", |(g, _)| g);
+        if target.api_version.is_empty() || group == k.group {
+            target.kind = k.kind.clone();
+            target.api_version = k.api_version();
+        }
+    }
+    target
+}
+
+/// The object a normalised target names, to read its metadata.
+fn object_ref(obj: &TargetResource) -> ObjectRef {
+    let builtin = crate::discovery::builtin(&obj.kind).filter(|k| k.kind == obj.kind);
+    ObjectRef {
+        api_version: if obj.api_version.is_empty() {
+            builtin.as_ref().map_or_else(|| "v1".to_owned(), |k| k.api_version())
+        } else {
+            obj.api_version.clone()
+        },
+        kind: obj.kind.clone(),
+        resource: builtin.map(|k| k.resource).unwrap_or_default(),
+        namespace: obj.namespace.clone(),
+        name: obj.name.clone(),
     }
 }
 
@@ -147,6 +169,7 @@ mod tests {
         ObjectRef {
             api_version: api_version.into(),
             kind: kind.into(),
+            resource: String::new(),
             namespace: "shop".into(),
             name: name.into(),
         }
@@ -260,6 +283,44 @@ mod tests {
         assert_eq!(resolver.resolve(pod("gone")).await, Ok(pod("gone")));
         let off = OwnerResolver::new(store, false, 5, Duration::from_secs(30));
         assert_eq!(off.resolve(pod("api-7d9f-x1")).await, Ok(pod("api-7d9f-x1")));
+    }
+
+    #[tokio::test]
+    async fn kinds_in_any_case_or_an_old_version_resolve_and_fingerprint_as_one() {
+        let store = store_with_deployment();
+        let resolver = OwnerResolver::new(store, true, 5, Duration::from_secs(30));
+        let sent = |kind: &str, api_version: &str| TargetResource {
+            kind: kind.into(),
+            name: "api-7d9f-x1".into(),
+            namespace: "shop".into(),
+            api_version: api_version.into(),
+        };
+        let top = resolver.resolve(sent("Pod", "v1")).await.unwrap();
+        assert_eq!((top.kind.as_str(), top.name.as_str()), ("Deployment", "api"));
+        for (kind, api_version) in [("POD", "v1"), ("pod", ""), ("Pod", "")] {
+            let t = resolver.resolve(sent(kind, api_version)).await.unwrap();
+            assert_eq!(t, top, "{kind} {api_version:?}");
+            let f = crate::fingerprint::Fingerprint::of("", &t);
+            assert_eq!(f, crate::fingerprint::Fingerprint::of("", &top));
+        }
+        let rs = TargetResource {
+            kind: "replicaset".into(),
+            name: "api-7d9f".into(),
+            namespace: "shop".into(),
+            api_version: "apps/v1beta2".into(),
+        };
+        assert_eq!(resolver.resolve(rs).await, Ok(top), "an unserved version still climbs");
+        let custom = TargetResource {
+            kind: "pod".into(),
+            name: "x".into(),
+            namespace: "shop".into(),
+            api_version: "example.com/v1".into(),
+        };
+        assert_eq!(
+            normalise(custom.clone()),
+            custom,
+            "another group's kind is kept as sent"
+        );
     }
 
     #[tokio::test]

@@ -74,7 +74,7 @@ pub fn init(format: LogFormat, level: &str, otlp_endpoint: &str) -> anyhow::Resu
             .flatten_event(true)
             .with_writer(std::io::stderr)
             .boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Text => text_layer(std::io::stderr).boxed(),
     };
     tracing_subscriber::registry()
         .with(filter)
@@ -84,14 +84,85 @@ pub fn init(format: LogFormat, level: &str, otlp_endpoint: &str) -> anyhow::Resu
     Ok(Telemetry { provider })
 }
 
-/// Reads W3C trace context from HTTP headers.
-pub struct HeaderExtractor<'a>(pub &'a http::HeaderMap);
+/// The text log format for people. Field values (span fields such as `signal_name`, event
+/// fields such as `group_key`, the message) may hold sender-chosen text: control characters
+/// are escaped (`\n` becomes `\\n`), so one event is one line and nothing a sender writes can
+/// forge a line or drive a terminal. (The JSON format escapes them by itself.)
+fn text_layer<S, W>(writer: W) -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::field::MakeExt;
+    let fields = tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        let raw = format!("{value:?}");
+        let text = escape_controls(&raw);
+        if field.name() == "message" {
+            write!(w, "{text}")
+        } else {
+            write!(w, "{}={text}", field.name())
+        }
+    })
+    .delimited(" ");
+    tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .fmt_fields(fields)
+        .with_writer(writer)
+}
 
-impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+/// `text` with every control character written as its Rust escape.
+fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
     }
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|k| k.as_str()).collect()
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn sender_chosen_strings_cannot_forge_lines_in_the_text_log() {
+        let buffer = Buffer::default();
+        let out = buffer.clone();
+        let subscriber = tracing_subscriber::registry().with(text_layer(move || out.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            let name = "KubePodCrashLooping\n2026-11-25T12:00:00Z  INFO forged: signal stored";
+            let span = tracing::info_span!("signal", signal_name = %name);
+            let _entered = span.enter();
+            let group_key = "{}:{alertname=\"x\"}\r\u{1b}[2J";
+            tracing::warn!(group_key, reason = %"a\nb", "truncated {}", "c\nd");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.matches('\n').count(), 1, "one event, one line: {text:?}");
+        assert!(!text.contains('\r') && !text.contains('\u{1b}'), "{text:?}");
+        assert!(
+            text.contains("KubePodCrashLooping\\n2026"),
+            "escaped, still readable: {text}"
+        );
     }
 }

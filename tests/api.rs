@@ -3,9 +3,17 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
 use common::{Gateway, count_of, fixture, pod_alert, test_config, webhook};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use signal_gateway::backend::embedded::EmbeddedStore;
+use signal_gateway::backend::faults::{Fault, Faulty, Op};
+use signal_gateway::clock::SystemClock;
+use tokio::sync::Semaphore;
 
 fn assert_problem(status: StatusCode, headers: &reqwest::header::HeaderMap, body: &Value, want: StatusCode) {
     assert_eq!(status, want, "{body}");
@@ -337,17 +345,84 @@ async fn unknown_paths_and_methods_are_problems() {
 }
 
 #[tokio::test]
-async fn more_signals_than_the_in_flight_cap_get_503_with_retry_after() {
+async fn a_notification_with_more_alerts_than_the_in_flight_cap_is_stored_in_turns() {
+    // Creates begun, and the most ever in progress at once (begun, not yet stored).
+    let (begun, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+    let (b, m, st) = (begun.clone(), most.clone(), store.clone());
+    let counting = Faulty::new(store.clone(), move |op| {
+        if op == Op::CreateRequest {
+            let in_progress = b.fetch_add(1, Ordering::SeqCst) + 1 - st.all_requests().len();
+            m.fetch_max(in_progress, Ordering::SeqCst);
+            return Fault::Delay(Duration::from_millis(5));
+        }
+        Fault::Pass
+    });
     let mut config = test_config();
     config.server.max_in_flight = 2;
-    let gw = Gateway::embedded(config).await;
-    let body = webhook((0..3).map(|i| pod_alert("shop", &format!("p-{i}"))).collect());
-    let (s, h, b) = gw.alerts(&body).await;
+    let gw = Gateway::on(Arc::new(counting), Some(store.clone()), config).await;
+    let body = webhook((0..7).map(|i| pod_alert("shop", &format!("p-{i}"))).collect());
+    let (s, _, b) = gw.alerts(&body).await;
+    assert_eq!(
+        s,
+        StatusCode::MULTI_STATUS,
+        "a notification larger than the cap can succeed: {b}"
+    );
+    assert_eq!(b["summary"]["created"], 7, "{b}");
+    assert_eq!(store.all_requests().len(), 7);
+    assert!(
+        most.load(Ordering::SeqCst) <= 2,
+        "never more than server.maxInFlight signals at once: {}",
+        most.load(Ordering::SeqCst)
+    );
+    assert_eq!(gw.metric("gateway_signals_shed_total", &[]).await, 0.0);
+    gw.stop().await.unwrap();
+}
+
+/// A gateway whose store holds every list until the gate opens, with all `places` of
+/// `server.maxInFlight` taken by one notification waiting there (the task answers it).
+async fn gateway_with_every_place_taken(
+    places: usize,
+    mut config: signal_gateway::config::Config,
+) -> (
+    Arc<Gateway>,
+    Arc<Semaphore>,
+    Arc<EmbeddedStore>,
+    tokio::task::JoinHandle<(StatusCode, reqwest::header::HeaderMap, Value)>,
+) {
+    let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    let gated = Faulty::new(store.clone(), move |op| match op {
+        Op::ListRequests => Fault::Gate(g.clone()),
+        _ => Fault::Pass,
+    });
+    config.server.max_in_flight = places;
+    let gw = Arc::new(Gateway::on(Arc::new(gated), Some(store.clone()), config).await);
+    let busy = {
+        let gw = gw.clone();
+        let alerts = (0..places).map(|i| pod_alert("shop", &format!("busy-{i}"))).collect();
+        tokio::spawn(async move { gw.alerts(&webhook(alerts)).await })
+    };
+    common::eventually(Duration::from_secs(10), "every place taken", || async {
+        (gw.metric("gateway_signals_in_flight", &[]).await == places as f64).then_some(())
+    })
+    .await;
+    (gw, gate, store, busy)
+}
+
+#[tokio::test]
+async fn signals_beyond_the_in_flight_cap_get_503_with_retry_after() {
+    let (gw, gate, store, busy) = gateway_with_every_place_taken(2, test_config()).await;
+    let (s, h, b) = gw.alerts(&webhook(vec![pod_alert("shop", "c")])).await;
     assert_problem(s, &h, &b, StatusCode::SERVICE_UNAVAILABLE);
     assert!(h.contains_key("retry-after"));
-    assert!(gw.store().all_requests().is_empty(), "a refused batch stores nothing");
-    assert_eq!(gw.metric("gateway_signals_shed_total", &[]).await, 3.0);
-    gw.stop().await.unwrap();
+    assert_eq!(gw.metric("gateway_signals_shed_total", &[]).await, 1.0);
+    gate.add_permits(1000);
+    let (s, _, b) = busy.await.unwrap();
+    assert_eq!(s, StatusCode::MULTI_STATUS, "{b}");
+    assert_eq!(store.all_requests().len(), 2, "the refused signal stored nothing");
+    Arc::into_inner(gw).expect("one owner").stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -459,9 +534,13 @@ async fn health_readiness_and_metrics_are_served() {
     assert_eq!(get("/healthz").await.unwrap().status(), StatusCode::OK);
     assert_eq!(get("/readyz").await.unwrap().status(), StatusCode::OK);
     gw.store().set_unavailable(true);
-    let resp = get("/readyz").await.unwrap();
-    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert!(resp.text().await.unwrap().contains("unavailable"));
+    // A check's answer stands for a second (probes share it): the outage shows within that.
+    let body = common::eventually(Duration::from_secs(10), "not ready while the store is down", || async {
+        let resp = get("/readyz").await.unwrap();
+        (resp.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(resp.text().await.unwrap())
+    })
+    .await;
+    assert!(body.contains("unavailable"), "{body}");
     gw.store().set_unavailable(false);
     let text = gw.metrics().await;
     assert!(text.contains("gateway_build_info{backend=\"embedded\""), "{text}");
@@ -553,6 +632,12 @@ impl signal_gateway::cluster::Cluster for SlowProbe {
     ) -> signal_gateway::cluster::Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> {
         self.store.get_metadata(o).await
     }
+    async fn list_api_kinds(
+        &self,
+        core: bool,
+    ) -> signal_gateway::cluster::Result<Vec<signal_gateway::cluster::ApiKind>> {
+        self.store.list_api_kinds(core).await
+    }
     async fn check_ready(&self, ns: &str) -> Result<(), String> {
         if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
             futures::future::pending::<()>().await;
@@ -593,5 +678,151 @@ async fn a_replica_storing_signals_stays_ready_even_when_its_probe_request_canno
         "signals just stored prove the backend answers"
     );
     cluster.hang.store(false, Ordering::SeqCst);
+    gw.stop().await.unwrap();
+}
+
+/// Sends a POST head announcing `length` body bytes, then `body` (possibly only a part).
+async fn post_head(gw: &Gateway, length: usize, body: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr = gw.base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/signals/prometheus HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    stream
+}
+
+/// The status code of the first response on `stream`, read within `within`.
+async fn status_within(stream: &mut tokio::net::TcpStream, within: Duration) -> Option<u16> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
+    };
+    tokio::time::timeout(within, read).await.ok().flatten()
+}
+
+/// A webhook of one alert padded with whitespace to exactly `len` bytes.
+fn padded_webhook(pod: &str, len: usize) -> Vec<u8> {
+    let mut body = webhook(vec![pod_alert("shop", pod)]).to_string().into_bytes();
+    assert!(body.len() <= len);
+    body.resize(len, b' ');
+    body
+}
+
+#[tokio::test]
+async fn an_overloaded_gateway_refuses_a_request_before_reading_its_body() {
+    let mut config = test_config();
+    // A server that read the body first would wait a minute for this one.
+    config.server.body_read_timeout = Duration::from_secs(60);
+    let (gw, gate, _store, busy) = gateway_with_every_place_taken(1, config).await;
+    // A 1 MiB body announced and never sent: shed on the head alone.
+    let mut stream = post_head(&gw, 1024 * 1024, b"").await;
+    assert_eq!(
+        status_within(&mut stream, Duration::from_secs(20)).await,
+        Some(503),
+        "answered 503 without reading (or waiting for) the body"
+    );
+    gate.add_permits(1000);
+    assert_eq!(busy.await.unwrap().0, StatusCode::CREATED);
+    Arc::into_inner(gw).expect("one owner").stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn request_bodies_held_in_memory_are_bounded_in_bytes() {
+    let mut config = test_config();
+    config.server.max_body_bytes = 1024 * 1024;
+    config.server.max_buffered_body_bytes = 2 * 1024 * 1024;
+    let gw = Gateway::embedded(config).await;
+    let size = 1024 * 1024;
+    // Two senders each hold 1 MiB of the budget with a body half sent.
+    let (a, b) = (padded_webhook("a", size), padded_webhook("b", size));
+    let mut first = post_head(&gw, size, &a[..size / 2]).await;
+    let mut second = post_head(&gw, size, &b[..size / 2]).await;
+    common::eventually(Duration::from_secs(10), "both bodies being read", || async {
+        (gw.metric("gateway_http_body_bytes_buffered", &[]).await >= (2 * size) as f64).then_some(())
+    })
+    .await;
+    // A third 1 MiB body does not fit: 503, at once.
+    let (s, h, b3) = gw
+        .post(
+            "/api/v1/signals/prometheus",
+            "application/json",
+            padded_webhook("c", size),
+        )
+        .await;
+    assert_problem(s, &h, &b3, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(h.contains_key("retry-after"));
+    // The two finish and are stored; their budget comes back.
+    use tokio::io::AsyncWriteExt;
+    first.write_all(&a[size / 2..]).await.unwrap();
+    second.write_all(&b[size / 2..]).await.unwrap();
+    assert_eq!(status_within(&mut first, Duration::from_secs(20)).await, Some(201));
+    assert_eq!(status_within(&mut second, Duration::from_secs(20)).await, Some(201));
+    let (s, _, b4) = gw
+        .post(
+            "/api/v1/signals/prometheus",
+            "application/json",
+            padded_webhook("c", size),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b4}");
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_readiness_probes_share_one_check_and_say_little() {
+    let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
+    let (checks, fail) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
+    let (c, f) = (checks.clone(), fail.clone());
+    let probed = Faulty::new(store.clone(), move |op| {
+        if op != Op::CheckReady {
+            return Fault::Pass;
+        }
+        c.fetch_add(1, Ordering::SeqCst);
+        if f.load(Ordering::SeqCst) {
+            return Fault::Fail(signal_gateway::cluster::ApiError::Forbidden(
+                "remediationrequests.kubernaut.ai is forbidden: User \"system:serviceaccount:signal-gateway:signal-gateway\" cannot list in namespace \"signal-gateway\"".into(),
+            ));
+        }
+        Fault::Delay(Duration::from_millis(200))
+    });
+    let gw = Gateway::on(Arc::new(probed), Some(store), test_config()).await;
+    let probe = || async {
+        let r = gw.client.get(format!("{}/readyz", gw.admin)).send().await.unwrap();
+        (r.status(), r.text().await.unwrap())
+    };
+    let answers = futures::future::join_all((0..50).map(|_| probe())).await;
+    assert!(answers.iter().all(|(s, _)| *s == StatusCode::OK), "{answers:?}");
+    assert_eq!(
+        checks.load(Ordering::SeqCst),
+        1,
+        "50 concurrent probes, one backend check"
+    );
+
+    // Not ready: the answer says so, without the API error, RBAC or namespace detail.
+    fail.store(true, Ordering::SeqCst);
+    let (status, body) = common::eventually(Duration::from_secs(10), "not ready", || async {
+        let (s, b) = probe().await;
+        (s == StatusCode::SERVICE_UNAVAILABLE).then_some((s, b))
+    })
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    for secret in ["forbidden", "serviceaccount", "signal-gateway", "kubernaut.ai"] {
+        assert!(!body.contains(secret), "the body tells a stranger {secret:?}: {body}");
+    }
     gw.stop().await.unwrap();
 }

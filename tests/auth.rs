@@ -30,10 +30,13 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 async fn static_gateway(tokens: &str) -> (Gateway, PathBuf) {
+    static_gateway_with(tokens, test_config()).await
+}
+
+async fn static_gateway_with(tokens: &str, mut config: Config) -> (Gateway, PathBuf) {
     let dir = temp_dir("tokens");
     let path = dir.join("tokens");
     std::fs::write(&path, tokens).unwrap();
-    let mut config = test_config();
     config.auth.mode = AuthMode::Static;
     config.auth.tokens_file = Some(path.clone());
     (Gateway::embedded(config).await, path)
@@ -296,6 +299,7 @@ async fn with_scope_on_only_opted_in_targets_produce_requests() {
     let pod = |ns: &str, name: &str| ObjectRef {
         api_version: "v1".into(),
         kind: "Pod".into(),
+        resource: String::new(),
         namespace: ns.into(),
         name: name.into(),
     };
@@ -410,6 +414,99 @@ async fn oversized_heads_are_refused_and_slow_clients_are_cut_off() {
     // None of it disturbed normal service.
     let (status, _, _) = gw.alerts(&body).await;
     assert_eq!(status, StatusCode::CREATED);
+    gw.stop().await.unwrap();
+}
+
+/// Whether the server has closed `stream` (EOF or reset) within `within`.
+async fn is_closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed_at_once_and_freed_places_are_reused() {
+    let mut config = test_config();
+    config.server.max_connections = 8;
+    // Long enough that no idle connection is closed by the head deadline during the test.
+    config.server.header_read_timeout = Duration::from_secs(120);
+    let gw = Gateway::embedded(config).await;
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    eventually(Duration::from_secs(10), "8 connections open", || async {
+        (gw.metric("gateway_http_connections", &["port=\"signals\""]).await == 8.0).then_some(())
+    })
+    .await;
+    // The ninth is closed at once (not left waiting, not served).
+    let mut extra = TcpStream::connect(&addr).await.unwrap();
+    assert!(
+        is_closed_within(&mut extra, Duration::from_secs(10)).await,
+        "a connection beyond server.maxConnections stays open"
+    );
+    assert!(
+        gw.metric("gateway_http_connections_refused_total", &["port=\"signals\""])
+            .await
+            >= 1.0
+    );
+    // The admin port has places of its own.
+    assert!(gw.metrics().await.contains("gateway_http_connections"));
+    // A place freed is a place for the next sender.
+    drop(idle.pop());
+    eventually(Duration::from_secs(10), "a signal is served again", || async {
+        let client = reqwest::Client::new();
+        let r = client
+            .post(format!("{}{PROMETHEUS}", gw.base))
+            .json(&webhook(vec![pod_alert("shop", "web-1")]))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == StatusCode::CREATED || r.status() == StatusCode::ACCEPTED).then_some(())
+    })
+    .await;
+    drop(idle);
+    gw.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn cheap_refusals_do_not_keep_their_connection_alive() {
+    let mut config = test_config();
+    config.server.header_read_timeout = Duration::from_secs(120);
+    let (gw, _path) = static_gateway_with("secret-one\n", config).await;
+    let addr = gw.base.trim_start_matches("http://").to_owned();
+    for request in [
+        "GET /nowhere HTTP/1.1\r\nHost: gw\r\n\r\n".to_owned(),
+        format!("GET {PROMETHEUS} HTTP/1.1\r\nHost: gw\r\n\r\n"),
+        format!("POST {PROMETHEUS} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer nope\r\nContent-Length: 0\r\n\r\n"),
+    ] {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        assert!(
+            is_closed_within(&mut stream, Duration::from_secs(10)).await,
+            "kept alive after a refusal: {request:?}"
+        );
+    }
+    // A sender that is let in keeps its connection for the next signal.
+    let mut stream = TcpStream::connect(&addr).await.unwrap();
+    let body = webhook(vec![pod_alert("shop", "web-1")]).to_string();
+    let request = format!(
+        "POST {PROMETHEUS} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer secret-one\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    assert!(
+        !is_closed_within(&mut stream, Duration::from_secs(2)).await,
+        "a good sender's connection stays"
+    );
     gw.stop().await.unwrap();
 }
 

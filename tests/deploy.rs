@@ -72,6 +72,9 @@ fn check_common(overlay: &str, items: &[Value]) -> Value {
         2,
         "{overlay}: signals + metrics Services"
     );
+    // The namespace enforces Pod Security `restricted` (the pod template meets it: check_gateway).
+    let labels = &find(items, "Namespace", "signal-gateway")["metadata"]["labels"];
+    assert_eq!(labels["pod-security.kubernetes.io/enforce"], "restricted", "{overlay}");
     check_gateway(overlay, items)
 }
 
@@ -81,6 +84,20 @@ fn check_gateway(overlay: &str, items: &[Value]) -> Value {
     for kind in GATEWAY_KINDS {
         assert!(items.iter().any(|o| o["kind"] == kind), "{overlay}: no {kind}");
     }
+    // Token reviews (every distinct token a stranger sends may cost one) have a priority level
+    // of their own, chosen before the gateway's schema for its other requests.
+    let (main, reviews) = (
+        find(items, "FlowSchema", "signal-gateway"),
+        find(items, "FlowSchema", "signal-gateway-reviews"),
+    );
+    assert_ne!(
+        reviews["spec"]["priorityLevelConfiguration"]["name"], main["spec"]["priorityLevelConfiguration"]["name"],
+        "{overlay}: reviews share the RR writes' priority level"
+    );
+    assert!(
+        reviews["spec"]["matchingPrecedence"].as_u64() < main["spec"]["matchingPrecedence"].as_u64(),
+        "{overlay}: the reviews' schema must match first"
+    );
     let deployment = find(items, "Deployment", "signal-gateway").clone();
     let pod = &deployment["spec"]["template"]["spec"];
     assert_eq!(pod["serviceAccountName"], "signal-gateway");
@@ -126,7 +143,72 @@ fn check_gateway(overlay: &str, items: &[Value]) -> Value {
     if let Err(e) = signal_gateway::config::Config::from_yaml(text) {
         panic!("{overlay}: config.yaml rejected: {e:#}");
     }
+    pod_template_is_admitted_as_restricted(overlay, &deployment);
+    // The admin port (unauthenticated) admits only Prometheus; the signals port everyone.
+    let policy = find(items, "NetworkPolicy", "signal-gateway");
+    let rules = policy["spec"]["ingress"].as_array().unwrap();
+    let rule_for = |port: u64| {
+        rules
+            .iter()
+            .find(|r| r["ports"].as_array().unwrap().iter().any(|p| p["port"] == port))
+            .unwrap_or_else(|| panic!("{overlay}: no ingress rule for port {port}"))
+    };
+    assert!(
+        rule_for(8080).get("from").is_none(),
+        "{overlay}: senders come from anywhere"
+    );
+    let from = rule_for(9090)["from"].as_array().expect("the admin port has sources");
+    assert!(
+        !from.is_empty()
+            && from
+                .iter()
+                .all(|f| f.get("podSelector").is_some() || f.get("ipBlock").is_some())
+    );
     deployment
+}
+
+/// A Pod made from the Deployment's template, dry-run in a namespace enforcing Pod Security
+/// `restricted`: the admission plugin of the real API server judges it.
+fn pod_template_is_admitted_as_restricted(overlay: &str, deployment: &Value) {
+    let env = testenv();
+    let ns = format!("psa-{overlay}-{:08x}", fastrand::u32(..));
+    let kubectl = |args: &[&str], stdin: Option<&str>| {
+        let mut cmd = Command::new(env.repo.join("target/testenv/bin/kubectl"));
+        cmd.arg("--kubeconfig").arg(&env.admin_kubeconfig).args(args);
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("kubectl runs");
+        if let Some(text) = stdin {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    };
+    let namespace = serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": ns, "labels": {"pod-security.kubernetes.io/enforce": "restricted",
+                                            "pod-security.kubernetes.io/enforce-version": "latest"}},
+    });
+    let out = kubectl(&["create", "-f", "-"], Some(&namespace.to_string()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .unwrap();
+    let out = kubectl(&["-n", &ns, "create", "serviceaccount", account], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "from-template", "namespace": ns},
+        "spec": deployment["spec"]["template"]["spec"],
+    });
+    let out = kubectl(&["create", "--dry-run=server", "-f", "-"], Some(&pod.to_string()));
+    let _ = kubectl(&["delete", "namespace", &ns, "--wait=false"], None);
+    assert!(
+        out.status.success(),
+        "{overlay}: the pod template is refused under Pod Security restricted:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -150,6 +232,55 @@ fn the_production_overlay_runs_three_spread_replicas_that_keep_two_through_disru
     let pdb = find(&items, "PodDisruptionBudget", "signal-gateway");
     assert_eq!(pdb["spec"]["minAvailable"], 2);
     assert!(pdb["spec"].get("maxUnavailable").is_none());
+}
+
+#[test]
+fn the_production_overlay_serves_tls_takes_audience_bound_tokens_and_bounds_its_requests() {
+    let items = dry_run("production");
+    let deployment = find(&items, "Deployment", "signal-gateway");
+    let config: signal_gateway::config::Config = signal_gateway::config::Config::from_yaml(
+        find(&items, "ConfigMap", "signal-gateway")["data"]["config.yaml"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    // TLS on both ports, from a mounted kubernetes.io/tls Secret; probes speak HTTPS.
+    let tls = config.server.tls.expect("server.tls");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| tls.cert_file.starts_with(m["mountPath"].as_str().unwrap()))
+        .expect("the certificate's directory is mounted");
+    assert!(tls.key_file.starts_with(mount["mountPath"].as_str().unwrap()));
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    let secret = volume["secret"]["secretName"].as_str().expect("from a Secret");
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["scheme"], "HTTPS", "{probe}");
+    }
+    // The optional cert-manager component issues exactly that Secret.
+    let env = testenv();
+    let out = Command::new(env.repo.join("target/testenv/bin/kubectl"))
+        .arg("kustomize")
+        .arg(env.repo.join("deploy/components/cert-manager"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let certificate: Value = serde_saphyr::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert_eq!(certificate["kind"], "Certificate");
+    assert_eq!(certificate["spec"]["secretName"], secret);
+    // Sender tokens are bound to the gateway's audience.
+    assert_eq!(config.auth.audiences, ["signal-gateway"]);
+    // What one sender can make it store is bounded.
+    let quota = find(&items, "ResourceQuota", "signal-gateway");
+    assert!(quota["spec"]["hard"]["count/remediationrequests.kubernaut.ai"].is_string());
 }
 
 #[test]
@@ -209,10 +340,13 @@ fn the_kubernaut_overlay_takes_the_old_gateways_place_and_leaves_the_crd_and_nam
             "{kind}/{name}"
         );
     }
-    assert_eq!(
-        find(&items, "FlowSchema", "signal-gateway")["spec"]["rules"][0]["subjects"][0]["serviceAccount"]["namespace"],
-        ns
-    );
+    for schema in ["signal-gateway", "signal-gateway-reviews"] {
+        assert_eq!(
+            find(&items, "FlowSchema", schema)["spec"]["rules"][0]["subjects"][0]["serviceAccount"]["namespace"],
+            ns,
+            "{schema}"
+        );
+    }
     assert_eq!(deployment["spec"]["replicas"], 3);
 }
 

@@ -165,6 +165,7 @@ async fn an_owner_reference_that_names_no_valid_object_is_not_followed() {
             ObjectRef {
                 api_version: "v1".into(),
                 kind: "Pod".into(),
+                resource: String::new(),
                 namespace: "payments".into(),
                 name: pod_name.into(),
             },

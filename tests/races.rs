@@ -40,6 +40,7 @@ async fn a_failed_owner_read_answers_503_and_never_opens_a_request_under_the_pod
     let object = |kind: &str, name: &str, v: &str| ObjectRef {
         api_version: v.into(),
         kind: kind.into(),
+        resource: String::new(),
         namespace: "shop".into(),
         name: name.into(),
     };

@@ -117,3 +117,76 @@ async fn a_storm_with_one_token_costs_one_token_review_per_ttl() {
             >= 199.0
     );
 }
+
+/// A ServiceAccount in a fresh namespace, authorized the way Kubernaut's chart authorizes its
+/// senders: the ClusterRole `gateway-signal-source` (`create` on the Service `gateway-service`),
+/// bound to it in the gateway's namespace. Returns a token for `audience` (None: the API server's).
+fn kubernaut_sender(audience: Option<&str>) -> String {
+    use common::testenv::{kubectl, testenv};
+    let ns = format!("kubernaut-senders-{}", unique());
+    kubectl(&["create", "namespace", &ns]);
+    kubectl(&["-n", &ns, "create", "serviceaccount", "alertmanager"]);
+    let role = format!("gateway-signal-source-{}", unique());
+    kubectl(&[
+        "create",
+        "clusterrole",
+        &role,
+        "--verb=create",
+        "--resource=services",
+        "--resource-name=gateway-service",
+    ]);
+    kubectl(&[
+        "-n",
+        &testenv().namespace,
+        "create",
+        "rolebinding",
+        &format!("{ns}-signal-source"),
+        "--clusterrole",
+        &role,
+        "--serviceaccount",
+        &format!("{ns}:alertmanager"),
+    ]);
+    let mut args = vec!["-n", ns.as_str(), "create", "token", "alertmanager", "--duration", "1h"];
+    if let Some(a) = audience {
+        args.extend(["--audience", a]);
+    }
+    kubectl(&args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn senders_authorized_as_kubernaut_authorizes_them_are_let_in_by_default() {
+    let replica = Replica::start(&format!("auth-kubernaut-{}", unique()), CONFIG);
+    let client = reqwest::Client::new();
+    replica.wait_ready(&client).await;
+    let token = kubernaut_sender(None);
+    let resp = send_about(&client, &replica, Some(&token), &format!("auth-{}", unique())).await;
+    assert_eq!(resp.status(), StatusCode::CREATED, "create on services/gateway-service");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_audiences_configured_only_tokens_bound_to_them_are_accepted() {
+    let config =
+        "auth:\n  mode: kubernetes\n  cacheTTL: 60s\n  audiences: [signal-gateway]\nbackend:\n  apiTimeout: 15s\n";
+    let replica = Replica::start(&format!("auth-audience-{}", unique()), config);
+    let client = reqwest::Client::new();
+    replica.wait_ready(&client).await;
+    let bound = kubernaut_sender(Some("signal-gateway"));
+    let ns = format!("auth-{}", unique());
+    assert_eq!(
+        send_about(&client, &replica, Some(&bound), &ns).await.status(),
+        StatusCode::CREATED
+    );
+    // A token for the API server (what a pod's default ServiceAccount token is) is not for us.
+    let general = kubernaut_sender(None);
+    assert_problem(
+        send_about(&client, &replica, Some(&general), &ns).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    let other = kubernaut_sender(Some("vault"));
+    assert_problem(
+        send_about(&client, &replica, Some(&other), &ns).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+}

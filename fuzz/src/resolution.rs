@@ -113,6 +113,7 @@ impl Scenario {
             let object = ObjectRef {
                 api_version: b.pick(API_VERSIONS).into(),
                 kind: b.pick(KINDS).into(),
+                resource: String::new(),
                 namespace: b.pick(STORE_NAMESPACES).into(),
                 name: b.string(&names),
             };
@@ -154,9 +155,14 @@ impl Scenario {
             (o.kind.as_str(), o.namespace.as_str(), o.name.as_str())
                 == (from.kind.as_str(), from.namespace.as_str(), from.name.as_str())
                 && meta.owner_references.iter().flatten().any(|r| {
-                    r.controller == Some(true)
-                        && (r.kind.as_str(), r.name.as_str(), r.api_version.as_str())
-                            == (to.kind.as_str(), to.name.as_str(), to.api_version.as_str())
+                    // The owner as resolution names it: built-in kinds at their served version.
+                    let owner = signal_gateway::target::normalise(TargetResource {
+                        kind: r.kind.clone(),
+                        name: r.name.clone(),
+                        namespace: to.namespace.clone(),
+                        api_version: r.api_version.clone(),
+                    });
+                    r.controller == Some(true) && owner == *to
                 })
         })
     }
@@ -217,13 +223,15 @@ pub async fn check_scenario(s: &Scenario) {
         "resolution left the signal's namespace"
     );
     check_target(&r);
+    // The target as resolution starts from it: its built-in kind and version as served.
+    let start = signal_gateway::target::normalise(s.target.clone());
     assert!(
-        r == s.target || CONTROLLER_KINDS.contains(&r.kind.as_str()),
+        r == start || CONTROLLER_KINDS.contains(&r.kind.as_str()),
         "resolved to a kind that is no controller: {r:?}"
     );
 
     // Depth n is n single steps, and each step follows a stored controller ownerReference.
-    let mut step = s.target.clone();
+    let mut step = start;
     for _ in 0..n {
         let (next, reads) = resolve_ok(&store, &step, 1).await;
         assert!(reads <= 1);
@@ -253,11 +261,12 @@ pub async fn check_scenario(s: &Scenario) {
         "a cached resolution read again"
     );
 
-    // Disabled or depth 0: the labelled target, no read.
+    // Disabled or depth 0: the labelled target (normalised), no read.
+    let start = signal_gateway::target::normalise(s.target.clone());
     let (off, off_reads) = resolver(&store, false, n, None);
-    assert_eq!(off.resolve(s.target.clone()).await, Ok(s.target.clone()));
+    assert_eq!(off.resolve(s.target.clone()).await, Ok(start.clone()));
     assert_eq!(off_reads.load(Ordering::SeqCst), 0);
-    assert_eq!(resolve_ok(&store, &s.target, 0).await, (s.target.clone(), 0));
+    assert_eq!(resolve_ok(&store, &s.target, 0).await, (start, 0));
 
     // A failing read k: NotFound ends the climb at the object that is gone (what depth k
     // reaches); any other error is the answer, never a shallower target (another fingerprint).

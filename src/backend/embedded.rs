@@ -22,7 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use tokio::sync::broadcast;
 
 use crate::clock::SharedClock;
-use crate::cluster::{ApiError, Cluster, ObjectRef, RequestEvent, Result};
+use crate::cluster::{ApiError, ApiKind, Cluster, ObjectRef, RequestEvent, Result};
 use crate::crd::{Deduplication, RemediationRequest, RemediationRequestStatus};
 
 type Key = (String, String);
@@ -36,7 +36,21 @@ struct State {
     /// server's cost grows with the namespace; the embedded store should not slow down with it).
     by_fingerprint: HashMap<Key, Vec<String>>,
     leases: BTreeMap<Key, Lease>,
-    objects: HashMap<ObjectRef, ObjectMeta>,
+    /// Metadata of other objects by (group, kind, namespace, name): like the API server, one
+    /// object whichever served version it is read at.
+    objects: HashMap<(String, String, String, String), ObjectMeta>,
+    /// Kinds of objects put that are not built in, for discovery.
+    custom_kinds: Vec<ApiKind>,
+}
+
+/// Where `object` is kept: its version and resource do not matter.
+fn object_key(object: &ObjectRef) -> (String, String, String, String) {
+    (
+        object.group().to_owned(),
+        object.kind.clone(),
+        object.namespace.clone(),
+        object.name.clone(),
+    )
 }
 
 pub struct EmbeddedStore {
@@ -236,12 +250,31 @@ impl EmbeddedStore {
     }
 
     /// Registers an object's metadata so owner resolution can read it.
+    /// Stores an object's metadata (the owner chain and labels of test scenarios). A kind that is
+    /// not built in is served from then on (discovery), as the resource `object.resource`.
     pub fn put_object(&self, object: ObjectRef, meta: ObjectMeta) {
-        self.state
-            .lock()
-            .expect("embedded store poisoned")
-            .objects
-            .insert(object, meta);
+        let mut state = self.state.lock().expect("embedded store poisoned");
+        if crate::discovery::builtin(&object.kind).is_none()
+            && !state
+                .custom_kinds
+                .iter()
+                .any(|k| k.kind == object.kind && k.group == object.group())
+        {
+            let version = object.api_version.rsplit('/').next().unwrap_or_default().to_owned();
+            let resource = if object.resource.is_empty() {
+                format!("{}s", object.kind.to_ascii_lowercase())
+            } else {
+                object.resource.clone()
+            };
+            state.custom_kinds.push(ApiKind {
+                group: object.group().to_owned(),
+                version,
+                kind: object.kind.clone(),
+                resource,
+                namespaced: !object.namespace.is_empty(),
+            });
+        }
+        state.objects.insert(object_key(&object), meta);
     }
 }
 
@@ -463,9 +496,22 @@ impl Cluster for EmbeddedStore {
         self.state()
             .await?
             .objects
-            .get(object)
+            .get(&object_key(object))
             .cloned()
             .ok_or(ApiError::NotFound)
+    }
+
+    async fn list_api_kinds(&self, core: bool) -> Result<Vec<ApiKind>> {
+        let state = self.state().await?;
+        let mut kinds = crate::discovery::builtin_kinds(core);
+        kinds.extend(
+            state
+                .custom_kinds
+                .iter()
+                .filter(|k| k.group.is_empty() == core)
+                .cloned(),
+        );
+        Ok(kinds)
     }
 
     async fn check_ready(&self, _namespace: &str) -> std::result::Result<(), String> {

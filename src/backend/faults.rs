@@ -13,7 +13,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::Semaphore;
 
-use crate::cluster::{ApiError, Cluster, ObjectRef, RequestEvent, Result};
+use crate::cluster::{ApiError, ApiKind, Cluster, ObjectRef, RequestEvent, Result};
 use crate::crd::{Deduplication, RemediationRequest};
 
 /// The operations of the port.
@@ -35,6 +35,10 @@ pub enum Op {
     UpdateLease,
     DeleteLease,
     GetMetadata,
+    /// The readiness check (Fail: not ready with that error as the reason).
+    CheckReady,
+    /// A read of the discovery documents.
+    ListApiKinds,
 }
 
 /// What to do with one call.
@@ -199,7 +203,11 @@ impl Cluster for Faulty {
     async fn get_metadata(&self, object: &ObjectRef) -> Result<ObjectMeta> {
         self.run(Op::GetMetadata, self.inner.get_metadata(object)).await
     }
+    async fn list_api_kinds(&self, core: bool) -> Result<Vec<ApiKind>> {
+        self.run(Op::ListApiKinds, self.inner.list_api_kinds(core)).await
+    }
     async fn check_ready(&self, namespace: &str) -> std::result::Result<(), String> {
+        self.apply(Op::CheckReady).await.map_err(|e| e.to_string())?;
         self.inner.check_ready(namespace).await
     }
 }

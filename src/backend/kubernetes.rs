@@ -20,7 +20,7 @@ use kube::{Client, Config};
 use tokio::time::Instant;
 
 use crate::backend::metered::ApiMetricsLayer;
-use crate::cluster::{ApiError, Cluster, ObjectRef, RequestEvent, Result};
+use crate::cluster::{ApiError, ApiKind, Cluster, ObjectRef, RequestEvent, Result};
 use crate::crd::{Deduplication, FINGERPRINT_FIELD, GROUP, RemediationRequest};
 use crate::metrics::Metrics;
 
@@ -41,6 +41,8 @@ pub const REQUIRED_PERMISSIONS: &[(&str, &str, &str)] = &[
 
 pub struct KubernetesCluster {
     client: Client,
+    /// The reviews' own client (own connections and concurrency limit).
+    review_client: Client,
     /// The client carries the [`ApiMetricsLayer`] (false for clients built elsewhere).
     counts_requests: bool,
     /// Until when the last permission review holds; permissions are re-checked at most this often.
@@ -60,22 +62,25 @@ impl KubernetesCluster {
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
 
-    pub async fn connect(api_timeout: Duration, max_in_flight: usize, metrics: Metrics) -> anyhow::Result<Self> {
+    /// `max_in_flight` requests at once on the client of the port (the headroom beyond is for
+    /// the watch and the readiness probe, which bypass the port), `max_reviews` on a client of
+    /// its own for the token and access reviews: a flood of bogus tokens queues there and never
+    /// takes a connection or a slot of the lease renewals and RemediationRequest writes. (On the
+    /// API server the reviews have their own APF priority level: deploy/apf.)
+    pub async fn connect(
+        api_timeout: Duration,
+        max_in_flight: usize,
+        max_reviews: usize,
+        metrics: Metrics,
+    ) -> anyhow::Result<Self> {
         Self::install_crypto_provider();
         let mut config = Config::infer().await?;
         config.connect_timeout = Some(api_timeout.min(Duration::from_secs(5)));
         config.read_timeout = Some(api_timeout);
         config.write_timeout = Some(api_timeout);
-        let client = kube::client::ClientBuilder::try_from(config)?
-            // Innermost: metrics see each request as the API server does (queueing excluded).
-            .with_layer(&ApiMetricsLayer::new(metrics))
-            // A storm queues here instead of opening hundreds of TLS connections (HTTP/1.1).
-            // The port's calls queue in `Metered` (bounded by each signal's deadline); the headroom
-            // here is for the reviews, the watch and the readiness probe, which bypass the port.
-            .with_layer(&tower::limit::ConcurrencyLimitLayer::new(max_in_flight.max(1) + 16))
-            .build();
         Ok(KubernetesCluster {
-            client,
+            client: metered_client(config.clone(), max_in_flight.max(1) + 8, &metrics)?,
+            review_client: metered_client(config, max_reviews, &metrics)?,
             counts_requests: true,
             ready_until: Mutex::new(None),
         })
@@ -84,15 +89,16 @@ impl KubernetesCluster {
     /// Wraps an existing client (tests with a kubeconfig of their own).
     pub fn from_client(client: Client) -> Self {
         KubernetesCluster {
+            review_client: client.clone(),
             client,
             counts_requests: false,
             ready_until: Mutex::new(None),
         }
     }
 
-    /// The client (with its metrics layer), for the token and access reviews.
-    pub fn client(&self) -> Client {
-        self.client.clone()
+    /// The client of the token and access reviews.
+    pub fn review_client(&self) -> Client {
+        self.review_client.clone()
     }
 
     fn requests(&self, namespace: &str) -> Api<RemediationRequest> {
@@ -102,6 +108,17 @@ impl KubernetesCluster {
     fn leases(&self, namespace: &str) -> Api<Lease> {
         Api::namespaced(self.client.clone(), namespace)
     }
+}
+
+/// A client counted by the [`ApiMetricsLayer`] with at most `concurrency` requests in flight
+/// (each client has its own connection pool). A storm queues in it instead of opening hundreds
+/// of TLS connections (HTTP/1.1).
+fn metered_client(config: Config, concurrency: usize, metrics: &Metrics) -> anyhow::Result<Client> {
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        // Innermost: metrics see each request as the API server does (queueing excluded).
+        .with_layer(&ApiMetricsLayer::new(metrics.clone()))
+        .with_layer(&tower::limit::ConcurrencyLimitLayer::new(concurrency.max(1)))
+        .build())
 }
 
 /// Maps a watcher error (list, watch start, watch stream) like any other API error.
@@ -162,10 +179,36 @@ fn api_resource(object: &ObjectRef) -> ApiResource {
         Some((g, v)) => (g, v),
         None => ("", object.api_version.as_str()),
     };
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk(group, version, &object.kind),
-        &format!("{}s", object.kind.to_ascii_lowercase()),
-    )
+    let plural = if object.resource.is_empty() {
+        format!("{}s", object.kind.to_ascii_lowercase())
+    } else {
+        object.resource.clone()
+    };
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, &object.kind), &plural)
+}
+
+/// The kinds of an aggregated discovery document, groups and versions in its order.
+fn kinds_of(list: kube::core::discovery::v2::APIGroupDiscoveryList) -> Vec<ApiKind> {
+    let mut kinds = Vec::new();
+    for group in list.items {
+        let name = group.metadata.and_then(|m| m.name).unwrap_or_default();
+        for version in group.versions {
+            let Some(v) = version.version else { continue };
+            for r in version.resources {
+                let (Some(resource), Some(kind)) = (r.resource, r.response_kind.and_then(|k| k.kind)) else {
+                    continue;
+                };
+                kinds.push(ApiKind {
+                    group: name.clone(),
+                    version: v.clone(),
+                    kind,
+                    resource,
+                    namespaced: r.scope.as_deref() == Some("Namespaced"),
+                });
+            }
+        }
+    }
+    kinds
 }
 
 #[async_trait]
@@ -293,6 +336,15 @@ impl Cluster for KubernetesCluster {
             .await
             .map(|m| m.metadata)
             .map_err(map_error)
+    }
+
+    async fn list_api_kinds(&self, core: bool) -> Result<Vec<ApiKind>> {
+        let list = if core {
+            self.client.list_core_api_versions_aggregated().await
+        } else {
+            self.client.list_api_groups_aggregated().await
+        };
+        Ok(kinds_of(list.map_err(map_error)?))
     }
 
     async fn check_ready(&self, namespace: &str) -> std::result::Result<(), String> {

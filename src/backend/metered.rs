@@ -21,8 +21,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tracing::Instrument;
 
 use crate::cluster::{
-    ApiError, Cluster, LEASE_RESOURCE, ObjectRef, RR_RESOURCE, RR_STATUS_RESOURCE, RequestEvent, Result,
-    resource_of_kind, verb,
+    ApiError, ApiKind, Cluster, DISCOVERY_RESOURCE, LEASE_RESOURCE, ObjectRef, RR_RESOURCE, RR_STATUS_RESOURCE,
+    RequestEvent, Result, resource_of_kind, verb,
 };
 use crate::crd::{Deduplication, RemediationRequest};
 use crate::metrics::Metrics;
@@ -239,6 +239,10 @@ impl Cluster for Metered {
         )
         .await
     }
+    async fn list_api_kinds(&self, core: bool) -> Result<Vec<ApiKind>> {
+        self.call(verb::GET, DISCOVERY_RESOURCE, self.inner.list_api_kinds(core))
+            .await
+    }
     async fn check_ready(&self, namespace: &str) -> std::result::Result<(), String> {
         self.inner.check_ready(namespace).await
     }
@@ -323,9 +327,41 @@ fn verb_of<B>(req: &http::Request<B>) -> &'static str {
     }
 }
 
+/// The resources whose name a metric label may carry: the ones the gateway itself uses. Any
+/// other path (an owner or label read of a kind a sender named, with a plural of the sender's
+/// choosing) is `other`, so the label's values stay a fixed set however many kinds arrive.
+const LABELLED_RESOURCES: &[&str] = &[
+    "remediationrequests",
+    "remediationrequests/status",
+    "leases",
+    "tokenreviews",
+    "subjectaccessreviews",
+    "selfsubjectaccessreviews",
+    "namespaces",
+    "pods",
+    "replicasets",
+    "deployments",
+    "statefulsets",
+    "daemonsets",
+    "jobs",
+    "cronjobs",
+];
+
 /// `resource` or `resource/subresource` from an API path such as
-/// `/apis/kubernaut.ai/v1alpha1/namespaces/ns/remediationrequests/name/status`.
+/// `/apis/kubernaut.ai/v1alpha1/namespaces/ns/remediationrequests/name/status`, when it is one
+/// of the [`LABELLED_RESOURCES`]; `discovery` for the discovery documents; else `other`.
 pub fn resource_of_path(path: &str) -> String {
+    let resource = path_resource(path);
+    if LABELLED_RESOURCES.contains(&resource.as_str()) {
+        resource
+    } else if matches!(path.trim_end_matches('/'), "/api" | "/apis") {
+        DISCOVERY_RESOURCE.into()
+    } else {
+        "other".into()
+    }
+}
+
+fn path_resource(path: &str) -> String {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let rest: &[&str] = match parts.first() {
         Some(&"api") => parts.get(2..).unwrap_or(&[]),
@@ -367,9 +403,26 @@ mod tests {
             ),
             ("/api/v1/namespaces", "namespaces"),
             ("/version", "other"),
+            ("/apis", "discovery"),
         ] {
             assert_eq!(resource_of_path(path), want, "{path}");
         }
+    }
+
+    #[test]
+    fn resource_labels_stay_a_fixed_set_whatever_kinds_senders_name() {
+        let mut labels = std::collections::HashSet::new();
+        for i in 0..10_000 {
+            for path in [
+                format!("/api/v1/namespaces/shop/kind{i}s/web-1"),
+                format!("/apis/group{i}.example/v1/namespaces/shop/widget{i}s/w"),
+                format!("/apis/apps/v1beta{i}/namespaces/shop/deployment{i}/api/status"),
+                format!("/api/v1/nodes{i}/n"),
+            ] {
+                labels.insert(resource_of_path(&path));
+            }
+        }
+        assert_eq!(labels.into_iter().collect::<Vec<_>>(), ["other"]);
     }
 
     use super::{Metered, send_by};
@@ -415,6 +468,7 @@ mod tests {
             let object = ObjectRef {
                 api_version: "v1".into(),
                 kind: "Pod".into(),
+                resource: String::new(),
                 namespace: "shop".into(),
                 name: "p".into(),
             };

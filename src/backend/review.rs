@@ -23,6 +23,12 @@ impl KubeReviewer {
     }
 }
 
+/// Whether a TokenReview answered for the audiences asked for: none asked, or at least one of
+/// them among those the answer names.
+pub fn audiences_match(asked: &[String], answered: &[String]) -> bool {
+    asked.is_empty() || asked.iter().any(|a| answered.contains(a))
+}
+
 fn non_empty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_owned())
 }
@@ -43,6 +49,11 @@ impl Reviewer for KubeReviewer {
             .map_err(map_error)?;
         let status = answered.status.unwrap_or_default();
         if status.authenticated != Some(true) {
+            return Ok(None);
+        }
+        // An authenticator that does not understand audiences may answer without checking them;
+        // Kubernetes asks a client that sent audiences to check the answer's.
+        if !audiences_match(audiences, status.audiences.as_deref().unwrap_or_default()) {
             return Ok(None);
         }
         let user = status.user.unwrap_or_default();
@@ -89,5 +100,19 @@ impl Reviewer for KubeReviewer {
                 .unwrap_or_else(|| "no RBAC rule allows it".into());
             Ok(Err(reason))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::audiences_match;
+
+    #[test]
+    fn a_review_counts_only_for_the_audiences_it_names() {
+        let ours = vec!["signal-gateway".to_owned()];
+        assert!(audiences_match(&[], &[]), "no audience asked: the API server's");
+        assert!(audiences_match(&ours, &["api".into(), "signal-gateway".into()]));
+        assert!(!audiences_match(&ours, &[]), "an answer naming no audience");
+        assert!(!audiences_match(&ours, &["https://kubernetes.default.svc".into()]));
     }
 }

@@ -65,17 +65,9 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.pipeline.latency.stored_within(RECENT_SUCCESS) {
         return "ok\n".into_response();
     }
-    match tokio::time::timeout(Duration::from_secs(3), state.cluster.check_ready(&state.namespace)).await {
-        Ok(Ok(())) => "ok\n".into_response(),
-        Ok(Err(reason)) => {
-            tracing::warn!(reason = %reason, "not ready");
-            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")).into_response()
-        }
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: backend did not answer within 3s\n",
-        )
-            .into_response(),
+    match state.readiness.check(&*state.cluster, &state.namespace).await {
+        Ok(()) => "ok\n".into_response(),
+        Err(not_ready) => (StatusCode::SERVICE_UNAVAILABLE, not_ready.body()).into_response(),
     }
 }
 

@@ -9,6 +9,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use http_body_util::{BodyExt, Limited};
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
@@ -24,7 +25,7 @@ use crate::signal::{Skip, Source, alertmanager, event};
 pub async fn prometheus(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
     let user = caller(&req);
-    let body = match read_json_body(&state, req).await {
+    let (body, _held) = match read_json_body(&state, req).await {
         Ok(b) => b,
         Err(p) => return p.into_response(),
     };
@@ -41,7 +42,11 @@ pub async fn prometheus(State(state): State<Arc<AppState>>, req: Request) -> Res
         );
     }
     let firing = batch.alerts.iter().filter(|a| a.is_ok()).count();
-    let _permits = match admit(&state, firing, &path) {
+    // A notification with more firing alerts than server.maxInFlight takes every place and
+    // stores its alerts in turns, so it can succeed (issue 13, 7); signals in flight never
+    // exceed the cap.
+    let places = firing.min(state.max_in_flight);
+    let _permits = match admit(&state, firing, places, &path) {
         Ok(p) => p,
         Err(p) => return p.into_response(),
     };
@@ -55,20 +60,23 @@ pub async fn prometheus(State(state): State<Arc<AppState>>, req: Request) -> Res
         .and_then(|k| state.resends.take(k, total))
         .unwrap_or_default();
     remembered.resize(total, None);
-    let outcomes = futures::future::join_all(batch.alerts.into_iter().zip(remembered).map(|(item, known)| {
-        let (state, user) = (state.clone(), user.clone());
-        async move {
-            if let Some(stored) = known {
-                state.metrics.signals_resent.inc();
-                return stored;
+    let outcomes: Vec<Outcome> =
+        futures::stream::iter(batch.alerts.into_iter().zip(remembered).map(|(item, known)| {
+            let (state, user) = (state.clone(), user.clone());
+            async move {
+                if let Some(stored) = known {
+                    state.metrics.signals_resent.inc();
+                    return stored;
+                }
+                match item {
+                    Ok(signal) => state.pipeline.process(signal, user.as_deref(), deadline).await,
+                    Err(skip) => state.pipeline.skipped(Source::Prometheus, "none", skip),
+                }
             }
-            match item {
-                Ok(signal) => state.pipeline.process(signal, user.as_deref(), deadline).await,
-                Err(skip) => state.pipeline.skipped(Source::Prometheus, "none", skip),
-            }
-        }
-    }))
-    .await;
+        }))
+        .buffered(places.max(1))
+        .collect()
+        .await;
     if total == 1 {
         return single_response(outcomes.into_iter().next().expect("one outcome"), &path);
     }
@@ -83,7 +91,7 @@ pub async fn prometheus(State(state): State<Arc<AppState>>, req: Request) -> Res
 pub async fn kubernetes_event(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
     let user = caller(&req);
-    let body = match read_json_body(&state, req).await {
+    let (body, _held) = match read_json_body(&state, req).await {
         Ok(b) => b,
         Err(p) => return p.into_response(),
     };
@@ -93,7 +101,7 @@ pub async fn kubernetes_event(State(state): State<Arc<AppState>>, req: Request) 
     };
     let outcome = match parsed {
         Ok(signal) => {
-            let _permit = match admit(&state, 1, &path) {
+            let _permit = match admit(&state, 1, 1, &path) {
                 Ok(p) => p,
                 Err(p) => return p.into_response(),
             };
@@ -115,9 +123,8 @@ fn caller(req: &Request) -> Option<String> {
 /// Share of `server.requestTimeout` that recent signals may take before new ones are shed.
 const SHED_AT: f64 = 0.8;
 
-/// Load shedding: one permit per signal; none left, recent signals near their deadline, or
-/// shutting down -> 503 + Retry-After.
-fn admit(state: &AppState, signals: usize, path: &str) -> Result<Option<OwnedSemaphorePermit>, Problem> {
+/// Shutting down, or recent signals near their deadline: `signals` signals are shed.
+fn overloaded(state: &AppState, signals: usize, path: &str) -> Result<(), Problem> {
     if state.shutting_down.load(Ordering::SeqCst) {
         state.metrics.signals_shed.inc_by(signals as u64);
         return Err(Problem::unavailable(
@@ -125,9 +132,6 @@ fn admit(state: &AppState, signals: usize, path: &str) -> Result<Option<OwnedSem
             Duration::from_secs(1),
             path,
         ));
-    }
-    if signals == 0 {
-        return Ok(None);
     }
     // Recent signals took most of their deadline: more would only wait theirs out too.
     if let Some(took) = state.pipeline.latency.above(state.request_timeout.mul_f64(SHED_AT)) {
@@ -141,37 +145,94 @@ fn admit(state: &AppState, signals: usize, path: &str) -> Result<Option<OwnedSem
             path,
         ));
     }
-    let wanted = u32::try_from(signals).unwrap_or(u32::MAX);
+    Ok(())
+}
+
+fn no_place(state: &AppState, signals: usize, path: &str) -> Problem {
+    state.metrics.signals_shed.inc_by(signals as u64);
+    Problem::unavailable(
+        format!(
+            "too many signals in flight (limit {}); retry later",
+            state.max_in_flight
+        ),
+        Duration::from_secs(1),
+        path,
+    )
+}
+
+/// Load shedding for `signals` signals that need `places` permits (one per signal processed at
+/// once); too few left, recent signals near their deadline, or shutting down -> 503 +
+/// Retry-After.
+fn admit(state: &AppState, signals: usize, places: usize, path: &str) -> Result<Option<OwnedSemaphorePermit>, Problem> {
+    overloaded(state, signals, path)?;
+    if signals == 0 {
+        return Ok(None);
+    }
+    let wanted = u32::try_from(places).unwrap_or(u32::MAX);
     match state.in_flight.clone().try_acquire_many_owned(wanted) {
         Ok(p) => Ok(Some(p)),
-        Err(_) => {
-            state.metrics.signals_shed.inc_by(signals as u64);
-            Err(Problem::unavailable(
-                format!(
-                    "too many signals in flight (limit {}); retry later",
-                    state.max_in_flight
-                ),
-                Duration::from_secs(1),
-                path,
-            ))
-        }
+        Err(_) => Err(no_place(state, signals, path)),
     }
 }
 
-/// Checks the content type and reads at most `max_body_bytes`.
-async fn read_json_body(state: &AppState, req: Request) -> Result<Bytes, Problem> {
+/// A request body's share of `server.maxBufferedBodyBytes`, held until the answer.
+pub struct HeldBody {
+    _permit: OwnedSemaphorePermit,
+    bytes: i64,
+    gauge: prometheus::IntGauge,
+}
+
+impl Drop for HeldBody {
+    fn drop(&mut self) {
+        self.gauge.sub(self.bytes);
+    }
+}
+
+/// The unit of the body budget (`AppState::body_budget` counts KiB).
+pub const BODY_BUDGET_UNIT: usize = 1024;
+
+/// Takes the body's share of the budget: its Content-Length, or the most it may be.
+fn hold_body(state: &AppState, announced: usize, path: &str) -> Result<HeldBody, Problem> {
+    let units = u32::try_from(announced.div_ceil(BODY_BUDGET_UNIT).max(1)).unwrap_or(u32::MAX);
+    let permit = state.body_budget.clone().try_acquire_many_owned(units).map_err(|_| {
+        state.metrics.signals_shed.inc();
+        Problem::unavailable(
+            "too many request bodies in memory (server.maxBufferedBodyBytes); retry later",
+            Duration::from_secs(1),
+            path,
+        )
+    })?;
+    let bytes = i64::from(units) * BODY_BUDGET_UNIT as i64;
+    state.metrics.body_bytes_buffered.add(bytes);
+    Ok(HeldBody {
+        _permit: permit,
+        bytes,
+        gauge: state.metrics.body_bytes_buffered.clone(),
+    })
+}
+
+/// Checks the content type, sheds load before anything is read (shutting down, overloaded, no
+/// place for a signal, no room in the body budget), then reads at most `max_body_bytes`. The
+/// body's share of the budget is held by the returned [`HeldBody`] until the answer.
+async fn read_json_body(state: &AppState, req: Request) -> Result<(Bytes, HeldBody), Problem> {
     let path = req.uri().path().to_owned();
     check_content_type(req.headers(), &path)?;
     let limit = state.max_body_bytes;
-    if let Some(len) = req
+    let announced = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > limit as u64
-    {
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|len| len > limit as u64) {
         return Err(Problem::too_large(limit, &path));
     }
+    // Shed on the head alone: a request that would be refused after parsing is refused before
+    // its body is buffered and copied per alert.
+    overloaded(state, 1, &path)?;
+    if state.in_flight.available_permits() == 0 {
+        return Err(no_place(state, 1, &path));
+    }
+    let held = hold_body(state, announced.map_or(limit, |len| len as usize), &path)?;
     let body: Body = req.into_body();
     let read = tokio::time::timeout(state.body_read_timeout, Limited::new(body, limit).collect());
     let Ok(collected) = read.await else {
@@ -186,7 +247,7 @@ async fn read_json_body(state: &AppState, req: Request) -> Result<Bytes, Problem
         ));
     };
     match collected {
-        Ok(collected) => Ok(collected.to_bytes()),
+        Ok(collected) => Ok((collected.to_bytes(), held)),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             Err(Problem::too_large(limit, &path))
         }

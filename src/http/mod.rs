@@ -4,10 +4,13 @@
 pub mod admin;
 pub mod ingest;
 pub mod problem;
+pub mod readiness;
 pub mod resend;
 pub mod server;
 
+use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry::trace::TraceContextExt as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -15,13 +18,13 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, Method};
+use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use tokio::sync::Semaphore;
 
-use crate::auth::{Authenticator, Verdict};
+use crate::auth::{Authenticator, Unavailable, Verdict};
 use crate::backend::embedded::EmbeddedStore;
 use crate::cluster::Cluster;
 use crate::metrics::Metrics;
@@ -40,7 +43,7 @@ pub struct AppState {
     pub embedded: Option<Arc<EmbeddedStore>>,
     pub namespace: String,
     pub max_body_bytes: usize,
-    /// Time a client has to send the body (408 beyond).
+    /// Time a client has to send the body (503 + Retry-After beyond).
     pub body_read_timeout: Duration,
     pub request_timeout: Duration,
     pub auth: Arc<Authenticator>,
@@ -48,10 +51,14 @@ pub struct AppState {
     pub tls: bool,
     /// One permit per signal being processed.
     pub in_flight: Arc<Semaphore>,
+    /// `server.maxBufferedBodyBytes` in units of [`ingest::BODY_BUDGET_UNIT`].
+    pub body_budget: Arc<Semaphore>,
     pub max_in_flight: usize,
     pub shutting_down: AtomicBool,
     /// Stored alerts of multi-alert notifications answered 503, for their resend.
     pub resends: resend::ResendMemory,
+    /// `/readyz`: one backend check at a time, shared by the probes.
+    pub readiness: readiness::Readiness,
     /// DataStorage's readiness, when `/readyz` should depend on it (`audit.healthURL`).
     pub audit_health: Option<crate::audit::Health>,
 }
@@ -82,12 +89,12 @@ pub fn signals_router(state: Arc<AppState>) -> Router {
 /// when the review API cannot answer. Runs before the body is read.
 async fn authenticate(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path().to_owned();
-    match state.auth.check(req.headers()).await {
+    let mut refusal = match state.auth.check(req.headers()).await {
         Ok(Verdict::Allowed { user }) => {
             tracing::Span::current().record("user", user.as_str());
             let known = state.auth.mode() != crate::config::AuthMode::None;
             req.extensions_mut().insert(Caller(known.then_some(user)));
-            next.run(req).await
+            return next.run(req).await;
         }
         Ok(Verdict::Unauthenticated(why)) => {
             tracing::info!(reason = why, "request refused: not authenticated");
@@ -99,11 +106,29 @@ async fn authenticate(State(state): State<Arc<AppState>>, mut req: Request, next
             resp
         }
         Ok(Verdict::Forbidden { user, reason }) => {
+            // The reason (RBAC detail) goes to the log only.
             tracing::info!(user = %user, reason = %reason, "request refused: not authorized");
-            Problem::forbidden(format!("{user} may not send signals: {reason}"), &path).into_response()
+            Problem::forbidden(format!("{user} may not send signals"), &path).into_response()
         }
-        Err(e) => Problem::unavailable(e.to_string(), Duration::from_secs(1), &path).into_response(),
-    }
+        // The caller is not authenticated: the answer says what to do, the log says why.
+        Err(e) => {
+            let detail = match e {
+                Unavailable::Limited => "too many new tokens to review at once; retry later",
+                Unavailable::ReviewFailed(_) => "the token cannot be checked now; retry later",
+            };
+            Problem::unavailable(detail, Duration::from_secs(1), &path).into_response()
+        }
+    };
+    // A refused caller does not keep its connection (it costs one request, not a socket held
+    // with cheap refusals); a sender that is let in keeps its keep-alive connection.
+    close_after(&mut refusal);
+    refusal
+}
+
+/// Closes the connection once `resp` is sent.
+fn close_after(resp: &mut Response) {
+    resp.headers_mut()
+        .insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
 }
 
 /// Headers every response of both ports carries: no sniffing, framing, caching or referrers;
@@ -123,6 +148,7 @@ pub async fn harden(State(state): State<Arc<AppState>>, mut req: Request, next: 
     }
     let span = tracing::info_span!("request", request_id = %request_id);
     let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
+    let status = resp.status();
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         h.insert(REQUEST_ID_HEADER, v);
@@ -136,6 +162,10 @@ pub async fn harden(State(state): State<Arc<AppState>>, mut req: Request, next: 
     h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
     h.entry(axum::http::header::CACHE_CONTROL)
         .or_insert(HeaderValue::from_static("no-store"));
+    // No such endpoint or method: cheap to ask, so not a reason to keep a connection open.
+    if matches!(status, StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED) {
+        h.insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if state.tls {
         h.insert(
             "strict-transport-security",
@@ -164,25 +194,6 @@ async fn method_not_allowed(req: Request) -> Response {
 #[derive(Debug, Clone)]
 pub struct TraceId(pub String);
 
-pub fn trace_id_from(traceparent: Option<&str>) -> String {
-    if let Some(tp) = traceparent {
-        let parts: Vec<&str> = tp.trim().split('-').collect();
-        if parts.len() >= 4
-            && parts[0].len() == 2
-            && parts[0] != "ff"
-            && parts[1].len() == 32
-            && parts[1]
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-            && parts[1].bytes().any(|b| b != b'0')
-            && parts[2].len() == 16
-        {
-            return parts[1].to_owned();
-        }
-    }
-    format!("{:016x}{:016x}", fastrand::u64(1..), fastrand::u64(..))
-}
-
 /// Per request: trace id (header, span field), latency histogram by endpoint and code.
 async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -206,19 +217,21 @@ async fn observe(State(state): State<Arc<AppState>>, mut req: Request, next: Nex
         endpoint = %endpoint,
         method = %method
     );
-    // With OTLP export on, the span continues the caller's W3C trace (or starts one) and its
-    // OpenTelemetry trace id is the one we answer with; without it, the id comes from the
-    // traceparent header or is generated.
-    let parent = opentelemetry::global::get_text_map_propagator(|p| {
-        p.extract(&crate::telemetry::HeaderExtractor(req.headers()))
-    });
+    // The span continues the caller's W3C trace (a valid `traceparent`, as the W3C propagator
+    // reads it) and answers with its trace id. With OTLP export on, the span's own OpenTelemetry
+    // trace id is that id (or a new one); without export, a request without a valid
+    // traceparent gets a random id.
+    let parent = TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(req.headers()));
+    let remote = parent.span().span_context().trace_id();
     let _ = span.set_parent(parent);
     let otel_trace = span.context().span().span_context().trace_id();
-    let trace_id = if otel_trace == opentelemetry::trace::TraceId::INVALID {
-        trace_id_from(req.headers().get("traceparent").and_then(|v| v.to_str().ok()))
-    } else {
-        otel_trace.to_string()
-    };
+    let trace_id = [otel_trace, remote]
+        .into_iter()
+        .find(|t| *t != opentelemetry::trace::TraceId::INVALID)
+        .map_or_else(
+            || format!("{:016x}{:016x}", fastrand::u64(1..), fastrand::u64(..)),
+            |t| t.to_string(),
+        );
     span.record("trace_id", trace_id.as_str());
     req.extensions_mut().insert(TraceId(trace_id.clone()));
     let mut resp = tracing::Instrument::instrument(next.run(req), span).await;

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use serde_json::json;
-use signal_gateway::cluster::{ApiError, Cluster, ObjectRef, RequestEvent};
+use signal_gateway::cluster::{ApiError, ApiKind, Cluster, ObjectRef, RequestEvent};
 use signal_gateway::crd::{Deduplication, RemediationRequest, RemediationRequestSpec, TargetResource};
 
 /// What the RemediationOrchestrator does to a request: a merge patch of its status through the
@@ -115,6 +115,7 @@ pub async fn run(cluster: Arc<dyn Cluster>, orchestrator: &dyn Orchestrator, ns:
     watch(cluster.as_ref(), ns, unique).await;
     leases(cluster.as_ref(), ns, unique).await;
     metadata(cluster.as_ref(), ns).await;
+    discovery(cluster.as_ref()).await;
 }
 
 async fn requests(c: &dyn Cluster, ns: &str, unique: &str) {
@@ -392,8 +393,48 @@ async fn metadata(c: &dyn Cluster, ns: &str) {
     let pod = ObjectRef {
         api_version: "v1".into(),
         kind: "Pod".into(),
+        resource: String::new(),
         namespace: ns.into(),
         name: "no-such-pod".into(),
     };
     assert_eq!(c.get_metadata(&pod).await.unwrap_err(), ApiError::NotFound);
+}
+
+/// Discovery names the built-in kinds the gateway reads as the API server serves them, each group
+/// in its own document, the preferred version first.
+async fn discovery(c: &dyn Cluster) {
+    let core = c.list_api_kinds(true).await.expect("core discovery");
+    let named = c.list_api_kinds(false).await.expect("named discovery");
+    let find = |kinds: &[ApiKind], group: &str, kind: &str| {
+        kinds
+            .iter()
+            .find(|k| k.group == group && k.kind == kind)
+            .cloned()
+            .unwrap_or_else(|| panic!("{group}/{kind} not discovered"))
+    };
+    for (group, kind, resource, namespaced) in [
+        ("", "Pod", "pods", true),
+        ("", "Namespace", "namespaces", false),
+        ("", "Endpoints", "endpoints", true),
+    ] {
+        let k = find(&core, group, kind);
+        assert_eq!(
+            (k.resource.as_str(), k.namespaced, k.version.as_str()),
+            (resource, namespaced, "v1")
+        );
+    }
+    for (group, kind, resource) in [
+        ("apps", "Deployment", "deployments"),
+        ("batch", "CronJob", "cronjobs"),
+        ("networking.k8s.io", "NetworkPolicy", "networkpolicies"),
+        ("networking.k8s.io", "Ingress", "ingresses"),
+    ] {
+        let k = find(&named, group, kind);
+        assert_eq!(
+            (k.resource.as_str(), k.version.as_str()),
+            (resource, "v1"),
+            "{group}/{kind}"
+        );
+    }
+    assert!(core.iter().all(|k| k.group.is_empty()) && named.iter().all(|k| !k.group.is_empty()));
 }

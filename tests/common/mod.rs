@@ -283,3 +283,15 @@ pub fn fp_of_pod(namespace: &str, pod: &str) -> String {
     )
     .to_string()
 }
+
+/// The resident memory of process `pid` (this process: `None`), in bytes, from /proc.
+pub fn rss_bytes(pid: Option<u32>) -> u64 {
+    let path = pid.map_or_else(|| "/proc/self/status".to_owned(), |p| format!("/proc/{p}/status"));
+    let status = std::fs::read_to_string(path).expect("the process runs");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}

@@ -188,15 +188,19 @@ impl Replica {
     }
 
     pub async fn metric(&self, client: &reqwest::Client, name: &str, labels: &[&str]) -> f64 {
-        let text = client
+        super::metric_sum(&self.metrics_text(client).await, name, labels)
+    }
+
+    /// The replica's /metrics.
+    pub async fn metrics_text(&self, client: &reqwest::Client) -> String {
+        client
             .get(format!("{}/metrics", self.admin))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        super::metric_sum(&text, name, labels)
+            .unwrap()
     }
 
     pub fn pid(&self) -> u32 {
