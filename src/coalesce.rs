@@ -27,6 +27,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::backend::metered::tallied;
+use crate::bounded::{BoundedMap, Limits};
 use crate::crd::RemediationRequestSpec;
 use crate::dedup::{Dedup, DedupError, Written};
 use crate::fingerprint::Fingerprint;
@@ -70,9 +71,16 @@ pub struct Coalescer {
     max_batch: usize,
     linger: Duration,
     queues: Mutex<HashMap<Fingerprint, Queue>>,
-    /// Linger factors (percent, above 100) of fingerprints whose writes conflicted.
-    raised: Mutex<HashMap<Fingerprint, u32>>,
+    /// Linger factors (percent, above 100) of fingerprints whose writes conflicted; the least
+    /// recently raised are forgotten first (one bounded-cache policy: [`crate::bounded`]).
+    raised: Mutex<BoundedMap<Fingerprint, u32>>,
 }
+
+/// How many raised lingers are remembered (about 1.5 MiB at most).
+const RAISED_LIMITS: Limits = Limits {
+    entries: 10_000,
+    bytes: 2 * 1024 * 1024,
+};
 
 /// Least time a write needs; a waiter with less left is answered 503 instead of starting one.
 const MIN_BUDGET: Duration = Duration::from_millis(5);
@@ -98,7 +106,7 @@ impl Coalescer {
             max_batch: max_batch.max(1),
             linger,
             queues: Mutex::default(),
-            raised: Mutex::default(),
+            raised: Mutex::new(BoundedMap::new(RAISED_LIMITS)),
         })
     }
 
@@ -262,18 +270,17 @@ impl Coalescer {
         if self.linger.is_zero() {
             return;
         }
+        let now = Instant::now();
         let mut raised = self.raised.lock().expect("lingers poisoned");
-        let current = raised.get(fp).copied().unwrap_or(100);
+        let current = raised.get(fp, now).copied().unwrap_or(100);
         let next = if conflicted {
             (current * 2).min(100 * MAX_LINGERS)
         } else {
             current * 3 / 4
         };
         if next > 100 {
-            if raised.len() >= 10_000 && !raised.contains_key(fp) {
-                raised.clear(); // bounded: forget old raises rather than grow
-            }
-            raised.insert(fp.clone(), next);
+            // A raise not renewed for a minute is stale: the replicas stopped colliding there.
+            raised.insert(fp.clone(), next, fp.as_str().len(), now + Duration::from_secs(60));
         } else {
             raised.remove(fp);
         }
@@ -290,7 +297,7 @@ impl Coalescer {
             .raised
             .lock()
             .expect("lingers poisoned")
-            .get(fp)
+            .get(fp, Instant::now())
             .copied()
             .unwrap_or(100);
         base * factor / 100

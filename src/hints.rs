@@ -37,7 +37,11 @@ use crate::metrics::Metrics;
 
 /// Most RR names remembered, and most absorbing RRs held (as the per-replica hints were
 /// before the watch). Beyond either the cache is cleared and stops vouching for absence until the
-/// next complete list fits (a namespace this large should not be watched whole).
+/// next complete list fits (a namespace this large should not be watched whole). Not the
+/// gateway's bounded-cache policy ([`crate::bounded`], least recently used evicted one by one):
+/// its keys are not sender-chosen (they are the namespace's RRs, bounded by the ResourceQuota of
+/// the production overlay), and a cache missing *some* RRs could no longer say "none" for any
+/// fingerprint, which is what it is for — so it keeps all or says nothing.
 const MAX_OBJECTS: usize = 100_000;
 const MAX_ACTIVE: usize = 20_000;
 
