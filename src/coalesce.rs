@@ -391,75 +391,120 @@ mod tests {
     use crate::dedup::{Settings, Strategy};
     use crate::lock::LeaseLock;
 
+    /// A coalescer over an embedded store whose first creation lock waits at a gate: the first
+    /// signal submitted is held while its write is under way, and everything submitted after it
+    /// queues behind.
+    struct Held {
+        store: Arc<EmbeddedStore>,
+        coalescer: Arc<Coalescer>,
+        gate: Arc<Semaphore>,
+        at_gate: Arc<AtomicUsize>,
+        writes: Arc<AtomicUsize>,
+        fp: Fingerprint,
+        spec: RemediationRequestSpec,
+        deadline: Instant,
+    }
+
+    impl Held {
+        fn new() -> Self {
+            let clock: SharedClock = Arc::new(SystemClock);
+            let store = Arc::new(EmbeddedStore::new(clock.clone()));
+            let gate = Arc::new(Semaphore::new(0));
+            let writes = Arc::new(AtomicUsize::new(0));
+            let at_gate = Arc::new(AtomicUsize::new(0));
+            let (g, w, a) = (gate.clone(), writes.clone(), at_gate.clone());
+            let cluster: Arc<dyn crate::cluster::Cluster> = Arc::new(Faulty::new(store.clone(), move |op| match op {
+                Op::CreateLease => {
+                    a.fetch_add(1, Ordering::SeqCst);
+                    Fault::Gate(g.clone())
+                }
+                Op::UpdateDeduplication => {
+                    w.fetch_add(1, Ordering::SeqCst);
+                    Fault::Pass
+                }
+                _ => Fault::Pass,
+            }));
+            let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+            let lock = LeaseLock::new(
+                cluster.clone(),
+                clock.clone(),
+                "ns".into(),
+                "a".into(),
+                Duration::from_secs(30),
+                metrics.clone(),
+            );
+            let settings = Settings {
+                namespace: "ns".into(),
+                strategy: Strategy::Optimistic,
+                backoff_initial: Duration::from_millis(5),
+                backoff_max: Duration::from_millis(50),
+                write_grace: Duration::from_millis(100),
+                watch: false,
+                watch_wait: Duration::ZERO,
+            };
+            let dedup = Arc::new(Dedup::new(cluster, lock, clock, metrics.clone(), settings));
+            let target = crate::crd::TargetResource {
+                kind: "Pod".into(),
+                name: "p".into(),
+                namespace: "n".into(),
+                api_version: String::new(),
+            };
+            let fp = Fingerprint::of("", &target);
+            Held {
+                store,
+                coalescer: Coalescer::new(dedup, metrics, 1000, Duration::ZERO),
+                gate,
+                at_gate,
+                writes,
+                spec: RemediationRequestSpec {
+                    target_resource: target,
+                    ..RemediationRequestSpec::example(fp.as_str())
+                },
+                fp,
+                deadline: Instant::now() + Duration::from_secs(20),
+            }
+        }
+
+        fn submit(&self) -> tokio::task::JoinHandle<Result<Ack, DedupError>> {
+            let (c, fp, spec, deadline) = (
+                self.coalescer.clone(),
+                self.fp.clone(),
+                self.spec.clone(),
+                self.deadline,
+            );
+            tokio::spawn(async move { c.submit(fp, spec, deadline).await })
+        }
+
+        /// Submits the first signal and waits until its write is held at the gate, then submits
+        /// `n` more and waits until they are queued behind it.
+        async fn first_held_then(
+            &self,
+            n: usize,
+        ) -> (
+            tokio::task::JoinHandle<Result<Ack, DedupError>>,
+            Vec<tokio::task::JoinHandle<Result<Ack, DedupError>>>,
+        ) {
+            let first = self.submit();
+            let until = std::time::Instant::now() + Duration::from_secs(10);
+            while self.at_gate.load(Ordering::SeqCst) == 0 {
+                assert!(std::time::Instant::now() < until, "first write never started");
+                tokio::task::yield_now().await;
+            }
+            let rest: Vec<_> = (0..n).map(|_| self.submit()).collect();
+            while self.coalescer.queued(&self.fp) < n {
+                assert!(std::time::Instant::now() < until, "signals never queued");
+                tokio::task::yield_now().await;
+            }
+            (first, rest)
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn signals_arriving_during_a_write_join_it_and_each_gets_its_own_count() {
-        let clock: SharedClock = Arc::new(SystemClock);
-        let store = Arc::new(EmbeddedStore::new(clock.clone()));
-        let gate = Arc::new(Semaphore::new(0));
-        let writes = Arc::new(AtomicUsize::new(0));
-        let at_gate = Arc::new(AtomicUsize::new(0));
-        let (g, w, a) = (gate.clone(), writes.clone(), at_gate.clone());
-        let cluster: Arc<dyn crate::cluster::Cluster> = Arc::new(Faulty::new(store.clone(), move |op| match op {
-            Op::CreateLease => {
-                a.fetch_add(1, Ordering::SeqCst);
-                Fault::Gate(g.clone())
-            }
-            Op::UpdateDeduplication => {
-                w.fetch_add(1, Ordering::SeqCst);
-                Fault::Pass
-            }
-            _ => Fault::Pass,
-        }));
-        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
-        let lock = LeaseLock::new(
-            cluster.clone(),
-            clock.clone(),
-            "ns".into(),
-            "a".into(),
-            Duration::from_secs(30),
-            metrics.clone(),
-        );
-        let settings = Settings {
-            namespace: "ns".into(),
-            strategy: Strategy::Optimistic,
-            backoff_initial: Duration::from_millis(5),
-            backoff_max: Duration::from_millis(50),
-            write_grace: Duration::from_millis(100),
-            watch: false,
-            watch_wait: Duration::ZERO,
-        };
-        let dedup = Arc::new(Dedup::new(cluster, lock, clock, metrics.clone(), settings));
-        let coalescer = Coalescer::new(dedup, metrics, 1000, Duration::ZERO);
-        let target = crate::crd::TargetResource {
-            kind: "Pod".into(),
-            name: "p".into(),
-            namespace: "n".into(),
-            api_version: String::new(),
-        };
-        let fp = Fingerprint::of("", &target);
-        let spec = RemediationRequestSpec {
-            target_resource: target,
-            ..RemediationRequestSpec::example(fp.as_str())
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-
-        let submit = |c: &Arc<Coalescer>| {
-            let (c, fp, spec) = (c.clone(), fp.clone(), spec.clone());
-            tokio::spawn(async move { c.submit(fp, spec, deadline).await })
-        };
-        let first = submit(&coalescer);
-        // Wait until the first signal's write is blocked creating the lock, then queue 99 more.
-        let until = std::time::Instant::now() + Duration::from_secs(10);
-        while at_gate.load(Ordering::SeqCst) == 0 {
-            assert!(std::time::Instant::now() < until, "first write never started");
-            tokio::task::yield_now().await;
-        }
-        let rest: Vec<_> = (0..99).map(|_| submit(&coalescer)).collect();
-        while coalescer.queued(&fp) < 99 {
-            assert!(std::time::Instant::now() < until, "signals never queued");
-            tokio::task::yield_now().await;
-        }
-        gate.add_permits(1000);
+        let held = Held::new();
+        // The first signal's write is blocked creating the lock; 99 more queue behind it.
+        let (first, rest) = held.first_held_then(99).await;
+        held.gate.add_permits(1000);
 
         let first = first.await.unwrap().unwrap();
         assert!(first.created);
@@ -473,84 +518,27 @@ mod tests {
         counts.sort();
         assert_eq!(counts, (2..=100).collect::<Vec<_>>());
         assert_eq!(
-            writes.load(Ordering::SeqCst),
+            held.writes.load(Ordering::SeqCst),
             1,
             "the 99 that queued while the first signal's RR was being created join its count update"
         );
-        assert_eq!(store.all_requests().len(), 1);
-        let stored = store.all_requests().remove(0);
+        assert_eq!(held.store.all_requests().len(), 1);
+        let stored = held.store.all_requests().remove(0);
         assert_eq!(stored.status.unwrap().deduplication.unwrap().occurrence_count, 100);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_waiter_whose_caller_has_gone_is_not_written() {
         // Issue 13, path 4(a): before, it was counted — and its sender's retry counted again.
-        let clock: SharedClock = Arc::new(SystemClock);
-        let store = Arc::new(EmbeddedStore::new(clock.clone()));
-        let gate = Arc::new(Semaphore::new(0));
-        let at_gate = Arc::new(AtomicUsize::new(0));
-        let (g, a) = (gate.clone(), at_gate.clone());
-        let cluster: Arc<dyn crate::cluster::Cluster> = Arc::new(Faulty::new(store.clone(), move |op| match op {
-            Op::CreateLease => {
-                a.fetch_add(1, Ordering::SeqCst);
-                Fault::Gate(g.clone())
-            }
-            _ => Fault::Pass,
-        }));
-        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
-        let lock = LeaseLock::new(
-            cluster.clone(),
-            clock.clone(),
-            "ns".into(),
-            "a".into(),
-            Duration::from_secs(30),
-            metrics.clone(),
-        );
-        let settings = Settings {
-            namespace: "ns".into(),
-            strategy: Strategy::Optimistic,
-            backoff_initial: Duration::from_millis(5),
-            backoff_max: Duration::from_millis(50),
-            write_grace: Duration::from_millis(100),
-            watch: false,
-            watch_wait: Duration::ZERO,
-        };
-        let dedup = Arc::new(Dedup::new(cluster, lock, clock, metrics.clone(), settings));
-        let coalescer = Coalescer::new(dedup, metrics, 1000, Duration::ZERO);
-        let target = crate::crd::TargetResource {
-            kind: "Pod".into(),
-            name: "p".into(),
-            namespace: "n".into(),
-            api_version: String::new(),
-        };
-        let fp = Fingerprint::of("", &target);
-        let spec = RemediationRequestSpec {
-            target_resource: target,
-            ..RemediationRequestSpec::example(fp.as_str())
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let submit = |c: &Arc<Coalescer>| {
-            let (c, fp, spec) = (c.clone(), fp.clone(), spec.clone());
-            tokio::spawn(async move { c.submit(fp, spec, deadline).await })
-        };
-        let first = submit(&coalescer);
-        let until = std::time::Instant::now() + Duration::from_secs(10);
-        while at_gate.load(Ordering::SeqCst) == 0 {
-            assert!(std::time::Instant::now() < until, "first write never started");
-            tokio::task::yield_now().await;
-        }
-        let queued: Vec<_> = (0..10).map(|_| submit(&coalescer)).collect();
-        while coalescer.queued(&fp) < 10 {
-            assert!(std::time::Instant::now() < until, "signals never queued");
-            tokio::task::yield_now().await;
-        }
+        let held = Held::new();
+        let (first, queued) = held.first_held_then(10).await;
         for task in &queued[..4] {
             task.abort();
             while !task.is_finished() {
                 tokio::task::yield_now().await;
             }
         }
-        gate.add_permits(1000);
+        held.gate.add_permits(1000);
         assert_eq!(first.await.unwrap().unwrap().occurrence_count, 1);
         let mut counts = Vec::new();
         for task in queued.into_iter().skip(4) {
@@ -558,7 +546,7 @@ mod tests {
         }
         counts.sort();
         assert_eq!(counts, (2..=7).collect::<Vec<_>>());
-        let stored = store.all_requests().remove(0);
+        let stored = held.store.all_requests().remove(0);
         assert_eq!(
             stored.occurrence_count(),
             7,
