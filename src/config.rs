@@ -23,6 +23,7 @@ pub struct Config {
     pub scope: Scope,
     pub freshness: Freshness,
     pub audit: Audit,
+    pub ownership: Ownership,
     /// Who this replica is and where its objects live; from the environment, not the file.
     #[serde(skip)]
     pub identity: Identity,
@@ -298,6 +299,24 @@ pub struct Lock {
     pub backoff_max: Duration,
 }
 
+/// Fingerprint ownership among the replicas (ADR 0014).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct Ownership {
+    /// Own shards of the fingerprints through member Leases and forward signals to their owner.
+    pub enabled: bool,
+    /// Member Lease duration: a crashed replica's shards move after it (renewed every third).
+    #[serde(with = "friendly_duration")]
+    pub lease_duration: Duration,
+    /// Number of shards the fingerprints fall into (the same on every replica).
+    pub shards: u32,
+    /// Where peers reach this replica's signals port (`http://host:port`); empty:
+    /// `http://<POD_IP>:<signals port>` (127.0.0.1 without POD_IP).
+    pub advertise_address: String,
+    /// Forwards in flight at once; beyond, signals take the local path.
+    pub max_forwards_in_flight: usize,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct Dedup {
@@ -353,6 +372,8 @@ pub struct Identity {
     pub pod_name: String,
     /// POD_NAMESPACE, the default namespace for RRs and Leases.
     pub pod_namespace: String,
+    /// POD_IP (the forwarding address peers use; may be empty).
+    pub pod_ip: String,
 }
 
 impl Default for Server {
@@ -410,6 +431,18 @@ impl Default for Dedup {
     }
 }
 
+impl Default for Ownership {
+    fn default() -> Self {
+        Ownership {
+            enabled: false,
+            lease_duration: Duration::from_secs(15),
+            shards: 64,
+            advertise_address: String::new(),
+            max_forwards_in_flight: 256,
+        }
+    }
+}
+
 impl Default for OwnerResolution {
     fn default() -> Self {
         OwnerResolution {
@@ -443,9 +476,11 @@ impl Default for Config {
             scope: Scope::default(),
             freshness: Freshness::default(),
             audit: Audit::default(),
+            ownership: Ownership::default(),
             identity: Identity {
                 pod_name: "signal-gateway".into(),
                 pod_namespace: "default".into(),
+                pod_ip: String::new(),
             },
         }
     }
@@ -488,6 +523,32 @@ impl Config {
             self.server.request_timeout > Duration::ZERO,
             "server.requestTimeout must be positive"
         );
+        if self.ownership.enabled {
+            let grace = self.backend.api_timeout + Duration::from_secs(1);
+            anyhow::ensure!(
+                self.ownership.lease_duration > grace * 2,
+                "ownership.leaseDuration ({:?}) must exceed twice backend.apiTimeout + 1s ({:?}): an owner's create must land while its ownership is valid",
+                self.ownership.lease_duration,
+                grace * 2
+            );
+            anyhow::ensure!(
+                (1..=4096).contains(&self.ownership.shards),
+                "ownership.shards must be between 1 and 4096"
+            );
+            anyhow::ensure!(
+                self.ownership.max_forwards_in_flight > 0,
+                "ownership.maxForwardsInFlight must be positive"
+            );
+            anyhow::ensure!(
+                self.server.tls.is_none(),
+                "ownership.enabled with server.tls is not supported yet: forwards between replicas are plain HTTP (ADR 0014)"
+            );
+            let a = &self.ownership.advertise_address;
+            anyhow::ensure!(
+                a.is_empty() || a.starts_with("http://"),
+                "ownership.advertiseAddress must be an http:// URL"
+            );
+        }
         anyhow::ensure!(self.server.max_in_flight > 0, "server.maxInFlight must be positive");
         anyhow::ensure!(self.dedup.max_batch > 0, "dedup.maxBatch must be positive");
         anyhow::ensure!(

@@ -34,6 +34,7 @@ use crate::crd::{Deduplication, RemediationRequest, RemediationRequestSpec};
 use crate::fingerprint::Fingerprint;
 use crate::hints::{HintCache, Landed, Newer, WatchTask};
 use crate::lock::{Attempt, FenceError, LeaseLock, LockGuard, backoff};
+use crate::ownership::{OwnerFence, Ownership};
 use crate::metrics::Metrics;
 use crate::signal::Source;
 
@@ -69,8 +70,29 @@ pub enum DedupError {
     /// A write was sent and no answer came within `backend.apiTimeout` + 1 s: it may be stored.
     #[error("the API server did not answer a write in time; it may be stored")]
     Unanswered,
+    /// The owner of the fingerprint's shard answered that the forwarded signal is not stored.
+    #[error("the owning replica could not store the signal ({reason})")]
+    Owner { reason: &'static str, retry_after: Duration },
     #[error("{0}")]
     Internal(String),
+}
+
+/// Every [`DedupError::reason`] label; anything else an owner answers becomes `owner_failed`.
+const REASONS: &[&str] = &[
+    "forbidden",
+    "throttled",
+    "api_timeout",
+    "api_error",
+    "lock_timeout",
+    "deadline_exceeded",
+    "lock_lost",
+    "unanswered",
+    "internal",
+];
+
+/// The label of a reason named by a peer (a bounded set, whatever it sends).
+pub fn known_reason(reason: &str) -> &'static str {
+    REASONS.iter().find(|r| **r == reason).copied().unwrap_or("owner_failed")
 }
 
 impl DedupError {
@@ -85,6 +107,7 @@ impl DedupError {
             DedupError::DeadlineExceeded => "deadline_exceeded",
             DedupError::LockLost => "lock_lost",
             DedupError::Unanswered => "unanswered",
+            DedupError::Owner { reason, .. } => reason,
             DedupError::Internal(_) => "internal",
         }
     }
@@ -93,6 +116,7 @@ impl DedupError {
     pub fn retry_after(&self) -> Duration {
         match self {
             DedupError::Api(ApiError::Throttled { retry_after: Some(d) }) => *d,
+            DedupError::Owner { retry_after, .. } => (*retry_after).clamp(Duration::from_secs(1), Duration::from_secs(30)),
             DedupError::LockTimeout { expires_in, .. } => {
                 (*expires_in).clamp(Duration::from_secs(1), Duration::from_secs(30))
             }
@@ -191,6 +215,33 @@ pub struct Dedup {
     _watch: Option<WatchTask>,
     /// Moving average of status-update latency in nanoseconds (`u64::MAX`: none measured yet).
     write_nanos: AtomicU64,
+    /// Shard ownership (ADR 0014): while this replica owns a fingerprint's shard it creates
+    /// without the per-fingerprint Lease.
+    ownership: Option<Ownership>,
+}
+
+/// What covers a create: the fingerprint's Lease, or this replica's ownership of its shard.
+enum CreateFence<'a> {
+    Lock(&'a LockGuard),
+    Owner(OwnerFence),
+}
+
+impl CreateFence<'_> {
+    async fn fence(&self, name: &str, needed: Duration) -> std::result::Result<Instant, FenceError> {
+        match self {
+            CreateFence::Lock(guard) => guard.fence(name, needed).await,
+            CreateFence::Owner(owner) => owner.send_by(),
+        }
+    }
+
+    /// The name a previous holder of the Lease was creating (ownership hands no name over: an
+    /// owner's predecessor stopped creating before the shard could move).
+    fn inherited(&self) -> Option<&str> {
+        match self {
+            CreateFence::Lock(guard) => guard.inherited(),
+            CreateFence::Owner(_) => None,
+        }
+    }
 }
 
 impl Dedup {
@@ -215,7 +266,14 @@ impl Dedup {
             hints,
             _watch: watch,
             write_nanos: AtomicU64::new(u64::MAX),
+            ownership: None,
         }
+    }
+
+    /// Creates of fingerprints whose shard this replica owns skip the per-fingerprint Lease.
+    pub fn with_ownership(mut self, ownership: Ownership) -> Self {
+        self.ownership = Some(ownership);
+        self
     }
 
     /// Recent latency of successful status updates (moving average, 1/8 weight per write, each
@@ -306,6 +364,15 @@ impl Dedup {
             lookups.with_label_values(&["absent"]).inc();
         } else {
             lookups.with_label_values(&["miss"]).inc();
+        }
+        // The owner of the fingerprint's shard creates without the Lease (once: if that does not
+        // settle it, the Lease-guarded path below does).
+        if let Some(fence) = self.ownership.as_ref().and_then(|o| o.fence(fp)) {
+            match Box::pin(self.create_under_lock(fp, n, spec, deadline, &CreateFence::Owner(fence))).await {
+                Ok(Ok(Step::Done(w))) => return Ok(*w),
+                Ok(Ok(Step::Gone)) => self.metrics.retries.with_label_values(&["gone"]).inc(),
+                Ok(Err(e)) | Err(Unresolved(e)) => return Err(e),
+            }
         }
         loop {
             // The synced watch knowing no active RR saves the list before the lock; the list
@@ -443,7 +510,7 @@ impl Dedup {
             }
         };
         self.metrics.lock_wait.observe(started.elapsed().as_secs_f64());
-        match Box::pin(self.create_under_lock(fp, n, spec, deadline, &guard)).await {
+        match Box::pin(self.create_under_lock(fp, n, spec, deadline, &CreateFence::Lock(&guard))).await {
             // A create whose outcome is unknown: the Lease (naming it) stays until it expires, so
             // whoever creates next creates the same name, never a second RR (ADR 0011).
             Err(Unresolved(e)) => {
@@ -471,7 +538,7 @@ impl Dedup {
         n: &Batch<'_>,
         spec: &RemediationRequestSpec,
         deadline: Instant,
-        guard: &LockGuard,
+        guard: &CreateFence<'_>,
     ) -> std::result::Result<Result<Step>, Unresolved> {
         let existing = match self.lookup(fp, deadline).await {
             Ok(existing) => existing,
@@ -501,6 +568,8 @@ impl Dedup {
                     self.metrics.retries.with_label_values(&["lock_lost"]).inc();
                     return Ok(Ok(Step::Gone));
                 }
+                // Ownership about to lapse: the Lease-guarded path decides instead.
+                Err(FenceError::Expiring) if matches!(guard, CreateFence::Owner(_)) => return Ok(Ok(Step::Gone)),
                 // The renewal itself took too long (a saturated API server): try again while the
                 // deadline allows.
                 Err(FenceError::Expiring) if Instant::now() < deadline => continue,

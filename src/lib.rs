@@ -22,6 +22,7 @@ pub mod hints;
 pub mod http;
 pub mod lock;
 pub mod metrics;
+pub mod ownership;
 pub mod pipeline;
 pub mod readcache;
 pub mod signal;
@@ -185,7 +186,36 @@ pub async fn serve(
         config.lock.lease_duration,
         metrics.clone(),
     );
-    let dedup = Arc::new(dedup::Dedup::new(
+    let signals_addr = listeners.signals.local_addr()?;
+    // Shard ownership (ADR 0014): a member Lease per replica; creates of owned shards need no
+    // per-fingerprint Lease, and signals of other shards go to their owner.
+    let ownership = config.ownership.enabled.then(|| {
+        let address = if config.ownership.advertise_address.is_empty() {
+            let host = if config.identity.pod_ip.is_empty() {
+                "127.0.0.1".to_owned()
+            } else {
+                config.identity.pod_ip.clone()
+            };
+            let host = if host.contains(':') { format!("[{host}]") } else { host };
+            format!("http://{host}:{}", signals_addr.port())
+        } else {
+            config.ownership.advertise_address.clone()
+        };
+        ownership::Ownership::new(
+            cluster.clone(),
+            deps.clock.clone(),
+            metrics.clone(),
+            ownership::Settings {
+                namespace: namespace.clone(),
+                identity: holder.clone(),
+                address,
+                lease_duration: config.ownership.lease_duration,
+                shards: config.ownership.shards,
+                write_grace: config.backend.api_timeout + std::time::Duration::from_secs(1),
+            },
+        )
+    });
+    let dedup = dedup::Dedup::new(
         cluster.clone(),
         lock.clone(),
         deps.clock.clone(),
@@ -201,7 +231,11 @@ pub async fn serve(
             watch: config.dedup.watch,
             watch_wait: config.dedup.watch_wait,
         },
-    ));
+    );
+    let dedup = Arc::new(match &ownership {
+        Some(o) => dedup.with_ownership(o.clone()),
+        None => dedup,
+    });
     // Lingering saves API-server writes; the in-process store has none to save (its "latency" is
     // this process's own scheduling, which lingering would only lengthen).
     let linger = if deps.embedded.is_some() {
@@ -229,6 +263,13 @@ pub async fn serve(
         metrics: metrics.clone(),
         cluster_id: config.backend.cluster_id.clone(),
         audit: audit.sink.clone(),
+        ownership: ownership.clone().map(|o| {
+            let forwarder: Arc<dyn ownership::Forwarder> = Arc::new(http::forward::HttpForwarder::new(
+                config.ownership.max_forwards_in_flight,
+                config.backend.api_timeout + std::time::Duration::from_secs(1),
+            ));
+            (o, forwarder)
+        }),
     };
     let state = Arc::new(http::AppState {
         pipeline,
@@ -255,7 +296,6 @@ pub async fn serve(
 
     let (stop_signals, mut signals_stopped) = watch::channel(false);
     let (stop_admin, mut admin_stopped) = watch::channel(false);
-    let signals_addr = listeners.signals.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
     let mut signals_server = tokio::spawn(http::server::serve(
         "signals",
@@ -285,6 +325,8 @@ pub async fn serve(
 
     let (stop_sweep, sweep_stopped) = watch::channel(false);
     let sweeper = tokio::spawn(lock.clone().sweep_loop(sweep_stopped));
+    let (stop_membership, membership_stopped) = watch::channel(false);
+    let membership = ownership.clone().map(|o| tokio::spawn(o.run(membership_stopped)));
 
     let mut server_failed = None;
     tokio::select! {
@@ -306,6 +348,11 @@ pub async fn serve(
     }
     let _ = stop_sweep.send(true);
     let _ = sweeper.await;
+    // After the drain: the shards move to the peers at their next round.
+    let _ = stop_membership.send(true);
+    if let Some(task) = membership {
+        let _ = task.await;
+    }
     let flush_audit = async {
         if let Some(task) = audit.task {
             task.drain(drain_deadline).await;

@@ -87,6 +87,7 @@ fn identity() -> (Identity, Vec<String>) {
         Identity {
             pod_name,
             pod_namespace,
+            pod_ip: std::env::var("POD_IP").unwrap_or_default(),
         },
         warnings,
     )

@@ -68,6 +68,17 @@ pub struct Metrics {
     pub watch_errors: IntCounter,
     pub watch_cached: IntGauge,
 
+    pub ownership_shards_owned: IntGauge,
+    pub ownership_members: IntGauge,
+    pub ownership_shards_routed: IntGaugeVec,
+    pub ownership_shards_pending: IntGauge,
+    pub ownership_rounds: IntCounterVec,
+    pub ownership_handovers: IntCounterVec,
+    pub forwards: IntCounterVec,
+    pub forward_duration: Histogram,
+    pub forward_fallbacks: IntCounterVec,
+    pub forwarded_received: IntCounterVec,
+
     pub build_info: IntGaugeVec,
 
     /// The audit trail's own metrics (src/audit/metrics.rs).
@@ -389,6 +400,64 @@ impl Metrics {
                 "Active RemediationRequests held as hints (from the watch and this replica's own writes).",
             )?,
 
+            ownership_shards_owned: gauge(
+                r,
+                "gateway_ownership_shards_owned",
+                "Fingerprint shards this replica owns now (effective claims while its member Lease is valid; ownership.enabled).",
+            )?,
+            ownership_members: gauge(
+                r,
+                "gateway_ownership_members",
+                "Live members (replicas with a current member Lease, this one included) as this replica sees them.",
+            )?,
+            ownership_shards_routed: gauge_vec(
+                r,
+                "gateway_ownership_shards_routed",
+                "Shards by where this replica sends their signals: self (it owns them), peer (exactly one other live member claims them: forwarded), none (no or two claims, a handover under way: the Lease-guarded path here).",
+                &["to"],
+            )?,
+            ownership_shards_pending: gauge(
+                r,
+                "gateway_ownership_shards_pending",
+                "Shards this replica is about to claim, release, or waits to see uncontested (0 when its ownership has settled).",
+            )?,
+            ownership_rounds: counter_vec(
+                r,
+                "gateway_ownership_rounds_total",
+                "Membership rounds (renew the member Lease with the claims, list the members) by result: ok, error (the claims lapse unless a round succeeds within the lease duration).",
+                &["result"],
+            )?,
+            ownership_handovers: counter_vec(
+                r,
+                "gateway_ownership_handovers_total",
+                "Shards this replica took over (acquired) or gave up (released).",
+                &["direction"],
+            )?,
+            forwards: counter_vec(
+                r,
+                "gateway_forwards_total",
+                "Signals forwarded to the owner of their shard, by result: stored (owner answered 2xx), failed (owner answered not stored), unanswered (sent, no answer in time: answered 503), not_sent (fell back to the local path).",
+                &["result"],
+            )?,
+            forward_duration: histogram(
+                r,
+                "gateway_forward_duration_seconds",
+                "Time from sending a forwarded signal to the owner's answer.",
+                SIGNAL_LATENCY_BUCKETS,
+            )?,
+            forward_fallbacks: counter_vec(
+                r,
+                "gateway_forward_fallbacks_total",
+                "Signals of a shard another replica owns, processed here on the Lease-guarded path instead, by reason: unreachable (no connection), saturated (forward slots full), refused (owner refused the forward).",
+                &["reason"],
+            )?,
+            forwarded_received: counter_vec(
+                r,
+                "gateway_forwarded_signals_received_total",
+                "Forwarded signals this replica received from peers, by result: stored, failed, refused (bad key or body).",
+                &["result"],
+            )?,
+
             build_info: gauge_vec(
                 r,
                 "gateway_build_info",
@@ -406,7 +475,7 @@ impl Metrics {
     /// Exports every series with a closed label set at zero from the start, so rates, ratios and
     /// alerts see "0" rather than "no data" before the first event of a kind.
     fn initialise_known_series(&self) {
-        let closed: [(&IntCounterVec, &[&str]); 14] = [
+        let closed: [(&IntCounterVec, &[&str]); 19] = [
             (&self.signals_absorbed, &["active", "manual_review", "cooldown"]),
             (
                 &self.dedup_decisions,
@@ -438,6 +507,11 @@ impl Metrics {
                 ],
             ),
             (&self.scope_decisions, &["managed", "unmanaged", "error"]),
+            (&self.ownership_handovers, &["acquired", "released"]),
+            (&self.ownership_rounds, &["ok", "error"]),
+            (&self.forwards, &["stored", "failed", "unanswered", "not_sent"]),
+            (&self.forward_fallbacks, &["unreachable", "saturated", "refused"]),
+            (&self.forwarded_received, &["stored", "failed", "refused"]),
         ];
         for (vec, values) in closed {
             for v in values {

@@ -15,6 +15,7 @@ use crate::crd::RemediationRequestSpec;
 use crate::dedup::DedupError;
 use crate::fingerprint::Fingerprint;
 use crate::metrics::Metrics;
+use crate::ownership::{Forwarded, Forwarder, Ownership, Route};
 use crate::signal::{self, Signal, Skip, Source};
 use crate::target::OwnerResolver;
 
@@ -60,6 +61,9 @@ pub struct Pipeline {
     pub cluster_id: String,
     /// Where the audit events of each decision go (a no-op while `audit.url` is unset).
     pub audit: Arc<dyn AuditSink>,
+    /// Shard ownership and the forwarding client (`ownership.enabled`): a signal whose shard
+    /// another replica owns goes to that replica.
+    pub ownership: Option<(Ownership, Arc<dyn Forwarder>)>,
 }
 
 impl Pipeline {
@@ -102,7 +106,8 @@ impl Pipeline {
 
     #[tracing::instrument(name = "signal", skip_all, fields(
         source = signal.source.as_str(), signal_name = %signal.name, fingerprint = tracing::field::Empty,
-        outcome = tracing::field::Empty, rr_name = tracing::field::Empty, api_calls = tracing::field::Empty))]
+        outcome = tracing::field::Empty, rr_name = tracing::field::Empty, api_calls = tracing::field::Empty,
+        owner = tracing::field::Empty))]
     /// `user`: the sender as authentication knows it (the audit trail's actor).
     pub async fn process(&self, signal: Signal, user: Option<&str>, deadline: Instant) -> Outcome {
         let started = StdInstant::now();
@@ -186,7 +191,7 @@ impl Pipeline {
                 return self.finish(outcome, facts, calls, started);
             }
         }
-        let result = self.coalescer.submit(fingerprint.clone(), spec, deadline).await;
+        let result = self.store(fingerprint.clone(), spec, deadline).await;
         let (outcome, calls) = match result {
             Ok(ack) => {
                 let calls = ack.api_calls + f64::from(owner_calls);
@@ -209,6 +214,45 @@ impl Pipeline {
             }
         };
         self.finish(outcome, facts, calls, started)
+    }
+
+    /// Here, or at the owner of the fingerprint's shard; here again when the owner certainly did
+    /// not get it (2xx from the owner still means stored).
+    async fn store(
+        &self,
+        fingerprint: Fingerprint,
+        spec: RemediationRequestSpec,
+        deadline: Instant,
+    ) -> Result<Ack, DedupError> {
+        let Some((ownership, forwarder)) = &self.ownership else {
+            return self.coalescer.submit(fingerprint, spec, deadline).await;
+        };
+        let Route::Forward(peer) = ownership.route(&fingerprint) else {
+            return self.coalescer.submit(fingerprint, spec, deadline).await;
+        };
+        let m = &self.metrics;
+        let started = StdInstant::now();
+        let forwarded = forwarder.forward(&peer, &fingerprint, &spec, deadline).await;
+        let result = match forwarded {
+            Forwarded::Stored(ack) => Ok(ack),
+            Forwarded::Failed(e) => Err(e),
+            Forwarded::Unanswered => Err(DedupError::Unanswered),
+            Forwarded::NotSent(reason) => {
+                m.forwards.with_label_values(&["not_sent"]).inc();
+                m.forward_fallbacks.with_label_values(&[reason]).inc();
+                tracing::debug!(owner = %peer.identity, reason, "owner not reached; processing here");
+                return self.coalescer.submit(fingerprint, spec, deadline).await;
+            }
+        };
+        m.forward_duration.observe(started.elapsed().as_secs_f64());
+        let label = match &result {
+            Ok(_) => "stored",
+            Err(DedupError::Unanswered) => "unanswered",
+            Err(_) => "failed",
+        };
+        m.forwards.with_label_values(&[label]).inc();
+        tracing::Span::current().record("owner", peer.identity.as_str());
+        result
     }
 
     /// Metrics, span fields, audit events and log line of a processed signal.

@@ -2,6 +2,7 @@
 //! (problem.rs) and the per-request middleware (trace id, latency metric).
 
 pub mod admin;
+pub mod forward;
 pub mod ingest;
 pub mod problem;
 pub mod readiness;
@@ -79,6 +80,8 @@ pub fn signals_router(state: Arc<AppState>) -> Router {
             post(ingest::kubernetes_event).fallback(method_not_allowed),
         )
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+        // Peers only: authenticated by this replica's forwarding key, not a sender's token.
+        .route(forward::FORWARD_PATH, post(forward::receive).fallback(method_not_allowed))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::middleware::from_fn_with_state(state.clone(), harden))

@@ -1,0 +1,301 @@
+//! Forwarding between replicas (ADR 0014): the client that sends a signal to the owner of its
+//! shard, and the owner's endpoint `POST /internal/v1/forward` on the signals port.
+//!
+//! The endpoint takes the fingerprint and RR spec the receiving replica computed, with the
+//! sender's remaining deadline and trace context, and answers only after the write is stored
+//! (200 + the acknowledgement) or certainly not (503). It is authenticated by the owner's
+//! per-process key, published in its member Lease (readable only by who may read Leases in the
+//! gateway's namespace), and never forwards again: a replica that no longer owns the shard takes
+//! the Lease-guarded path itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use opentelemetry::propagation::TextMapPropagator as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq as _;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use super::AppState;
+use super::problem::Problem;
+use crate::absorb::Absorbs;
+use crate::coalesce::Ack;
+use crate::crd::RemediationRequestSpec;
+use crate::dedup::DedupError;
+use crate::fingerprint::Fingerprint;
+use crate::ownership::{Forwarded, Forwarder, Peer};
+
+pub const FORWARD_PATH: &str = "/internal/v1/forward";
+/// The owner's key, as its member Lease publishes it.
+pub const KEY_HEADER: &str = "x-signal-gateway-forward-key";
+/// On a 503: `refused` when the owner did not process the signal at all (the sender may take the
+/// local path), absent when it tried and it is not stored.
+pub const REFUSED_HEADER: &str = "x-signal-gateway-forward";
+/// Largest forward body: a spec carries the original payload (at most 256 KiB) and bounded
+/// labels and annotations.
+pub const MAX_FORWARD_BYTES: usize = 1024 * 1024;
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ForwardRequest {
+    pub fingerprint: String,
+    pub spec: RemediationRequestSpec,
+    /// What is left of the sender's deadline, in milliseconds.
+    pub deadline_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ForwardAnswer {
+    pub name: String,
+    pub namespace: String,
+    pub created: bool,
+    pub occurrence_count: i64,
+    pub first_seen_at: String,
+    pub last_seen_at: String,
+    /// `active`, `manual_review` or `cooldown` (then `cooldownUntil`).
+    pub absorbed_by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooldown_until: Option<jiff::Timestamp>,
+    pub api_calls: f64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NotStored {
+    reason: String,
+    retry_after_ms: u64,
+}
+
+impl From<&Ack> for ForwardAnswer {
+    fn from(a: &Ack) -> Self {
+        let cooldown_until = match a.absorbed_by {
+            Absorbs::Cooldown(t) => Some(t),
+            _ => None,
+        };
+        ForwardAnswer {
+            name: a.name.clone(),
+            namespace: a.namespace.clone(),
+            created: a.created,
+            occurrence_count: a.occurrence_count,
+            first_seen_at: a.first_seen_at.clone(),
+            last_seen_at: a.last_seen_at.clone(),
+            absorbed_by: a.absorbed_by.as_str().to_owned(),
+            cooldown_until,
+            api_calls: a.api_calls,
+        }
+    }
+}
+
+impl ForwardAnswer {
+    fn into_ack(self) -> Option<Ack> {
+        let absorbed_by = match (self.absorbed_by.as_str(), self.cooldown_until) {
+            ("active", _) => Absorbs::Active,
+            ("manual_review", _) => Absorbs::ManualReview,
+            ("cooldown", Some(t)) => Absorbs::Cooldown(t),
+            _ => return None,
+        };
+        Some(Ack {
+            name: self.name,
+            namespace: self.namespace,
+            created: self.created,
+            occurrence_count: self.occurrence_count,
+            first_seen_at: self.first_seen_at,
+            last_seen_at: self.last_seen_at,
+            absorbed_by,
+            api_calls: self.api_calls,
+        })
+    }
+}
+
+/// The owner's side.
+pub async fn receive(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let m = &state.metrics;
+    let refuse = |status: StatusCode, detail: &str| {
+        m.forwarded_received.with_label_values(&["refused"]).inc();
+        let mut resp = match status {
+            StatusCode::FORBIDDEN => Problem::forbidden(detail.to_owned(), FORWARD_PATH).into_response(),
+            StatusCode::PAYLOAD_TOO_LARGE => Problem::too_large(MAX_FORWARD_BYTES, FORWARD_PATH).into_response(),
+            StatusCode::SERVICE_UNAVAILABLE => {
+                Problem::unavailable(detail.to_owned(), Duration::from_secs(1), FORWARD_PATH).into_response()
+            }
+            _ => Problem::bad_request(detail.to_owned(), FORWARD_PATH).into_response(),
+        };
+        resp.headers_mut()
+            .insert(REFUSED_HEADER, HeaderValue::from_static("refused"));
+        // The body may be unread: the connection ends here, and says so, so no client reuses it
+        // (a pooled forward sent into a closing connection would have an unknown outcome).
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp
+    };
+    let Some((ownership, _)) = &state.pipeline.ownership else {
+        return refuse(StatusCode::NOT_FOUND, "forwarding is off on this replica");
+    };
+    let key = req.headers().get(KEY_HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+    if !bool::from(key.ct_eq(ownership.key().as_bytes())) {
+        return refuse(StatusCode::FORBIDDEN, "not a forward from a member");
+    }
+    if state.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    let Ok(permit) = state.in_flight.clone().try_acquire_owned() else {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, "too many signals in flight");
+    };
+    let body = tokio::time::timeout(
+        state.body_read_timeout,
+        Limited::new(req.into_body(), MAX_FORWARD_BYTES).collect(),
+    )
+    .await;
+    let body = match body {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return refuse(StatusCode::PAYLOAD_TOO_LARGE, "forward body too large");
+        }
+        _ => return refuse(StatusCode::BAD_REQUEST, "forward body unreadable"),
+    };
+    let Ok(fwd) = serde_json::from_slice::<ForwardRequest>(&body.to_bytes()) else {
+        return refuse(StatusCode::BAD_REQUEST, "forward body is not a forward request");
+    };
+    let Some(fp) = Fingerprint::parse(&fwd.fingerprint) else {
+        return refuse(StatusCode::BAD_REQUEST, "invalid fingerprint");
+    };
+    if fwd.spec.signal_fingerprint != fp.as_str() {
+        return refuse(StatusCode::BAD_REQUEST, "the spec names another fingerprint");
+    }
+    let budget = Duration::from_millis(fwd.deadline_ms).min(state.request_timeout);
+    let deadline = Instant::now() + budget;
+    let result = state.pipeline.coalescer.submit(fp, fwd.spec, deadline).await;
+    drop(permit);
+    match result {
+        Ok(ack) => {
+            m.forwarded_received.with_label_values(&["stored"]).inc();
+            let body = serde_json::to_vec(&ForwardAnswer::from(&ack)).expect("answer serialises");
+            (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Err(e) => {
+            m.forwarded_received.with_label_values(&["failed"]).inc();
+            let body = serde_json::to_vec(&NotStored {
+                reason: e.reason().to_owned(),
+                retry_after_ms: u64::try_from(e.retry_after().as_millis()).unwrap_or(u64::MAX),
+            })
+            .expect("answer serialises");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response()
+        }
+    }
+}
+
+/// The receiving replica's side: one pooled HTTP/1.1 client, a bounded number of forwards in
+/// flight.
+pub struct HttpForwarder {
+    client: Client<HttpConnector, Full<Bytes>>,
+    slots: Arc<Semaphore>,
+    /// How long past the deadline an owner may still be finishing a write already sent.
+    grace: Duration,
+}
+
+impl HttpForwarder {
+    pub fn new(max_in_flight: usize, grace: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        HttpForwarder {
+            client,
+            slots: Arc::new(Semaphore::new(max_in_flight)),
+            grace,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Forwarder for HttpForwarder {
+    async fn forward(
+        &self,
+        peer: &Peer,
+        fp: &Fingerprint,
+        spec: &RemediationRequestSpec,
+        deadline: Instant,
+    ) -> Forwarded {
+        let Ok(_slot) = self.slots.clone().try_acquire_owned() else {
+            return Forwarded::NotSent("saturated");
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Forwarded::Failed(DedupError::DeadlineExceeded);
+        }
+        let body = serde_json::to_vec(&ForwardRequest {
+            fingerprint: fp.as_str().to_owned(),
+            spec: spec.clone(),
+            deadline_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
+        })
+        .expect("forward request serialises");
+        let uri = format!("{}{FORWARD_PATH}", peer.address.trim_end_matches('/'));
+        let Ok(mut req) = http::Request::post(uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(KEY_HEADER, peer.key.as_str())
+            .body(Full::new(Bytes::from(body)))
+        else {
+            return Forwarded::NotSent("refused");
+        };
+        // The owner's span continues this signal's trace.
+        let context = tracing::Span::current().context();
+        TraceContextPropagator::new().inject_context(
+            &context,
+            &mut opentelemetry_http::HeaderInjector(req.headers_mut()),
+        );
+        let answered = tokio::time::timeout_at(deadline + self.grace, async {
+            let resp = self.client.request(req).await?;
+            let status = resp.status();
+            let refused = resp.headers().contains_key(REFUSED_HEADER);
+            let body = Limited::new(resp.into_body(), 64 * 1024)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            Ok::<_, hyper_util::client::legacy::Error>((status, refused, body))
+        })
+        .await;
+        match answered {
+            Err(_) => Forwarded::Unanswered,
+            // No connection was made: certainly not sent.
+            Ok(Err(e)) if e.is_connect() => Forwarded::NotSent("unreachable"),
+            Ok(Err(_)) => Forwarded::Unanswered,
+            Ok(Ok((StatusCode::OK, _, body))) => match serde_json::from_slice::<ForwardAnswer>(&body)
+                .ok()
+                .and_then(ForwardAnswer::into_ack)
+            {
+                Some(ack) => Forwarded::Stored(ack),
+                None => Forwarded::Unanswered,
+            },
+            Ok(Ok((StatusCode::SERVICE_UNAVAILABLE, false, body))) => {
+                let not = serde_json::from_slice::<NotStored>(&body).ok();
+                Forwarded::Failed(DedupError::Owner {
+                    reason: crate::dedup::known_reason(not.as_ref().map_or("", |n| n.reason.as_str())),
+                    retry_after: Duration::from_millis(not.map_or(2000, |n| n.retry_after_ms)),
+                })
+            }
+            // Refused before any processing (bad key after a restart, shutting down, full):
+            // nothing of it is stored.
+            Ok(Ok(_)) => Forwarded::NotSent("refused"),
+        }
+    }
+}

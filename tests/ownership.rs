@@ -1,0 +1,270 @@
+//! Fingerprint ownership and forwarding (ADR 0014) on one embedded store shared by several
+//! gateways in this process: the members split the shards, a signal sent to any replica is
+//! written by its owner, creates under ownership take no Lease, an owner that cannot be reached
+//! sends the signal down the Lease-guarded path, and the forwarding endpoint refuses what is not
+//! a member's forward. (The same with OS processes on a real API server: tests/testenv_ownership.rs.)
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Gateway, count_of, eventually, pod_alert, test_config, webhook};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use signal_gateway::backend::embedded::EmbeddedStore;
+use signal_gateway::clock::{SharedClock, SystemClock};
+use signal_gateway::cluster::Cluster;
+use signal_gateway::config::Config;
+use signal_gateway::ownership;
+
+const SHARDS: u32 = 16;
+
+fn config(pod: &str) -> Config {
+    let mut c = test_config();
+    c.identity.pod_name = pod.into();
+    c.ownership.enabled = true;
+    c.ownership.shards = SHARDS;
+    c
+}
+
+async fn fleet(store: &Arc<EmbeddedStore>, n: usize) -> Vec<Gateway> {
+    let mut gateways = Vec::new();
+    for i in 0..n {
+        let cluster: Arc<dyn Cluster> = store.clone();
+        gateways.push(Gateway::on(cluster, Some(store.clone()), config(&format!("gw-{i}"))).await);
+    }
+    gateways
+}
+
+/// Waits until every member has completed two more rounds with no shard changing hands anywhere.
+async fn settled(gateways: &[Gateway]) {
+    let handovers = total(gateways, "gateway_ownership_handovers_total", &[]).await;
+    let mut rounds = Vec::new();
+    for g in gateways {
+        rounds.push(g.metric("gateway_ownership_rounds_total", &["result=\"ok\""]).await);
+    }
+    eventually(Duration::from_secs(60), "two quiet rounds of every member", || async {
+        for (g, before) in gateways.iter().zip(&rounds) {
+            if g.metric("gateway_ownership_rounds_total", &["result=\"ok\""]).await < before + 2.0 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    assert_eq!(
+        total(gateways, "gateway_ownership_handovers_total", &[]).await,
+        handovers,
+        "a settled assignment stays put"
+    );
+}
+
+async fn total(gateways: &[Gateway], name: &str, labels: &[&str]) -> f64 {
+    let mut sum = 0.0;
+    for g in gateways {
+        sum += g.metric(name, labels).await;
+    }
+    sum
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_sent_to_any_replica_are_written_by_their_shard_s_owner_with_exact_counts_and_no_lease() {
+    let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock) as SharedClock));
+    let gateways = fleet(&store, 3).await;
+    // Settled: the shards are split (each member owns the ones it wins), and every replica knows
+    // where each shard's signals go (its last list saw the claims).
+    eventually(Duration::from_secs(30), "three members splitting every shard", || async {
+        let owned = total(&gateways, "gateway_ownership_shards_owned", &[]).await;
+        for g in &gateways {
+            let routed_nowhere = g.metric("gateway_ownership_shards_routed", &["to=\"none\""]).await;
+            let members = g.metric("gateway_ownership_members", &[]).await;
+            let pending = g.metric("gateway_ownership_shards_pending", &[]).await;
+            let owns = g.metric("gateway_ownership_shards_owned", &[]).await;
+            if owns == 0.0 || routed_nowhere > 0.0 || pending > 0.0 || members != 3.0 {
+                return None;
+            }
+        }
+        (owned == f64::from(SHARDS)).then_some(())
+    })
+    .await;
+    // ... and stays so for a round of every member: every view then holds the final claims (a
+    // forward to a member whose claim is not yet effective would take the Lease path there).
+    settled(&gateways).await;
+
+    // 40 incidents x 6 signals, every signal to the next replica in turn, concurrently.
+    let incidents = 40;
+    let per_incident = 6;
+    let mut tasks = Vec::new();
+    for k in 0..incidents * per_incident {
+        let g = &gateways[k % gateways.len()];
+        let (client, base) = (g.client.clone(), g.base.clone());
+        let body = webhook(vec![pod_alert("shop", &format!("api-{}", k % incidents))]);
+        tasks.push(tokio::spawn(async move {
+            let resp = client
+                .post(format!("{base}/api/v1/signals/prometheus"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let body: serde_json::Value = resp.json().await.unwrap();
+            (status, body)
+        }));
+    }
+    let mut acked = BTreeMap::<String, i64>::new();
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert!(status == 201 || status == 202, "answered {status}: {body}");
+        *acked.entry(body["remediationRequestName"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    let rrs = store.all_requests();
+    assert_eq!(rrs.len(), incidents, "one RR per incident");
+    let fingerprints: HashSet<_> = rrs.iter().map(|rr| rr.spec.signal_fingerprint.clone()).collect();
+    assert_eq!(fingerprints.len(), incidents);
+    for rr in &rrs {
+        let name = rr.metadata.name.clone().unwrap();
+        assert_eq!(count_of(rr), acked[&name], "{name}: stored count == acknowledged signals");
+    }
+    assert_eq!(rrs.iter().map(count_of).sum::<i64>(), (incidents * per_incident) as i64);
+    // Two thirds of the signals reached a replica that does not own their shard.
+    let forwarded = total(&gateways, "gateway_forwards_total", &["result=\"stored\""]).await;
+    assert!(forwarded > 0.0, "signals were forwarded to their owner");
+    assert_eq!(
+        total(&gateways, "gateway_forwarded_signals_received_total", &["result=\"stored\""]).await,
+        forwarded
+    );
+    let mut why = String::new();
+    for g in &gateways {
+        for line in g.metrics().await.lines() {
+            if line.starts_with("gateway_forward") || line.starts_with("gateway_ownership") || line.starts_with("gateway_lock_acq") {
+                why.push_str(line);
+                why.push('\n');
+            }
+        }
+        why.push_str("--\n");
+    }
+    assert_eq!(
+        total(&gateways, "gateway_lock_acquisitions_total", &[]).await,
+        0.0,
+        "creates under ownership take no per-fingerprint Lease:\n{why}"
+    );
+    assert!(store.all_leases().iter().all(|l| l.metadata.name.as_deref().is_some_and(|n| n.starts_with("gw-member-"))));
+
+    // A clean stop hands the shards over at once: the other two own all of them.
+    let mut gateways = gateways;
+    gateways.pop().unwrap().stop().await.unwrap();
+    eventually(Duration::from_secs(20), "the two left own every shard", || async {
+        let owned = total(&gateways, "gateway_ownership_shards_owned", &[]).await;
+        (owned == f64::from(SHARDS)).then_some(())
+    })
+    .await;
+    assert_eq!(store.all_leases().len(), 2, "the stopped member's Lease is gone");
+}
+
+/// A member Lease that claims every shard for a replica nobody can reach.
+fn unreachable_member(address: &str) -> Lease {
+    let all: Vec<String> = (0..SHARDS).map(|s| s.to_string()).collect();
+    Lease {
+        metadata: ObjectMeta {
+            name: Some("gw-member-ghost-00000000".into()),
+            namespace: Some("signals".into()),
+            labels: Some([(ownership::MEMBER_LABEL.0.to_owned(), ownership::MEMBER_LABEL.1.to_owned())].into()),
+            annotations: Some(
+                [
+                    (ownership::ADDRESS_ANNOTATION.to_owned(), address.to_owned()),
+                    (ownership::KEY_ANNOTATION.to_owned(), "k".repeat(64)),
+                    (ownership::SHARDS_ANNOTATION.to_owned(), all.join(",")),
+                    (ownership::SHARD_COUNT_ANNOTATION.to_owned(), SHARDS.to_string()),
+                ]
+                .into(),
+            ),
+            ..ObjectMeta::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("ghost_00000000".into()),
+            lease_duration_seconds: Some(300),
+            renew_time: Some(MicroTime(jiff::Timestamp::now())),
+            ..LeaseSpec::default()
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_that_cannot_be_reached_leaves_the_signal_to_the_lease_guarded_path() {
+    let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock) as SharedClock));
+    // A port nothing listens on.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    store.create_lease(&unreachable_member(&address)).await.unwrap();
+    let gateways = fleet(&store, 1).await;
+    let g = &gateways[0];
+    eventually(Duration::from_secs(20), "the ghost is seen as a live member", || async {
+        (g.metric("gateway_ownership_members", &[]).await == 2.0).then_some(())
+    })
+    .await;
+    for (i, expected) in [(0, 201), (1, 202)] {
+        let (status, _, body) = g.alerts(&webhook(vec![pod_alert("shop", "api-0")])).await;
+        assert_eq!(status.as_u16(), expected, "signal {i}: {body}");
+    }
+    assert_eq!(g.metric("gateway_forward_fallbacks_total", &["reason=\"unreachable\""]).await, 2.0);
+    assert_eq!(g.metric("gateway_ownership_shards_owned", &[]).await, 0.0, "a live claim is never overlapped");
+    assert!(g.metric("gateway_lock_acquisitions_total", &["outcome=\"acquired\""]).await >= 1.0);
+    assert_eq!(store.all_requests().len(), 1);
+    assert_eq!(count_of(&store.all_requests()[0]), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forwarding_endpoint_refuses_what_is_not_a_member_s_forward() {
+    let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock) as SharedClock));
+    let gateways = fleet(&store, 1).await;
+    let g = &gateways[0];
+    let key = eventually(Duration::from_secs(20), "the member Lease", || async {
+        store.all_leases().into_iter().find_map(|l| {
+            l.metadata.annotations?.get(ownership::KEY_ANNOTATION).cloned()
+        })
+    })
+    .await;
+    let url = format!("{}/internal/v1/forward", g.base);
+    let fp = "a".repeat(64);
+    let spec = serde_json::to_value(signal_gateway::crd::RemediationRequestSpec::example(&fp)).unwrap();
+    let send = |key: Option<String>, body: String| {
+        let mut req = g.client.post(&url).header("content-type", "application/json").body(body);
+        if let Some(k) = key {
+            req = req.header("x-signal-gateway-forward-key", k);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let ct = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+            (status, ct)
+        }
+    };
+    let good = serde_json::json!({"fingerprint": fp, "spec": spec, "deadlineMs": 5000}).to_string();
+    let problem = Some("application/problem+json".to_owned());
+    assert_eq!(send(None, good.clone()).await, (403, problem.clone()), "no key");
+    assert_eq!(send(Some("x".repeat(64)), good.clone()).await, (403, problem.clone()), "wrong key");
+    assert_eq!(send(Some(key.clone()), "{".into()).await, (400, problem.clone()), "not JSON");
+    let other = serde_json::json!({"fingerprint": "b".repeat(64), "spec": spec, "deadlineMs": 5000}).to_string();
+    assert_eq!(send(Some(key.clone()), other).await, (400, problem.clone()), "spec of another fingerprint");
+    // Larger than a forward can be: refused with 413 — or the connection closed while the client
+    // is still sending the rest, which is how a server refuses a body it will not read.
+    let huge = format!("{{\"pad\":\"{}\"}}", "x".repeat(2 * 1024 * 1024));
+    let refused = g
+        .client
+        .post(&url)
+        .header("x-signal-gateway-forward-key", key.clone())
+        .body(huge)
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    assert!(matches!(refused, Ok(413) | Err(_)), "{refused:?}");
+    assert!(store.all_requests().is_empty(), "nothing refused was stored");
+    // A member's forward is stored and answered with its acknowledgement.
+    let (status, _) = send(Some(key), good).await;
+    assert_eq!(status, 200);
+    assert_eq!(store.all_requests().len(), 1);
+    assert_eq!(g.metric("gateway_forwarded_signals_received_total", &["result=\"refused\""]).await, 5.0);
+}
