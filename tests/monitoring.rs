@@ -607,23 +607,37 @@ receivers:
     // One notification with two firing alerts: one RR each, counted once.
     post(vec![alert("api-0", false), alert("api-1", false)]).await;
     let want = expect(&[("api-0", 1), ("api-1", 1)]);
-    eventually(Duration::from_secs(30), "first notification stored", || async {
-        (counts(&gw) == want).then_some(())
-    })
-    .await;
+    // Alertmanager delivers on its own schedule (group_wait, its retries): on a starved machine
+    // that takes a while, so the wait is generous and says what it saw last.
+    let until_counts = |what: &'static str, want: BTreeMap<String, i64>| {
+        let gw = &gw;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+            loop {
+                let seen = counts(gw);
+                if seen == want {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{what}: counts {seen:?}, want {want:?}; decisions {:?}",
+                    gw.metric("gateway_dedup_decisions_total", &[]).await
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    until_counts("first notification stored", want).await;
 
     // A new alert in the group: Alertmanager re-sends the group, so the standing alerts count again.
     post(vec![alert("api-2", false)]).await;
     let want = expect(&[("api-0", 2), ("api-1", 2), ("api-2", 1)]);
-    eventually(Duration::from_secs(30), "second notification stored", || async {
-        (counts(&gw) == want).then_some(())
-    })
-    .await;
+    until_counts("second notification stored", want).await;
 
     // api-2 resolves: the notification carries it as resolved (ignored) beside the firing ones.
     post(vec![alert("api-2", true)]).await;
     let want = expect(&[("api-0", 3), ("api-1", 3), ("api-2", 1)]);
-    eventually(Duration::from_secs(30), "resolved notification processed", || async {
+    eventually(Duration::from_secs(90), "resolved notification processed", || async {
         let ignored = gw
             .metric("gateway_dedup_decisions_total", &["decision=\"ignored\""])
             .await;

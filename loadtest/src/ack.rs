@@ -3,9 +3,17 @@
 //! can compare them with the stored RemediationRequests.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
+
+use crate::histogram::{Histogram, Summary};
+
+/// Most arrival times kept over all incidents (4 bytes each: 4 MiB; a 60 s run at 1000
+/// signals/s needs 60 000). Beyond it arrivals are counted in `arrivals_dropped`, not kept, and
+/// the driver computes no floor.
+pub const ARRIVALS_CAP: usize = 1_000_000;
 
 /// The outcome of one signal, as the gateway reported it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +61,9 @@ pub struct Incident {
     pub acknowledged: u64,
     /// How many of those were answered `created` (1 unless an RR was completed meanwhile).
     pub created: u64,
+    /// When each acknowledged signal was sent, in µs after the schedule's start (in the order
+    /// the answers came, not sorted), for the single-writer floor. Empty beyond `ARRIVALS_CAP`.
+    pub arrivals_us: Vec<u32>,
 }
 
 /// Everything the run observed; serialised into the ack file.
@@ -97,12 +108,47 @@ pub struct Record {
     pub incidents: BTreeMap<String, Incident>,
     /// A few examples of unexpected answers, for the report.
     pub samples: Vec<String>,
+    /// Arrival times kept (`Incident::arrivals_us`) and not kept (over `ARRIVALS_CAP`).
+    pub arrivals_kept: u64,
+    pub arrivals_dropped: u64,
+    /// Per request: from the due time of its first signal on the schedule to its final answer
+    /// (after any resends; a transport error counts when it is reported).
+    #[serde(skip)]
+    pub from_due: Histogram,
+    /// Per request: how late its first send was (send time - due time).
+    #[serde(skip)]
+    pub send_lag: Histogram,
+}
+
+/// The latency figures written into the ack file (milliseconds).
+#[derive(Debug, Serialize)]
+pub struct Latencies {
+    pub latency_from_due_ms: Summary,
+    pub send_lag_ms: Summary,
 }
 
 impl Record {
-    /// Records one answered request carrying `signals` signals. Returns false when the answer
-    /// is a 2xx whose body does not account for every signal (the caller marks it failed).
-    pub fn answered(&mut self, status: u16, pods: &[String], body: &str) -> bool {
+    /// Records how late a request was sent after its due time (once per request, not per resend).
+    pub fn sent(&mut self, lag: Duration) {
+        self.send_lag.record(lag);
+    }
+
+    /// Records a request's final outcome `from_due` after its first signal was due.
+    pub fn finished(&mut self, from_due: Duration) {
+        self.from_due.record(from_due);
+    }
+
+    pub fn latencies(&self) -> Latencies {
+        Latencies {
+            latency_from_due_ms: self.from_due.summary(),
+            send_lag_ms: self.send_lag.summary(),
+        }
+    }
+
+    /// Records one answered request carrying `signals` signals, sent `sent_us` µs after the
+    /// schedule's start. Returns false when the answer is a 2xx whose body does not account for
+    /// every signal (the caller marks it failed).
+    pub fn answered(&mut self, status: u16, pods: &[String], body: &str, sent_us: u32) -> bool {
         let signals = pods.len() as u64;
         self.requests += 1;
         self.signals_sent += signals;
@@ -135,6 +181,12 @@ impl Record {
                     self.acknowledged += 1;
                     let inc = self.incidents.entry(fp.clone()).or_default();
                     inc.acknowledged += 1;
+                    if (self.arrivals_kept as usize) < ARRIVALS_CAP {
+                        inc.arrivals_us.push(sent_us);
+                        self.arrivals_kept += 1;
+                    } else {
+                        self.arrivals_dropped += 1;
+                    }
                     if o.status == "created" {
                         inc.created += 1;
                         self.acknowledged_created += 1;
@@ -224,7 +276,7 @@ mod tests {
         r.resending(503, "{}");
         let body = r#"{"results":[
             {"status":"duplicate","fingerprint":"aa"},{"status":"created","fingerprint":"bb"}]}"#;
-        assert!(r.answered(207, &pods(2), body));
+        assert!(r.answered(207, &pods(2), body, 0));
         assert_eq!((r.requests, r.error_requests, r.resent_requests), (2, 1, 1));
         assert_eq!((r.signals_sent, r.acknowledged, r.signals_in_error_requests), (2, 2, 0));
         assert!(r.errors_by_pod.is_empty() && r.stored_in_error_requests.is_empty());
@@ -244,9 +296,9 @@ mod tests {
             r#"{{"status":"created","duplicate":false,"fingerprint":"{FP1}","remediationRequestName":"rr-1"}}"#
         );
         let dup = format!(r#"{{"status":"duplicate","duplicate":true,"fingerprint":"{FP1}","occurrenceCount":2}}"#);
-        assert!(r.answered(201, &pods(1), &created));
-        assert!(r.answered(202, &pods(1), &dup));
-        assert!(r.answered(200, &pods(1), r#"{"status":"ignored","reason":"resolved"}"#));
+        assert!(r.answered(201, &pods(1), &created, 0));
+        assert!(r.answered(202, &pods(1), &dup, 0));
+        assert!(r.answered(200, &pods(1), r#"{"status":"ignored","reason":"resolved"}"#, 0));
         assert_eq!(r.acknowledged, 2);
         assert_eq!(r.not_stored, 1);
         assert_eq!(r.incidents[FP1].acknowledged, 2);
@@ -255,10 +307,44 @@ mod tests {
     }
 
     #[test]
+    fn acknowledged_signals_keep_their_send_time_per_incident_up_to_the_cap() {
+        let mut r = Record::default();
+        let dup = format!(r#"{{"status":"duplicate","fingerprint":"{FP1}"}}"#);
+        assert!(r.answered(202, &pods(1), &dup, 7_000));
+        assert!(r.answered(202, &pods(1), &dup, 3_000));
+        assert!(r.answered(200, &pods(1), r#"{"status":"ignored","reason":"resolved"}"#, 5_000));
+        assert!(r.answered(503, &pods(1), r#"{"status":503}"#, 6_000));
+        assert_eq!(r.incidents[FP1].arrivals_us, vec![7_000, 3_000]);
+        assert_eq!((r.arrivals_kept, r.arrivals_dropped), (2, 0));
+
+        let mut full = Record {
+            arrivals_kept: ARRIVALS_CAP as u64 - 1,
+            ..Record::default()
+        };
+        assert!(full.answered(202, &pods(1), &dup, 1));
+        assert!(full.answered(202, &pods(1), &dup, 2));
+        assert_eq!(full.incidents[FP1].arrivals_us, vec![1]);
+        assert_eq!(full.incidents[FP1].acknowledged, 2);
+        assert_eq!(full.arrivals_dropped, 1);
+    }
+
+    #[test]
+    fn latencies_are_summarised_per_request() {
+        let mut r = Record::default();
+        r.sent(Duration::from_millis(2));
+        r.finished(Duration::from_millis(10));
+        r.sent(Duration::ZERO);
+        r.finished(Duration::from_millis(4));
+        let l = r.latencies();
+        assert_eq!((l.latency_from_due_ms.count, l.latency_from_due_ms.max), (2, 10.0));
+        assert_eq!((l.send_lag_ms.p50, l.send_lag_ms.max), (0.0, 2.0));
+    }
+
+    #[test]
     fn a_status_that_disagrees_with_the_body_is_flagged() {
         let mut r = Record::default();
         let dup = format!(r#"{{"status":"duplicate","fingerprint":"{FP1}"}}"#);
-        assert!(!r.answered(201, &pods(1), &dup));
+        assert!(!r.answered(201, &pods(1), &dup, 0));
     }
 
     #[test]
@@ -267,12 +353,12 @@ mod tests {
         let body = format!(
             r#"{{"results":[{{"status":"created","fingerprint":"{FP1}"}},{{"status":"duplicate","fingerprint":"{FP2}"}},{{"status":"rejected","reason":"x"}}],"summary":{{"total":3}}}}"#
         );
-        assert!(r.answered(207, &pods(3), &body));
+        assert!(r.answered(207, &pods(3), &body, 0));
         assert_eq!(r.acknowledged, 2);
         assert_eq!(r.not_stored, 1);
         assert_eq!(r.incidents.len(), 2);
         // A batch answer missing alerts is flagged and the missing ones counted.
-        assert!(!r.answered(207, &pods(5), &body));
+        assert!(!r.answered(207, &pods(5), &body, 0));
         assert_eq!(r.unparsed, 2);
     }
 
@@ -282,7 +368,7 @@ mod tests {
         let body = format!(
             r#"{{"type":"about:blank","status":503,"results":{{"results":[{{"status":"created","fingerprint":"{FP1}"}},{{"status":"failed","fingerprint":"{FP2}"}}],"summary":{{}}}}}}"#
         );
-        assert!(r.answered(503, &pods(2), &body));
+        assert!(r.answered(503, &pods(2), &body, 0));
         assert_eq!(r.acknowledged, 0);
         assert_eq!(r.server_error_requests, 1);
         assert_eq!(r.stored_in_error_requests[FP1], 1);

@@ -23,8 +23,13 @@
 //! batch size and a late request is sent at once (the schedule never drifts). Goose's own
 //! `--throttle-requests` is not used by default: it paces whole requests and its 10 ms ticks
 //! each oversleep, which loses several percent of the rate.
+//!
+//! Latency is measured from each request's due time (that of its first signal) to its final
+//! answer, not from its send: a run that falls behind its schedule shows it in the tail instead
+//! of hiding it (no coordinated omission). How late each request went out is recorded too.
 
 mod ack;
+mod histogram;
 mod workload;
 
 use std::process::ExitCode;
@@ -65,12 +70,20 @@ struct Pacer {
 }
 
 impl Pacer {
-    /// Reserves `signals` slots and waits until the first of them is due.
-    async fn wait(&self, signals: u64) {
+    /// Reserves `signals` slots, waits until the first of them is due, and returns its due time.
+    async fn wait(&self, signals: u64) -> Instant {
         let start = *self.start.get_or_init(Instant::now);
         let first = self.reserved.fetch_add(signals, Ordering::Relaxed);
         let due = start + Duration::from_secs_f64(first as f64 / self.rate);
         tokio::time::sleep_until(due.into()).await;
+        due
+    }
+
+    /// Microseconds from the schedule's start to `t` (saturating: a run of over 71 minutes
+    /// gives its later signals the same arrival time).
+    fn offset_us(&self, t: Instant) -> u32 {
+        let start = self.start.get().copied().unwrap_or(t);
+        u32::try_from(t.saturating_duration_since(start).as_micros()).unwrap_or(u32::MAX)
     }
 }
 
@@ -179,7 +192,13 @@ async fn send_signal(user: &mut GooseUser) -> TransactionResult {
     let i = st.next_target.fetch_add(1, Ordering::Relaxed) as usize;
     let url = format!("{}{}", st.settings.targets[i % st.settings.targets.len()], request.path);
     let name = request.path;
-    st.pacer.wait(request.signals).await;
+    let due = st.pacer.wait(request.signals).await;
+    let sent = Instant::now();
+    let sent_us = st.pacer.offset_us(sent);
+    st.record
+        .lock()
+        .expect("record lock")
+        .sent(sent.saturating_duration_since(due));
     let mut resends = 0;
     loop {
         let builder = user
@@ -196,10 +215,9 @@ async fn send_signal(user: &mut GooseUser) -> TransactionResult {
         let response = match goose.response {
             Ok(response) => response,
             Err(e) => {
-                st.record
-                    .lock()
-                    .expect("record lock")
-                    .transport_error(&request.pods, &e.to_string());
+                let mut record = st.record.lock().expect("record lock");
+                record.finished(due.elapsed());
+                record.transport_error(&request.pods, &e.to_string());
                 return Ok(());
             }
         };
@@ -213,11 +231,11 @@ async fn send_signal(user: &mut GooseUser) -> TransactionResult {
             tokio::time::sleep(RESEND_PAUSE * resends).await;
             continue;
         }
-        let ok = st
-            .record
-            .lock()
-            .expect("record lock")
-            .answered(status, &request.pods, &body);
+        let ok = {
+            let mut record = st.record.lock().expect("record lock");
+            record.finished(due.elapsed());
+            record.answered(status, &request.pods, &body, sent_us)
+        };
         if !ok {
             return user.set_failure(
                 "2xx answer that does not account for every signal",
@@ -285,8 +303,13 @@ async fn run() -> Result<ExitCode, String> {
 
     let record = std::mem::take(&mut *st.record.lock().expect("record lock"));
     // A run shorter than asked can never look fast: divide by at least the asked duration.
-    let achieved = record.signals_answered as f64 / elapsed.max(s.duration as f64);
+    let window = elapsed.max(s.duration as f64);
+    let achieved = record.signals_answered as f64 / window;
+    // What the schedule asked for in that window: slot k is due at k / rate, so the slots due
+    // before its end.
+    let offered = (s.rate * window).ceil() as u64;
     let passed = s.threshold <= 0.0 || achieved >= s.threshold * s.rate;
+    let latencies = record.latencies();
     let summary = json!({
         "scenario": s.scenario.name(),
         "namespace": st.workload.namespace,
@@ -298,6 +321,13 @@ async fn run() -> Result<ExitCode, String> {
         "mean_batch": st.workload.mean_batch(),
         "targets": s.targets,
         "achieved_signals_per_s": achieved,
+        "measured_window_s": window,
+        "offered_signals": offered,
+        "offered_signals_per_s": s.rate,
+        "signals_reserved": st.pacer.reserved.load(Ordering::Relaxed),
+        "achieved_vs_offered": record.signals_answered as f64 / offered.max(1) as f64,
+        "latency_from_due_ms": latencies.latency_from_due_ms,
+        "send_lag_ms": latencies.send_lag_ms,
         "threshold": s.threshold,
         "threshold_passed": passed,
         "distinct_incidents": record.incidents.len(),
@@ -311,6 +341,16 @@ async fn run() -> Result<ExitCode, String> {
         std::fs::write(path, serde_json::to_vec(&out).map_err(|e| e.to_string())?)
             .map_err(|e| format!("writing {path}: {e}"))?;
     }
+    eprintln!(
+        "loadtest: latency from due p50/p99/max {:.2}/{:.2}/{:.2} ms; send lag p99/max {:.2}/{:.2} ms; offered {} signals, achieved {:.3} of them",
+        latencies.latency_from_due_ms.p50,
+        latencies.latency_from_due_ms.p99,
+        latencies.latency_from_due_ms.max,
+        latencies.send_lag_ms.p99,
+        latencies.send_lag_ms.max,
+        offered,
+        record.signals_answered as f64 / offered.max(1) as f64
+    );
     eprintln!(
         "loadtest: {} signals sent, {} answered 2xx, {} acknowledged ({} distinct incidents), {} error requests; achieved {:.1} signals/s over {:.1}s (target {}, threshold {})",
         record.signals_sent,
