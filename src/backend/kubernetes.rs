@@ -15,12 +15,13 @@ use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
     Preconditions,
 };
+use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Config};
 use tokio::time::Instant;
 
 use crate::backend::metered::ApiMetricsLayer;
-use crate::cluster::{ApiError, ApiKind, Cluster, ObjectRef, RequestEvent, Result};
+use crate::cluster::{ApiError, ApiKind, Cluster, MetadataEvent, ObjectRef, RequestEvent, Result, WatchEvent};
 use crate::crd::{Deduplication, FINGERPRINT_FIELD, GROUP, RemediationRequest};
 use crate::metrics::Metrics;
 
@@ -336,6 +337,30 @@ impl Cluster for KubernetesCluster {
             .await
             .map(|m| m.metadata)
             .map_err(map_error)
+    }
+
+    fn watch_metadata(&self, kind: &ApiKind) -> BoxStream<'static, Result<MetadataEvent>> {
+        // As the RemediationRequest watch (list from the watch cache, bookmarks, kube's default
+        // backoff after an error), but of `PartialObjectMetadata` only: the API server sends
+        // no spec or status, so the cost is the objects' metadata, in every namespace.
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(&kind.group, &kind.version, &kind.kind),
+            &kind.resource,
+        );
+        let api: Api<PartialObjectMeta<DynamicObject>> = Api::all_with(self.client.clone(), &resource);
+        watcher(api, watcher::Config::default().any_semantic())
+            .default_backoff()
+            .map(|item| {
+                item.map(|event| match event {
+                    watcher::Event::Init => WatchEvent::Init,
+                    watcher::Event::InitApply(o) => WatchEvent::Listed(o.metadata),
+                    watcher::Event::InitDone => WatchEvent::Synced,
+                    watcher::Event::Apply(o) => WatchEvent::Applied(o.metadata),
+                    watcher::Event::Delete(o) => WatchEvent::Deleted(o.metadata),
+                })
+                .map_err(map_watch_error)
+            })
+            .boxed()
     }
 
     async fn list_api_kinds(&self, core: bool) -> Result<Vec<ApiKind>> {
