@@ -582,6 +582,24 @@ mod tests {
     }
 
     #[test]
+    fn lookups_of_sender_chosen_names_hold_nothing() {
+        let (c, _) = cache(Limits {
+            entries: 100,
+            bytes: usize::MAX,
+        });
+        c.apply(0, WatchEvent::Init);
+        c.apply(0, WatchEvent::Synced);
+        for i in 0..10_000 {
+            assert_eq!(owner(&c, &format!("invented-{i}")), Lookup::Miss);
+        }
+        assert_eq!(
+            (c.objects("ReplicaSet"), c.bytes()),
+            (0, 0),
+            "only the watch adds objects"
+        );
+    }
+
+    #[test]
     fn only_a_controller_owner_resolution_follows_is_held() {
         let (c, _) = cache(Limits {
             entries: 100,
