@@ -13,8 +13,8 @@
 //!   since: the resolver reads, as without the cache.
 //!
 //! A deleted object leaves on the watch's delete event (and the resolver's TTL answer for it
-//! goes with it); each (re)list starts the kind over, so an object deleted while the watch was
-//! down is not held either. Memory is bounded in objects and bytes ([`BoundedMap`], least
+//! goes with it); a failed watch is started over with a fresh list, and each list starts the
+//! kind over, so an object deleted while the watch was down is not held either. Memory is bounded in objects and bytes ([`BoundedMap`], least
 //! recently used forgotten first: a forgotten object is simply a miss) and reported.
 
 use std::sync::{Arc, Mutex};
@@ -203,15 +203,19 @@ impl OwnerCache {
                 match item {
                     Ok(event) => self.apply(ix, event),
                     Err(e) => {
-                        // The kubernetes backend's watcher resumes after its own backoff (from the
-                        // last version, or with a fresh list); until it delivers, reads.
+                        // kube's watcher would resume from the last version it delivered, and then
+                        // say nothing until the kind next changes somewhere: the cache could not
+                        // tell it is current again. So a failed watch is dropped and started over
+                        // with a fresh list (from the API server's watch cache) after a backoff.
                         self.shared.metrics.watch_errors.with_label_values(&[&kind.kind]).inc();
-                        self.set_synced(ix, |k| k.synced = false);
-                        tracing::warn!(kind = %kind.kind, error = %e, "owner cache watch failed; owners are read until it delivers again");
+                        tracing::warn!(kind = %kind.kind, error = %e, "owner cache watch failed; owners are read until it has listed again");
+                        break;
                     }
                 }
             }
-            // The stream ended (the embedded store's feed after it fell behind): a new one lists.
+            drop(events);
+            // The watch failed or its stream ended (the embedded store's feed after it fell
+            // behind): a new one lists.
             self.set_synced(ix, |k| {
                 k.synced = false;
                 k.listed = false;
@@ -579,6 +583,49 @@ mod tests {
             Lookup::Miss,
             "forgotten: read"
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_watch_lists_again_and_loses_nothing() {
+        use crate::backend::embedded::EmbeddedStore;
+        use crate::backend::faults::{Fault, Faulty, Op};
+        use crate::cluster::ObjectRef;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let store = Arc::new(EmbeddedStore::new(Arc::new(crate::clock::SystemClock)));
+        let rs = |name: &str| ObjectRef {
+            api_version: "apps/v1".into(),
+            kind: "ReplicaSet".into(),
+            resource: String::new(),
+            namespace: "shop".into(),
+            name: name.into(),
+        };
+        store.put_object(rs("a-1"), replicaset("a-1", "a"));
+        // The 4th item (after Init, Listed a-1, Synced) breaks the watch instead of arriving.
+        let items = Arc::new(AtomicUsize::new(0));
+        let i = items.clone();
+        let faulty = Arc::new(Faulty::new(store.clone(), move |op| match op {
+            Op::MetadataEvent if i.fetch_add(1, Ordering::SeqCst) == 3 => {
+                Fault::Fail(crate::cluster::ApiError::Unavailable("connection reset".into()))
+            }
+            _ => Fault::Pass,
+        }));
+        let (c, metrics) = cache(Limits {
+            entries: 100,
+            bytes: usize::MAX,
+        });
+        let _watches = c.spawn_watches(faulty);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        assert!(c.wait_for(deadline, |c| c.is_synced("ReplicaSet")).await);
+        store.put_object(rs("b-1"), replicaset("b-1", "b"));
+        let relisted = |c: &OwnerCache| c.is_synced("ReplicaSet") && c.objects("ReplicaSet") == 2;
+        assert!(
+            c.wait_for(deadline, relisted).await,
+            "synced again, with b-1 from the list"
+        );
+        assert_eq!(owner(&c, "b-1"), deployment("b"));
+        assert_eq!(metrics.watch_errors.with_label_values(&["ReplicaSet"]).get(), 1);
+        assert_eq!(metrics.watch_relists.with_label_values(&["ReplicaSet"]).get(), 2);
     }
 
     #[test]

@@ -16,6 +16,9 @@ use signal_gateway::crd::TargetResource;
 use signal_gateway::fingerprint::Fingerprint;
 
 const CONFIG: &str = "backend:\n  apiTimeout: 15s\n";
+
+/// The first test restarts the API server: the tests of this binary take turns.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const PODS: usize = 5;
 
 /// Creates `object` (JSON) with kubectl as the testenv admin; returns its uid.
@@ -139,6 +142,7 @@ async fn wait_synced(client: &reqwest::Client, replica: &Replica, kind: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replicaset_deployment_chain_resolves_without_replicaset_reads_once_the_watch_synced() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let u = unique();
     let ns = format!("owner-{u}");
     let deployment_uid = workload(&ns, "api-6f7d");
@@ -211,10 +215,59 @@ async fn a_replicaset_deployment_chain_resolves_without_replicaset_reads_once_th
     let objects = replica.metric(&client, "gateway_owner_cache_objects", &[]).await;
     eprintln!("owner cache: {objects} objects in {bytes} bytes");
     assert!(bytes > 0.0 && objects > 0.0);
+
+    // The API server restarts. The watch fails, and once the server is back it lists again and
+    // answers without reads again — with no change in the cluster to wake it.
+    let relists = gauge(
+        &client,
+        &replica,
+        "gateway_owner_cache_watch_relists_total",
+        "ReplicaSet",
+    )
+    .await;
+    common::testenv::testenv_cmd(&["stop-apiserver"]);
+    common::eventually(Duration::from_secs(60), "the watch failed", || async {
+        (gauge(&client, &replica, "gateway_owner_cache_synced", "ReplicaSet").await == 0.0).then_some(())
+    })
+    .await;
+    common::testenv::testenv_cmd(&["start-apiserver"]);
+    common::eventually(Duration::from_secs(90), "the watch listed again", || async {
+        let synced = gauge(&client, &replica, "gateway_owner_cache_synced", "ReplicaSet").await == 1.0;
+        let again = gauge(
+            &client,
+            &replica,
+            "gateway_owner_cache_watch_relists_total",
+            "ReplicaSet",
+        )
+        .await
+            > relists;
+        (synced && again).then_some(())
+    })
+    .await;
+    assert!(
+        gauge(
+            &client,
+            &replica,
+            "gateway_owner_cache_watch_errors_total",
+            "ReplicaSet"
+        )
+        .await
+            >= 1.0
+    );
+    replica.wait_ready(&client).await;
+    let rs_reads = gets(&client, &replica, "replicasets").await;
+    let fps = alert_every_pod_twice(&client, &replica, &ns, "api-6f7d").await;
+    assert!(fps.iter().all(|f| *f == deployment_fp), "{fps:?}");
+    assert_eq!(
+        gets(&client, &replica, "replicasets").await,
+        rs_reads,
+        "answered by the relisted watch"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_pods_watched_a_signal_costs_no_owner_read_at_all() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let u = unique();
     let ns = format!("owner-pods-{u}");
     workload(&ns, "api-41c9");
