@@ -206,7 +206,7 @@ impl OwnerCache {
                         // kube's watcher would resume from the last version it delivered, and then
                         // say nothing until the kind next changes somewhere: the cache could not
                         // tell it is current again. So a failed watch is dropped and started over
-                        // with a fresh list (from the API server's watch cache) after a backoff.
+                        // with a fresh (paginated) list after a backoff.
                         self.shared.metrics.watch_errors.with_label_values(&[&kind.kind]).inc();
                         tracing::warn!(kind = %kind.kind, error = %e, "owner cache watch failed; owners are read until it has listed again");
                         break;

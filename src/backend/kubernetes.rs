@@ -340,15 +340,18 @@ impl Cluster for KubernetesCluster {
     }
 
     fn watch_metadata(&self, kind: &ApiKind) -> BoxStream<'static, Result<MetadataEvent>> {
-        // As the RemediationRequest watch (list from the watch cache, bookmarks, kube's default
-        // backoff after an error), but of `PartialObjectMetadata` only: the API server sends
-        // no spec or status, so the cost is the objects' metadata, in every namespace.
+        // `PartialObjectMetadata` only: the API server sends no spec or status, so the cost is
+        // the objects' metadata, in every namespace. Unlike the RemediationRequest watch (one
+        // namespace, bounded by its quota) the list is not "any" semantics: the API server's
+        // watch cache answers that in one unpaginated response, and a whole cluster's ReplicaSets
+        // in one response is a memory spike in this process. A consistent list comes in pages
+        // of 500 objects. Bookmarks, and kube's default backoff after an error.
         let resource = ApiResource::from_gvk_with_plural(
             &GroupVersionKind::gvk(&kind.group, &kind.version, &kind.kind),
             &kind.resource,
         );
         let api: Api<PartialObjectMeta<DynamicObject>> = Api::all_with(self.client.clone(), &resource);
-        watcher(api, watcher::Config::default().any_semantic())
+        watcher(api, watcher::Config::default().page_size(500))
             .default_backoff()
             .map(|item| {
                 item.map(|event| match event {
