@@ -34,8 +34,8 @@ use crate::crd::{Deduplication, RemediationRequest, RemediationRequestSpec};
 use crate::fingerprint::Fingerprint;
 use crate::hints::{HintCache, Landed, Newer, WatchTask};
 use crate::lock::{Attempt, FenceError, LeaseLock, LockGuard, backoff};
-use crate::ownership::{OwnerFence, Ownership};
 use crate::metrics::Metrics;
+use crate::ownership::{OwnerFence, Ownership};
 use crate::signal::Source;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize, clap::ValueEnum)]
@@ -72,7 +72,10 @@ pub enum DedupError {
     Unanswered,
     /// The owner of the fingerprint's shard answered that the forwarded signal is not stored.
     #[error("the owning replica could not store the signal ({reason})")]
-    Owner { reason: &'static str, retry_after: Duration },
+    Owner {
+        reason: &'static str,
+        retry_after: Duration,
+    },
     #[error("{0}")]
     Internal(String),
 }
@@ -92,7 +95,11 @@ const REASONS: &[&str] = &[
 
 /// The label of a reason named by a peer (a bounded set, whatever it sends).
 pub fn known_reason(reason: &str) -> &'static str {
-    REASONS.iter().find(|r| **r == reason).copied().unwrap_or("owner_failed")
+    REASONS
+        .iter()
+        .find(|r| **r == reason)
+        .copied()
+        .unwrap_or("owner_failed")
 }
 
 impl DedupError {
@@ -116,7 +123,9 @@ impl DedupError {
     pub fn retry_after(&self) -> Duration {
         match self {
             DedupError::Api(ApiError::Throttled { retry_after: Some(d) }) => *d,
-            DedupError::Owner { retry_after, .. } => (*retry_after).clamp(Duration::from_secs(1), Duration::from_secs(30)),
+            DedupError::Owner { retry_after, .. } => {
+                (*retry_after).clamp(Duration::from_secs(1), Duration::from_secs(30))
+            }
             DedupError::LockTimeout { expires_in, .. } => {
                 (*expires_in).clamp(Duration::from_secs(1), Duration::from_secs(30))
             }

@@ -264,7 +264,9 @@ impl Ownership {
         (0..self.inner.settings.shards)
             .filter(|&s| {
                 let mine = score(me, s);
-                let beaten = live.iter().any(|m| (score(&m.identity, s), m.identity.as_str()) > (mine, me));
+                let beaten = live
+                    .iter()
+                    .any(|m| (score(&m.identity, s), m.identity.as_str()) > (mine, me));
                 let held_elsewhere = live.iter().any(|m| m.claims.contains(&s));
                 !beaten && (st.claims.contains(&s) || !held_elsewhere)
             })
@@ -309,8 +311,14 @@ impl Ownership {
             None => match inner.cluster.create_lease(&lease).await {
                 // A leftover of ours from a lost answer: adopt it with a read.
                 Err(ApiError::AlreadyExists) => {
-                    let theirs = inner.cluster.get_lease(&inner.settings.namespace, &inner.lease_name).await?;
-                    inner.cluster.update_lease(&self.lease_with(Some(theirs), &claims)).await
+                    let theirs = inner
+                        .cluster
+                        .get_lease(&inner.settings.namespace, &inner.lease_name)
+                        .await?;
+                    inner
+                        .cluster
+                        .update_lease(&self.lease_with(Some(theirs), &claims))
+                        .await
                 }
                 other => other,
             },
@@ -345,10 +353,7 @@ impl Ownership {
             st.valid_until = Some(started + inner.settings.lease_duration);
         }
         // The list after our claims were stored decides which become effective.
-        let listed = inner
-            .cluster
-            .list_leases(&inner.settings.namespace, MEMBER_LABEL)
-            .await;
+        let listed = inner.cluster.list_leases(&inner.settings.namespace, MEMBER_LABEL).await;
         let listed = match listed {
             Ok(listed) => listed,
             Err(e) => {
@@ -375,11 +380,15 @@ impl Ownership {
         let mut members = BTreeMap::new();
         let mut expired = Vec::new();
         for lease in listed {
-            let Some(name) = lease.metadata.name.clone() else { continue };
+            let Some(name) = lease.metadata.name.clone() else {
+                continue;
+            };
             if name == inner.lease_name {
                 continue;
             }
-            let Some(member) = self.member_of(&lease, st.members.get(&name), now) else { continue };
+            let Some(member) = self.member_of(&lease, st.members.get(&name), now) else {
+                continue;
+            };
             // Gone for two lease durations: a crashed member's Lease, removed (conditionally).
             if now >= member.seen_at + member.duration * 2 {
                 expired.push((name.clone(), member.resource_version.clone()));
@@ -427,7 +436,8 @@ impl Ownership {
             Some(k) if k.resource_version == resource_version => k.seen_at,
             _ => now,
         };
-        let duration = Duration::from_secs(u64::try_from(spec.lease_duration_seconds.unwrap_or(15).max(1)).unwrap_or(15));
+        let duration =
+            Duration::from_secs(u64::try_from(spec.lease_duration_seconds.unwrap_or(15).max(1)).unwrap_or(15));
         Some(Member {
             identity,
             address: get(ADDRESS_ANNOTATION),
@@ -479,7 +489,13 @@ impl Ownership {
         for s in 0..self.inner.settings.shards {
             if valid && st.effective.contains(&s) {
                 here += 1;
-            } else if st.members.values().filter(|m| m.live(now) && m.claims.contains(&s)).count() == 1 {
+            } else if st
+                .members
+                .values()
+                .filter(|m| m.live(now) && m.claims.contains(&s))
+                .count()
+                == 1
+            {
                 peer += 1;
             }
         }
@@ -507,7 +523,12 @@ impl Ownership {
         };
         if let Some(rv) = lease.and_then(|l| l.metadata.resource_version) {
             let s = &self.inner.settings;
-            if let Err(e) = self.inner.cluster.delete_lease(&s.namespace, &self.inner.lease_name, &rv).await {
+            if let Err(e) = self
+                .inner
+                .cluster
+                .delete_lease(&s.namespace, &self.inner.lease_name, &rv)
+                .await
+            {
                 tracing::warn!(error = %e, "could not delete the member Lease; it expires");
             }
         }
@@ -647,12 +668,15 @@ mod tests {
 
     #[test]
     fn a_fingerprint_always_falls_in_the_same_shard_and_scores_differ_per_member() {
-        let fp = Fingerprint::of("", &crate::crd::TargetResource {
-            kind: "Pod".into(),
-            name: "p".into(),
-            namespace: "n".into(),
-            api_version: String::new(),
-        });
+        let fp = Fingerprint::of(
+            "",
+            &crate::crd::TargetResource {
+                kind: "Pod".into(),
+                name: "p".into(),
+                namespace: "n".into(),
+                api_version: String::new(),
+            },
+        );
         assert_eq!(shard_of(&fp, 64), shard_of(&fp.clone(), 64));
         assert!(shard_of(&fp, 64) < 64);
         assert_ne!(score("a", 1), score("b", 1));
@@ -662,7 +686,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn three_members_split_every_shard_with_no_shard_owned_twice() {
         let (store, clock) = setup();
-        let (a, b, c) = (member(&store, &clock, "a"), member(&store, &clock, "b"), member(&store, &clock, "c"));
+        let (a, b, c) = (
+            member(&store, &clock, "a"),
+            member(&store, &clock, "b"),
+            member(&store, &clock, "c"),
+        );
         rounds(&[&a, &b, &c], 4).await;
         assert_eq!(owned_by_all(&[&a, &b, &c]), 16, "every shard has an owner");
         for m in [&a, &b, &c] {
@@ -681,7 +709,9 @@ mod tests {
                 assert_eq!(route, Route::Local);
                 assert!(m.fence(&fp).unwrap().send_by().is_ok());
             } else {
-                assert!(matches!(route, Route::Forward(ref p) if p.identity == owner.identity() && p.key == owner.key()));
+                assert!(
+                    matches!(route, Route::Forward(ref p) if p.identity == owner.identity() && p.key == owner.key())
+                );
                 assert!(m.fence(&fp).is_none());
             }
         }
@@ -708,7 +738,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_crashed_member_s_shards_move_after_a_lease_duration_and_a_leaver_s_at_once() {
         let (store, clock) = setup();
-        let (a, b, c) = (member(&store, &clock, "a"), member(&store, &clock, "b"), member(&store, &clock, "c"));
+        let (a, b, c) = (
+            member(&store, &clock, "a"),
+            member(&store, &clock, "b"),
+            member(&store, &clock, "c"),
+        );
         rounds(&[&a, &b, &c], 4).await;
         let crashed = c.owned();
         assert!(!crashed.is_empty());
@@ -719,7 +753,11 @@ mod tests {
         assert!(owned_by_all(&[&a, &b]) + c.owned().len() <= 16);
         rounds(&[&a, &b], 3).await;
         assert!(c.owned().is_empty(), "c's own claims lapsed with its validity");
-        assert_eq!(owned_by_all(&[&a, &b]), 16, "within about a lease duration a and b own all");
+        assert_eq!(
+            owned_by_all(&[&a, &b]),
+            16,
+            "within about a lease duration a and b own all"
+        );
         // b leaves cleanly: a owns everything at its next rounds, without waiting.
         let leaving = b.owned();
         b.leave().await;

@@ -75,19 +75,23 @@ async fn signals_sent_to_any_replica_are_written_by_their_shard_s_owner_with_exa
     let gateways = fleet(&store, 3).await;
     // Settled: the shards are split (each member owns the ones it wins), and every replica knows
     // where each shard's signals go (its last list saw the claims).
-    eventually(Duration::from_secs(30), "three members splitting every shard", || async {
-        let owned = total(&gateways, "gateway_ownership_shards_owned", &[]).await;
-        for g in &gateways {
-            let routed_nowhere = g.metric("gateway_ownership_shards_routed", &["to=\"none\""]).await;
-            let members = g.metric("gateway_ownership_members", &[]).await;
-            let pending = g.metric("gateway_ownership_shards_pending", &[]).await;
-            let owns = g.metric("gateway_ownership_shards_owned", &[]).await;
-            if owns == 0.0 || routed_nowhere > 0.0 || pending > 0.0 || members != 3.0 {
-                return None;
+    eventually(
+        Duration::from_secs(30),
+        "three members splitting every shard",
+        || async {
+            let owned = total(&gateways, "gateway_ownership_shards_owned", &[]).await;
+            for g in &gateways {
+                let routed_nowhere = g.metric("gateway_ownership_shards_routed", &["to=\"none\""]).await;
+                let members = g.metric("gateway_ownership_members", &[]).await;
+                let pending = g.metric("gateway_ownership_shards_pending", &[]).await;
+                let owns = g.metric("gateway_ownership_shards_owned", &[]).await;
+                if owns == 0.0 || routed_nowhere > 0.0 || pending > 0.0 || members != 3.0 {
+                    return None;
+                }
             }
-        }
-        (owned == f64::from(SHARDS)).then_some(())
-    })
+            (owned == f64::from(SHARDS)).then_some(())
+        },
+    )
     .await;
     // ... and stays so for a round of every member: every view then holds the final claims (a
     // forward to a member whose claim is not yet effective would take the Lease path there).
@@ -117,7 +121,9 @@ async fn signals_sent_to_any_replica_are_written_by_their_shard_s_owner_with_exa
     for t in tasks {
         let (status, body) = t.await.unwrap();
         assert!(status == 201 || status == 202, "answered {status}: {body}");
-        *acked.entry(body["remediationRequestName"].as_str().unwrap().to_owned()).or_default() += 1;
+        *acked
+            .entry(body["remediationRequestName"].as_str().unwrap().to_owned())
+            .or_default() += 1;
     }
     let rrs = store.all_requests();
     assert_eq!(rrs.len(), incidents, "one RR per incident");
@@ -125,20 +131,32 @@ async fn signals_sent_to_any_replica_are_written_by_their_shard_s_owner_with_exa
     assert_eq!(fingerprints.len(), incidents);
     for rr in &rrs {
         let name = rr.metadata.name.clone().unwrap();
-        assert_eq!(count_of(rr), acked[&name], "{name}: stored count == acknowledged signals");
+        assert_eq!(
+            count_of(rr),
+            acked[&name],
+            "{name}: stored count == acknowledged signals"
+        );
     }
     assert_eq!(rrs.iter().map(count_of).sum::<i64>(), (incidents * per_incident) as i64);
     // Two thirds of the signals reached a replica that does not own their shard.
     let forwarded = total(&gateways, "gateway_forwards_total", &["result=\"stored\""]).await;
     assert!(forwarded > 0.0, "signals were forwarded to their owner");
     assert_eq!(
-        total(&gateways, "gateway_forwarded_signals_received_total", &["result=\"stored\""]).await,
+        total(
+            &gateways,
+            "gateway_forwarded_signals_received_total",
+            &["result=\"stored\""]
+        )
+        .await,
         forwarded
     );
     let mut why = String::new();
     for g in &gateways {
         for line in g.metrics().await.lines() {
-            if line.starts_with("gateway_forward") || line.starts_with("gateway_ownership") || line.starts_with("gateway_lock_acq") {
+            if line.starts_with("gateway_forward")
+                || line.starts_with("gateway_ownership")
+                || line.starts_with("gateway_lock_acq")
+            {
                 why.push_str(line);
                 why.push('\n');
             }
@@ -150,7 +168,12 @@ async fn signals_sent_to_any_replica_are_written_by_their_shard_s_owner_with_exa
         0.0,
         "creates under ownership take no per-fingerprint Lease:\n{why}"
     );
-    assert!(store.all_leases().iter().all(|l| l.metadata.name.as_deref().is_some_and(|n| n.starts_with("gw-member-"))));
+    assert!(
+        store
+            .all_leases()
+            .iter()
+            .all(|l| l.metadata.name.as_deref().is_some_and(|n| n.starts_with("gw-member-")))
+    );
 
     // A clean stop hands the shards over at once: the other two own all of them.
     let mut gateways = gateways;
@@ -170,7 +193,13 @@ fn unreachable_member(address: &str) -> Lease {
         metadata: ObjectMeta {
             name: Some("gw-member-ghost-00000000".into()),
             namespace: Some("signals".into()),
-            labels: Some([(ownership::MEMBER_LABEL.0.to_owned(), ownership::MEMBER_LABEL.1.to_owned())].into()),
+            labels: Some(
+                [(
+                    ownership::MEMBER_LABEL.0.to_owned(),
+                    ownership::MEMBER_LABEL.1.to_owned(),
+                )]
+                .into(),
+            ),
             annotations: Some(
                 [
                     (ownership::ADDRESS_ANNOTATION.to_owned(), address.to_owned()),
@@ -201,17 +230,31 @@ async fn an_owner_that_cannot_be_reached_leaves_the_signal_to_the_lease_guarded_
     store.create_lease(&unreachable_member(&address)).await.unwrap();
     let gateways = fleet(&store, 1).await;
     let g = &gateways[0];
-    eventually(Duration::from_secs(20), "the ghost is seen as a live member", || async {
-        (g.metric("gateway_ownership_members", &[]).await == 2.0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the ghost is seen as a live member",
+        || async { (g.metric("gateway_ownership_members", &[]).await == 2.0).then_some(()) },
+    )
     .await;
     for (i, expected) in [(0, 201), (1, 202)] {
         let (status, _, body) = g.alerts(&webhook(vec![pod_alert("shop", "api-0")])).await;
         assert_eq!(status.as_u16(), expected, "signal {i}: {body}");
     }
-    assert_eq!(g.metric("gateway_forward_fallbacks_total", &["reason=\"unreachable\""]).await, 2.0);
-    assert_eq!(g.metric("gateway_ownership_shards_owned", &[]).await, 0.0, "a live claim is never overlapped");
-    assert!(g.metric("gateway_lock_acquisitions_total", &["outcome=\"acquired\""]).await >= 1.0);
+    assert_eq!(
+        g.metric("gateway_forward_fallbacks_total", &["reason=\"unreachable\""])
+            .await,
+        2.0
+    );
+    assert_eq!(
+        g.metric("gateway_ownership_shards_owned", &[]).await,
+        0.0,
+        "a live claim is never overlapped"
+    );
+    assert!(
+        g.metric("gateway_lock_acquisitions_total", &["outcome=\"acquired\""])
+            .await
+            >= 1.0
+    );
     assert_eq!(store.all_requests().len(), 1);
     assert_eq!(count_of(&store.all_requests()[0]), 2);
 }
@@ -222,33 +265,53 @@ async fn the_forwarding_endpoint_refuses_what_is_not_a_member_s_forward() {
     let gateways = fleet(&store, 1).await;
     let g = &gateways[0];
     let key = eventually(Duration::from_secs(20), "the member Lease", || async {
-        store.all_leases().into_iter().find_map(|l| {
-            l.metadata.annotations?.get(ownership::KEY_ANNOTATION).cloned()
-        })
+        store
+            .all_leases()
+            .into_iter()
+            .find_map(|l| l.metadata.annotations?.get(ownership::KEY_ANNOTATION).cloned())
     })
     .await;
     let url = format!("{}/internal/v1/forward", g.base);
     let fp = "a".repeat(64);
     let spec = serde_json::to_value(signal_gateway::crd::RemediationRequestSpec::example(&fp)).unwrap();
     let send = |key: Option<String>, body: String| {
-        let mut req = g.client.post(&url).header("content-type", "application/json").body(body);
+        let mut req = g
+            .client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body);
         if let Some(k) = key {
             req = req.header("x-signal-gateway-forward-key", k);
         }
         async move {
             let resp = req.send().await.unwrap();
             let status = resp.status().as_u16();
-            let ct = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+            let ct = resp
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_owned());
             (status, ct)
         }
     };
     let good = serde_json::json!({"fingerprint": fp, "spec": spec, "deadlineMs": 5000}).to_string();
     let problem = Some("application/problem+json".to_owned());
     assert_eq!(send(None, good.clone()).await, (403, problem.clone()), "no key");
-    assert_eq!(send(Some("x".repeat(64)), good.clone()).await, (403, problem.clone()), "wrong key");
-    assert_eq!(send(Some(key.clone()), "{".into()).await, (400, problem.clone()), "not JSON");
+    assert_eq!(
+        send(Some("x".repeat(64)), good.clone()).await,
+        (403, problem.clone()),
+        "wrong key"
+    );
+    assert_eq!(
+        send(Some(key.clone()), "{".into()).await,
+        (400, problem.clone()),
+        "not JSON"
+    );
     let other = serde_json::json!({"fingerprint": "b".repeat(64), "spec": spec, "deadlineMs": 5000}).to_string();
-    assert_eq!(send(Some(key.clone()), other).await, (400, problem.clone()), "spec of another fingerprint");
+    assert_eq!(
+        send(Some(key.clone()), other).await,
+        (400, problem.clone()),
+        "spec of another fingerprint"
+    );
     // Larger than a forward can be: refused with 413 — or the connection closed while the client
     // is still sending the rest, which is how a server refuses a body it will not read.
     let huge = format!("{{\"pad\":\"{}\"}}", "x".repeat(2 * 1024 * 1024));
@@ -266,5 +329,9 @@ async fn the_forwarding_endpoint_refuses_what_is_not_a_member_s_forward() {
     let (status, _) = send(Some(key), good).await;
     assert_eq!(status, 200);
     assert_eq!(store.all_requests().len(), 1);
-    assert_eq!(g.metric("gateway_forwarded_signals_received_total", &["result=\"refused\""]).await, 5.0);
+    assert_eq!(
+        g.metric("gateway_forwarded_signals_received_total", &["result=\"refused\""])
+            .await,
+        5.0
+    );
 }

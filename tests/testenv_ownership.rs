@@ -43,7 +43,10 @@ async fn until_all_owned(replicas: &[&Replica], client: &reqwest::Client, within
         if owned_total(replicas, client).await == SHARDS {
             return started.elapsed();
         }
-        assert!(started.elapsed() < within, "{what}: shards not all owned within {within:?}");
+        assert!(
+            started.elapsed() < within,
+            "{what}: shards not all owned within {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -52,7 +55,9 @@ async fn until_all_owned(replicas: &[&Replica], client: &reqwest::Client, within
 async fn kill_add_and_rolling_restart_under_load_keep_one_rr_per_incident_and_exact_counts() {
     let run = unique();
     let client = reqwest::Client::builder().pool_max_idle_per_host(50).build().unwrap();
-    let mut replicas: Vec<Replica> = (0..3).map(|i| Replica::start(&format!("own-{run}-{i}"), CONFIG)).collect();
+    let mut replicas: Vec<Replica> = (0..3)
+        .map(|i| Replica::start(&format!("own-{run}-{i}"), CONFIG))
+        .collect();
     for r in &replicas {
         r.wait_ready(&client).await;
     }
@@ -67,8 +72,14 @@ async fn kill_add_and_rolling_restart_under_load_keep_one_rr_per_incident_and_ex
     let stop = Arc::new(AtomicBool::new(false));
     // ~40 signals/s, round-robin over the current targets, each in its own task.
     let load = {
-        let (targets, tally, stop, client, ns, pods) =
-            (targets.clone(), tally.clone(), stop.clone(), client.clone(), ns.clone(), pods.clone());
+        let (targets, tally, stop, client, ns, pods) = (
+            targets.clone(),
+            tally.clone(),
+            stop.clone(),
+            client.clone(),
+            ns.clone(),
+            pods.clone(),
+        );
         tokio::spawn(async move {
             let mut tasks = Vec::new();
             let mut k = 0usize;
@@ -129,7 +140,10 @@ async fn kill_add_and_rolling_restart_under_load_keep_one_rr_per_incident_and_ex
     let killed_at = Instant::now();
     let survivors: Vec<&Replica> = replicas[..2].iter().collect();
     let took = until_all_owned(&survivors, &client, 4 * LEASE, "after the kill").await;
-    eprintln!("after SIGKILL the survivors own all shards after {:?}", killed_at.elapsed().max(took));
+    eprintln!(
+        "after SIGKILL the survivors own all shards after {:?}",
+        killed_at.elapsed().max(took)
+    );
 
     // 2. A replica added: it takes its shards from the others, nothing overlaps.
     replicas.push(Replica::start(&format!("own-{run}-3"), CONFIG));
@@ -146,7 +160,10 @@ async fn kill_add_and_rolling_restart_under_load_keep_one_rr_per_incident_and_ex
     let left_at = Instant::now();
     let remaining: Vec<&Replica> = [&replicas[1], &replicas[3]].into_iter().collect();
     until_all_owned(&remaining, &client, 4 * LEASE, "after a clean stop").await;
-    eprintln!("after a clean stop the others own all shards after {:?}", left_at.elapsed());
+    eprintln!(
+        "after a clean stop the others own all shards after {:?}",
+        left_at.elapsed()
+    );
     replicas.push(Replica::start(&format!("own-{run}-4"), CONFIG));
     replicas[4].wait_ready(&client).await;
     targets.lock().unwrap().push(replicas[4].base.clone());
@@ -158,7 +175,9 @@ async fn kill_add_and_rolling_restart_under_load_keep_one_rr_per_incident_and_ex
     let admin = admin().await;
     let mut forwards = 0.0;
     for r in [&replicas[1], &replicas[3], &replicas[4]] {
-        forwards += r.metric(&client, "gateway_forwards_total", &["result=\"stored\""]).await;
+        forwards += r
+            .metric(&client, "gateway_forwards_total", &["result=\"stored\""])
+            .await;
     }
     let mut report = BTreeMap::new();
     let mut problems = Vec::new();
@@ -175,7 +194,9 @@ async fn kill_add_and_rolling_restart_under_load_keep_one_rr_per_incident_and_ex
             problems.push(format!("{pod}: {acked} acknowledged, no RR"));
         }
         if stored < acked || stored > acked + unknown {
-            problems.push(format!("{pod}: stored {stored}, acknowledged {acked}, unknown {unknown}"));
+            problems.push(format!(
+                "{pod}: stored {stored}, acknowledged {acked}, unknown {unknown}"
+            ));
         }
         if t.created.get(pod).copied().unwrap_or(0) > 1 {
             problems.push(format!("{pod}: answered 201 twice"));
@@ -203,7 +224,11 @@ async fn kill_add_and_rolling_restart_under_load_keep_one_rr_per_incident_and_ex
 async fn eventually_owns_some(r: &Replica, client: &reqwest::Client, within: Duration) {
     let started = Instant::now();
     while r.metric(client, "gateway_ownership_shards_owned", &[]).await == 0.0 {
-        assert!(started.elapsed() < within, "{}: owns no shard within {within:?}", r.name);
+        assert!(
+            started.elapsed() < within,
+            "{}: owns no shard within {within:?}",
+            r.name
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -258,10 +258,8 @@ impl Forwarder for HttpForwarder {
         };
         // The owner's span continues this signal's trace.
         let context = tracing::Span::current().context();
-        TraceContextPropagator::new().inject_context(
-            &context,
-            &mut opentelemetry_http::HeaderInjector(req.headers_mut()),
-        );
+        TraceContextPropagator::new()
+            .inject_context(&context, &mut opentelemetry_http::HeaderInjector(req.headers_mut()));
         let answered = tokio::time::timeout_at(deadline + self.grace, async {
             let resp = self.client.request(req).await?;
             let status = resp.status();

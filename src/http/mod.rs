@@ -81,7 +81,10 @@ pub fn signals_router(state: Arc<AppState>) -> Router {
         )
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
         // Peers only: authenticated by this replica's forwarding key, not a sender's token.
-        .route(forward::FORWARD_PATH, post(forward::receive).fallback(method_not_allowed))
+        .route(
+            forward::FORWARD_PATH,
+            post(forward::receive).fallback(method_not_allowed),
+        )
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::middleware::from_fn_with_state(state.clone(), harden))
