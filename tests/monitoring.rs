@@ -386,6 +386,15 @@ async fn every_dashboard_panel_and_runbook_query_returns_data_from_real_promethe
     let client = reqwest::Client::new();
     let replica = Replica::start(&format!("mon-{}", unique()), "logging:\n  format: json\n");
     replica.wait_ready(&client).await;
+    // Two replicas owning the shards between them (ownership.enabled), so the ownership and
+    // forwarding panels have data; the first one writes everything itself (the lock panels).
+    let owners_config = "logging:\n  format: json\nownership:\n  enabled: true\n";
+    let owners: Vec<Replica> = (0..2)
+        .map(|i| Replica::start(&format!("mon-own-{i}-{}", unique()), owners_config))
+        .collect();
+    for r in &owners {
+        r.wait_ready(&client).await;
+    }
 
     let dir = scratch("prometheus");
     let testenv_dir = repo().join("target/testenv");
@@ -400,7 +409,7 @@ rule_files:
 scrape_configs:
   - job_name: signal-gateway
     static_configs:
-      - targets: ["{gateway}"]
+      - targets: ["{gateway}", "{owner0}", "{owner1}"]
         labels:
           namespace: {namespace}
   - job_name: apiserver
@@ -414,6 +423,8 @@ scrape_configs:
 "#,
         rules = repo().join("alerts/signal-gateway.rules.yml").display(),
         gateway = replica.admin.trim_start_matches("http://"),
+        owner0 = owners[0].admin.trim_start_matches("http://"),
+        owner1 = owners[1].admin.trim_start_matches("http://"),
         namespace = env.namespace,
         token = testenv_dir.join("admin.token").display(),
         ca = testenv_dir.join("pki/ca.crt").display(),
@@ -436,7 +447,8 @@ scrape_configs:
     // one and an Alertmanager batch each round, so every rate and quantile has samples.
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = {
-        let (stop, client, base) = (stop.clone(), client.clone(), replica.base.clone());
+        let (stop, client) = (stop.clone(), client.clone());
+        let bases = [replica.base.clone(), owners[0].base.clone(), owners[1].base.clone()];
         let ns = format!("mon-{}", unique());
         tokio::spawn(async move {
             let mut sent = 0u64;
@@ -446,6 +458,7 @@ scrape_configs:
                     pod_alert(&ns, "standing-0"),
                     pod_alert(&ns, "standing-1"),
                 ]);
+                let base = &bases[(sent % 3) as usize];
                 let r = client
                     .post(format!("{base}/api/v1/signals/prometheus"))
                     .json(&batch)
