@@ -391,6 +391,48 @@ mod tests {
     use crate::dedup::{Settings, Strategy};
     use crate::lock::LeaseLock;
 
+    /// The optimistic Dedup the coalescer tests write through (no watch, short backoffs).
+    fn optimistic_dedup(cluster: Arc<dyn crate::cluster::Cluster>, clock: SharedClock) -> (Arc<Dedup>, Metrics) {
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        let lock = LeaseLock::new(
+            cluster.clone(),
+            clock.clone(),
+            "ns".into(),
+            "a".into(),
+            Duration::from_secs(30),
+            metrics.clone(),
+        );
+        let settings = Settings {
+            namespace: "ns".into(),
+            strategy: Strategy::Optimistic,
+            backoff_initial: Duration::from_millis(5),
+            backoff_max: Duration::from_millis(50),
+            write_grace: Duration::from_millis(100),
+            watch: false,
+            watch_wait: Duration::ZERO,
+        };
+        (
+            Arc::new(Dedup::new(cluster, lock, clock, metrics.clone(), settings)),
+            metrics,
+        )
+    }
+
+    /// The fingerprint and RR spec of a signal about Pod `n/<pod>`.
+    fn pod_signal(pod: &str) -> (Fingerprint, RemediationRequestSpec) {
+        let target = crate::crd::TargetResource {
+            kind: "Pod".into(),
+            name: pod.into(),
+            namespace: "n".into(),
+            api_version: String::new(),
+        };
+        let fp = Fingerprint::of("", &target);
+        let spec = RemediationRequestSpec {
+            target_resource: target,
+            ..RemediationRequestSpec::example(fp.as_str())
+        };
+        (fp, spec)
+    }
+
     /// A coalescer over an embedded store whose first creation lock waits at a gate: the first
     /// signal submitted is held while its write is under way, and everything submitted after it
     /// queues behind.
@@ -424,42 +466,15 @@ mod tests {
                 }
                 _ => Fault::Pass,
             }));
-            let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
-            let lock = LeaseLock::new(
-                cluster.clone(),
-                clock.clone(),
-                "ns".into(),
-                "a".into(),
-                Duration::from_secs(30),
-                metrics.clone(),
-            );
-            let settings = Settings {
-                namespace: "ns".into(),
-                strategy: Strategy::Optimistic,
-                backoff_initial: Duration::from_millis(5),
-                backoff_max: Duration::from_millis(50),
-                write_grace: Duration::from_millis(100),
-                watch: false,
-                watch_wait: Duration::ZERO,
-            };
-            let dedup = Arc::new(Dedup::new(cluster, lock, clock, metrics.clone(), settings));
-            let target = crate::crd::TargetResource {
-                kind: "Pod".into(),
-                name: "p".into(),
-                namespace: "n".into(),
-                api_version: String::new(),
-            };
-            let fp = Fingerprint::of("", &target);
+            let (dedup, metrics) = optimistic_dedup(cluster, clock);
+            let (fp, spec) = pod_signal("p");
             Held {
                 store,
                 coalescer: Coalescer::new(dedup, metrics, 1000, Duration::ZERO),
                 gate,
                 at_gate,
                 writes,
-                spec: RemediationRequestSpec {
-                    target_resource: target,
-                    ..RemediationRequestSpec::example(fp.as_str())
-                },
+                spec,
                 fp,
                 deadline: Instant::now() + Duration::from_secs(20),
             }
@@ -578,36 +593,8 @@ mod tests {
             }
             Fault::Pass
         }));
-        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
-        let lock = LeaseLock::new(
-            cluster.clone(),
-            clock.clone(),
-            "ns".into(),
-            "a".into(),
-            Duration::from_secs(30),
-            metrics.clone(),
-        );
-        let settings = Settings {
-            namespace: "ns".into(),
-            strategy: Strategy::Optimistic,
-            backoff_initial: Duration::from_millis(5),
-            backoff_max: Duration::from_millis(50),
-            write_grace: Duration::from_millis(100),
-            watch: false,
-            watch_wait: Duration::ZERO,
-        };
-        let dedup = Arc::new(Dedup::new(cluster, lock, clock, metrics.clone(), settings));
-        let target = crate::crd::TargetResource {
-            kind: "Pod".into(),
-            name: "hot".into(),
-            namespace: "n".into(),
-            api_version: String::new(),
-        };
-        let fp = Fingerprint::of("", &target);
-        let spec = RemediationRequestSpec {
-            target_resource: target,
-            ..RemediationRequestSpec::example(fp.as_str())
-        };
+        let (dedup, metrics) = optimistic_dedup(cluster, clock);
+        let (fp, spec) = pod_signal("hot");
         Lingering {
             coalescer: Coalescer::new(dedup, metrics, max_batch, linger),
             writes,
