@@ -737,32 +737,63 @@ async fn without_the_lease_permission_signals_fail_503_and_the_log_names_the_gap
     );
 }
 
+/// A namespace of a test's own (so no other test's writes reach its watch) where the gateway
+/// ServiceAccount holds deploy/rbac's Role with `rr_verbs` on remediationrequests (deploy/rbac
+/// grants get, list, watch, create). `apply(verbs)` changes the verbs; `replica` serves in it.
+struct OwnNamespace {
+    ns: String,
+    role_file: std::path::PathBuf,
+}
+
+impl OwnNamespace {
+    fn create(tag: &str, rr_verbs: &str) -> Self {
+        let ns = format!("sg-{tag}-{}", unique());
+        kubectl(&["create", "namespace", &ns]);
+        let role_file = testenv().repo.join(format!("target/testenv/{ns}-role.yaml"));
+        let own = OwnNamespace { ns, role_file };
+        own.apply(rr_verbs);
+        own
+    }
+
+    fn apply(&self, rr_verbs: &str) {
+        let ns = &self.ns;
+        let role = format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: gw\n  namespace: {ns}\nrules:\n- apiGroups: [kubernaut.ai]\n  resources: [remediationrequests]\n  verbs: [{rr_verbs}]\n- apiGroups: [kubernaut.ai]\n  resources: [remediationrequests/status]\n  verbs: [patch]\n- apiGroups: [coordination.k8s.io]\n  resources: [leases]\n  verbs: [get, list, create, update, delete]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: gw\n  namespace: {ns}\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: Role\n  name: gw\nsubjects:\n- kind: ServiceAccount\n  name: signal-gateway\n  namespace: {}\n",
+            testenv().namespace
+        );
+        std::fs::write(&self.role_file, role).unwrap();
+        kubectl(&["apply", "-f", self.role_file.to_str().unwrap()]);
+    }
+
+    /// A replica with `config` in the namespace, once it answers (ready or not).
+    async fn replica(&self, config: &str, client: &reqwest::Client) -> Replica {
+        let replica = Replica::start_as(
+            &format!("{}-gw", self.ns),
+            config,
+            &testenv().gateway_kubeconfig,
+            &self.ns,
+        );
+        eventually(Duration::from_secs(60), "the replica serves", || async {
+            replica.readyz(client).await.map(|_| ())
+        })
+        .await;
+        replica
+    }
+}
+
+impl Drop for OwnNamespace {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.role_file);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_watch_relists_with_backoff_and_recovers_once_allowed_while_signals_are_stored() {
     let admin = admin().await;
-    let ns = format!("sg-nowatch-{}", unique());
-    kubectl(&["create", "namespace", &ns]);
-    let role = |verbs: &str| {
-        format!(
-            "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: gw\n  namespace: {ns}\nrules:\n- apiGroups: [kubernaut.ai]\n  resources: [remediationrequests]\n  verbs: [{verbs}]\n- apiGroups: [kubernaut.ai]\n  resources: [remediationrequests/status]\n  verbs: [patch]\n- apiGroups: [coordination.k8s.io]\n  resources: [leases]\n  verbs: [get, list, create, update, delete]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: gw\n  namespace: {ns}\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: Role\n  name: gw\nsubjects:\n- kind: ServiceAccount\n  name: signal-gateway\n  namespace: {}\n",
-            testenv().namespace
-        )
-    };
-    let file = testenv().repo.join(format!("target/testenv/nowatch-{}.yaml", unique()));
-    std::fs::write(&file, role("get, list, create")).unwrap();
-    kubectl(&["apply", "-f", file.to_str().unwrap()]);
-    let replica = Replica::start_as(
-        &format!("nowatch-{}", unique()),
-        CONFIG,
-        &testenv().gateway_kubeconfig,
-        &ns,
-    );
+    let own = OwnNamespace::create("nowatch", "get, list, create");
     let client = reqwest::Client::new();
     // Signals are stored without the watch (hints from its own writes, fresh lists).
-    eventually(Duration::from_secs(60), "the replica serves", || async {
-        replica.readyz(&client).await.map(|_| ())
-    })
-    .await;
+    let replica = own.replica(CONFIG, &client).await;
     let send = || {
         client
             .post(format!("{}/api/v1/signals/prometheus", replica.base))
@@ -789,8 +820,7 @@ async fn a_refused_watch_relists_with_backoff_and_recovers_once_allowed_while_si
     );
     assert_eq!(replica.metric(&client, "gateway_rr_watch_synced", &[]).await, 0.0);
     // Allowed again: the watch resumes without a restart (seen once it delivers our next write).
-    std::fs::write(&file, role("get, list, watch, create")).unwrap();
-    kubectl(&["apply", "-f", file.to_str().unwrap()]);
+    own.apply("get, list, watch, create");
     let mut acknowledged = 2;
     let give_up = std::time::Instant::now() + Duration::from_secs(90);
     loop {
@@ -805,7 +835,35 @@ async fn a_refused_watch_relists_with_backoff_and_recovers_once_allowed_while_si
         );
         tokio::time::sleep(Duration::from_millis(500)).await; // one signal per half second while polling
     }
-    let rrs = requests_for(&admin, &ns, &fp_of_pod("shop", "api-0")).await;
+    let rrs = requests_for(&admin, &own.ns, &fp_of_pod("shop", "api-0")).await;
     assert_eq!(count_of(&rrs[0]), acknowledged);
-    let _ = std::fs::remove_file(file);
+}
+
+/// A watch is silent while nothing changes. The per-request read timeout of the API calls
+/// (`backend.apiTimeout`) must not cut it: a watch that breaks every few seconds relists the
+/// namespace each time and leaves the hints unsynced in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_watch_outlives_the_api_timeout_without_failing_or_relisting() {
+    let own = OwnNamespace::create("quiet", "get, list, watch, create");
+    let client = reqwest::Client::new();
+    let api_timeout = Duration::from_secs(1);
+    let replica = own
+        .replica("logging:\n  format: json\nbackend:\n  apiTimeout: 1s\n", &client)
+        .await;
+    wait_synced(std::slice::from_ref(&replica), &client).await;
+    let (errors, relists) = (
+        replica.metric(&client, "gateway_rr_watch_errors_total", &[]).await,
+        replica.metric(&client, "gateway_rr_watch_relists_total", &[]).await,
+    );
+    // A window of five API timeouts with nothing to deliver, not a wait for a condition.
+    tokio::time::sleep(api_timeout * 5).await;
+    let errors = replica.metric(&client, "gateway_rr_watch_errors_total", &[]).await - errors;
+    let relists = replica.metric(&client, "gateway_rr_watch_relists_total", &[]).await - relists;
+    assert_eq!(
+        (errors, relists),
+        (0.0, 0.0),
+        "the quiet watch failed {errors} and relisted {relists} times in 5 s (apiTimeout 1 s); log:\n{}",
+        replica.log_text()
+    );
+    assert_eq!(replica.metric(&client, "gateway_rr_watch_synced", &[]).await, 1.0);
 }

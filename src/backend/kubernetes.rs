@@ -43,6 +43,9 @@ pub struct KubernetesCluster {
     client: Client,
     /// The reviews' own client (own connections and concurrency limit).
     review_client: Client,
+    /// The watch's own client: a watch is silent while nothing changes, so the per-request read
+    /// timeout of `client` (`backend.apiTimeout`) would cut it every few seconds.
+    watch_client: Client,
     /// The client carries the [`ApiMetricsLayer`] (false for clients built elsewhere).
     counts_requests: bool,
     /// Until when the last permission review holds; permissions are re-checked at most this often.
@@ -50,6 +53,12 @@ pub struct KubernetesCluster {
 }
 
 const READY_CACHE: Duration = Duration::from_secs(30);
+
+/// How long a watch (or a list page of its relist) may send nothing: past kube's watch call
+/// timeout (290 s), after which the watcher ends the call and starts the next one anyway.
+const WATCH_READ_TIMEOUT: Duration = Duration::from_secs(300);
+/// Requests in flight on the watch client: the RemediationRequest watch and its relists.
+const WATCH_SLOTS: usize = 4;
 
 impl KubernetesCluster {
     /// Connects the standard way (in-cluster, then `KUBECONFIG` / ~/.kube/config), with request
@@ -63,10 +72,11 @@ impl KubernetesCluster {
     }
 
     /// `max_in_flight` requests at once on the client of the port (the headroom beyond is for
-    /// the watch and the readiness probe, which bypass the port), `max_reviews` on a client of
-    /// its own for the token and access reviews: a flood of bogus tokens queues there and never
-    /// takes a connection or a slot of the lease renewals and RemediationRequest writes. (On the
-    /// API server the reviews have their own APF priority level: deploy/apf.)
+    /// the readiness probe, which bypasses the port), `max_reviews` on a client of its own for
+    /// the token and access reviews: a flood of bogus tokens queues there and never takes a
+    /// connection or a slot of the lease renewals and RemediationRequest writes. (On the API
+    /// server the reviews have their own APF priority level: deploy/apf.) The watch has a client
+    /// of its own too, whose read timeout outlasts a quiet watch.
     pub async fn connect(
         api_timeout: Duration,
         max_in_flight: usize,
@@ -78,9 +88,12 @@ impl KubernetesCluster {
         config.connect_timeout = Some(api_timeout.min(Duration::from_secs(5)));
         config.read_timeout = Some(api_timeout);
         config.write_timeout = Some(api_timeout);
+        let mut watch_config = config.clone();
+        watch_config.read_timeout = Some(WATCH_READ_TIMEOUT);
         Ok(KubernetesCluster {
             client: metered_client(config.clone(), max_in_flight.max(1) + 8, &metrics)?,
             review_client: metered_client(config, max_reviews, &metrics)?,
+            watch_client: metered_client(watch_config, WATCH_SLOTS, &metrics)?,
             counts_requests: true,
             ready_until: Mutex::new(None),
         })
@@ -90,6 +103,7 @@ impl KubernetesCluster {
     pub fn from_client(client: Client) -> Self {
         KubernetesCluster {
             review_client: client.clone(),
+            watch_client: client.clone(),
             client,
             counts_requests: false,
             ready_until: Mutex::new(None),
@@ -265,7 +279,7 @@ impl Cluster for KubernetesCluster {
         // connection lost) kube's default backoff (jittered, exponential to 30 s, reset after a
         // healthy stretch) restarts it with a fresh list; the error is yielded first.
         let config = watcher::Config::default().any_semantic();
-        watcher(self.requests(namespace), config)
+        watcher(Api::namespaced(self.watch_client.clone(), namespace), config)
             .default_backoff()
             .map(|item| {
                 item.map(|event| match event {
