@@ -14,8 +14,10 @@ use jiff::Timestamp;
 
 use crate::crd::{MANUAL_REVIEW_REQUIRED, RemediationRequest, phase_is_active};
 
-/// Why a request absorbs signals, in the order a choice among several prefers them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// Why a request absorbs signals, in the order a choice among several prefers them. On the wire
+/// (forwarded answers) `{"rule": "active"}` or `{"rule": "cooldown", "until": "<RFC 3339>"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "rule", content = "until", rename_all = "snake_case")]
 pub enum Absorbs {
     /// Its phase is not terminal: the remediation is under way (or not yet picked up).
     Active,

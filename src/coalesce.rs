@@ -34,7 +34,9 @@ use crate::fingerprint::Fingerprint;
 use crate::metrics::Metrics;
 
 /// What one signal was answered.
-#[derive(Debug, Clone, PartialEq)]
+/// Also the body of a forwarded signal's 200 answer (src/http/forward.rs).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Ack {
     pub name: String,
     pub namespace: String,

@@ -29,7 +29,6 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::AppState;
 use super::problem::Problem;
-use crate::absorb::Absorbs;
 use crate::coalesce::Ack;
 use crate::crd::RemediationRequestSpec;
 use crate::dedup::DedupError;
@@ -57,66 +56,9 @@ pub struct ForwardRequest {
 
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ForwardAnswer {
-    pub name: String,
-    pub namespace: String,
-    pub created: bool,
-    pub occurrence_count: i64,
-    pub first_seen_at: String,
-    pub last_seen_at: String,
-    /// `active`, `manual_review` or `cooldown` (then `cooldownUntil`).
-    pub absorbed_by: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cooldown_until: Option<jiff::Timestamp>,
-    pub api_calls: f64,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
 struct NotStored {
     reason: String,
     retry_after_ms: u64,
-}
-
-impl From<&Ack> for ForwardAnswer {
-    fn from(a: &Ack) -> Self {
-        let cooldown_until = match a.absorbed_by {
-            Absorbs::Cooldown(t) => Some(t),
-            _ => None,
-        };
-        ForwardAnswer {
-            name: a.name.clone(),
-            namespace: a.namespace.clone(),
-            created: a.created,
-            occurrence_count: a.occurrence_count,
-            first_seen_at: a.first_seen_at.clone(),
-            last_seen_at: a.last_seen_at.clone(),
-            absorbed_by: a.absorbed_by.as_str().to_owned(),
-            cooldown_until,
-            api_calls: a.api_calls,
-        }
-    }
-}
-
-impl ForwardAnswer {
-    fn into_ack(self) -> Option<Ack> {
-        let absorbed_by = match (self.absorbed_by.as_str(), self.cooldown_until) {
-            ("active", _) => Absorbs::Active,
-            ("manual_review", _) => Absorbs::ManualReview,
-            ("cooldown", Some(t)) => Absorbs::Cooldown(t),
-            _ => return None,
-        };
-        Some(Ack {
-            name: self.name,
-            namespace: self.namespace,
-            created: self.created,
-            occurrence_count: self.occurrence_count,
-            first_seen_at: self.first_seen_at,
-            last_seen_at: self.last_seen_at,
-            absorbed_by,
-            api_calls: self.api_calls,
-        })
-    }
 }
 
 /// The owner's side.
@@ -181,7 +123,7 @@ pub async fn receive(State(state): State<Arc<AppState>>, req: Request) -> Respon
     match result {
         Ok(ack) => {
             m.forwarded_received.with_label_values(&["stored"]).inc();
-            let body = serde_json::to_vec(&ForwardAnswer::from(&ack)).expect("answer serialises");
+            let body = serde_json::to_vec(&ack).expect("answer serialises");
             (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
         Err(e) => {
@@ -277,12 +219,10 @@ impl Forwarder for HttpForwarder {
             // No connection was made: certainly not sent.
             Ok(Err(e)) if e.is_connect() => Forwarded::NotSent("unreachable"),
             Ok(Err(_)) => Forwarded::Unanswered,
-            Ok(Ok((StatusCode::OK, _, body))) => match serde_json::from_slice::<ForwardAnswer>(&body)
-                .ok()
-                .and_then(ForwardAnswer::into_ack)
-            {
-                Some(ack) => Forwarded::Stored(ack),
-                None => Forwarded::Unanswered,
+            Ok(Ok((StatusCode::OK, _, body))) => match serde_json::from_slice::<Ack>(&body) {
+                Ok(ack) => Forwarded::Stored(ack),
+                // 200 means stored, but not what: the sender cannot answer its own sender.
+                Err(_) => Forwarded::Unanswered,
             },
             Ok(Ok((StatusCode::SERVICE_UNAVAILABLE, false, body))) => {
                 let not = serde_json::from_slice::<NotStored>(&body).ok();
@@ -295,5 +235,38 @@ impl Forwarder for HttpForwarder {
             // nothing of it is stored.
             Ok(Ok(_)) => Forwarded::NotSent("refused"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::absorb::Absorbs;
+
+    /// The forwarding replica answers its sender with the owner's answer: every field, the
+    /// cooldown's end included, survives the trip.
+    #[test]
+    fn an_owners_answer_reaches_the_sender_whole() {
+        for absorbed_by in [
+            Absorbs::Active,
+            Absorbs::ManualReview,
+            Absorbs::Cooldown("2026-12-02T06:30:00Z".parse().unwrap()),
+        ] {
+            let ack = Ack {
+                name: "rr-0123456789abcdef-1".into(),
+                namespace: "kubernaut-system".into(),
+                created: false,
+                occurrence_count: 7,
+                first_seen_at: "2026-12-02T06:00:00Z".into(),
+                last_seen_at: "2026-12-02T06:10:00Z".into(),
+                absorbed_by,
+                api_calls: 0.25,
+            };
+            let wire = serde_json::to_vec(&ack).unwrap();
+            assert_eq!(serde_json::from_slice::<Ack>(&wire).unwrap(), ack);
+        }
+        // An answer that names no rule the sender knows is no answer it can pass on.
+        let unknown = br#"{"name":"a","namespace":"b","created":true,"occurrenceCount":1,"firstSeenAt":"","lastSeenAt":"","absorbedBy":{"rule":"later"},"apiCalls":1.0}"#;
+        assert!(serde_json::from_slice::<Ack>(unknown).is_err());
     }
 }
