@@ -145,6 +145,7 @@ fn main() -> anyhow::Result<()> {
 
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_stack_size(WORKER_STACK)
         .build()?
         .block_on(async move {
             let listeners = signal_gateway::Listeners::bind(&config).await?;
@@ -153,6 +154,13 @@ fn main() -> anyhow::Result<()> {
     telemetry.shutdown();
     result
 }
+
+/// Stack of each runtime thread. Tokio's default (2 MiB) is too close to what a signal's future
+/// needs in a debug build: measured against the testenv, a worker stack of 1.5 MiB overflows on the
+/// first signal of the always-lock path, and at 2 MiB a replica of tests/faults_under_load.rs
+/// aborted ("thread 'tokio-rt-worker' has overflowed its stack") while resolving a status write
+/// left unanswered when the API server stopped. Untouched stack pages cost address space only.
+const WORKER_STACK: usize = 8 * 1024 * 1024;
 
 /// SIGTERM or SIGINT.
 async fn shutdown_signal() {
