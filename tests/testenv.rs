@@ -847,22 +847,25 @@ async fn a_quiet_watch_outlives_the_api_timeout_without_failing_or_relisting() {
     let own = OwnNamespace::create("quiet", "get, list, watch, create");
     let client = reqwest::Client::new();
     let api_timeout = Duration::from_secs(1);
-    let replica = own
-        .replica("logging:\n  format: json\nbackend:\n  apiTimeout: 1s\n", &client)
-        .await;
+    let config = format!(
+        "logging:\n  format: json\nbackend:\n  apiTimeout: {}s\n",
+        api_timeout.as_secs()
+    );
+    let replica = own.replica(&config, &client).await;
     wait_synced(std::slice::from_ref(&replica), &client).await;
     let (errors, relists) = (
         replica.metric(&client, "gateway_rr_watch_errors_total", &[]).await,
         replica.metric(&client, "gateway_rr_watch_relists_total", &[]).await,
     );
     // A window of five API timeouts with nothing to deliver, not a wait for a condition.
-    tokio::time::sleep(api_timeout * 5).await;
+    let window = api_timeout * 5;
+    tokio::time::sleep(window).await;
     let errors = replica.metric(&client, "gateway_rr_watch_errors_total", &[]).await - errors;
     let relists = replica.metric(&client, "gateway_rr_watch_relists_total", &[]).await - relists;
     assert_eq!(
         (errors, relists),
         (0.0, 0.0),
-        "the quiet watch failed {errors} and relisted {relists} times in 5 s (apiTimeout 1 s); log:\n{}",
+        "the quiet watch failed {errors} and relisted {relists} times in {window:?} (apiTimeout {api_timeout:?}); log:\n{}",
         replica.log_text()
     );
     assert_eq!(replica.metric(&client, "gateway_rr_watch_synced", &[]).await, 1.0);
