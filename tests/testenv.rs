@@ -285,13 +285,34 @@ async fn a_replica_killed_while_holding_a_lock_blocks_only_until_the_lease_expir
     );
 
     // The survivors carry on, including for the fingerprints whose lock the dead replica held:
-    // those wait until the lease expires (8 s), then proceed.
-    let answers = storm(&replicas[1..], &client, &ns, &pods, 1).await;
-    assert!(
-        answers.iter().all(|(s, _)| s.is_success()),
-        "{:?}",
-        answers.iter().find(|(s, _)| !s.is_success())
-    );
+    // those wait until the lease expires (8 s), then proceed. An API call slower than apiTimeout
+    // (2 s) on a starved machine is answered 503, as any transient trouble is; the sender resends
+    // those, as Alertmanager does, and every signal is acknowledged before the deadline.
+    let mut pending = pods.clone();
+    let mut rounds = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !pending.is_empty() {
+        rounds += 1;
+        let answers = storm(&replicas[1..], &client, &ns, &pending, 1).await;
+        let refused: Vec<_> = answers.iter().filter(|(s, _)| !s.is_success()).collect();
+        assert!(
+            refused.iter().all(|(s, _)| *s == StatusCode::SERVICE_UNAVAILABLE),
+            "only transient refusals: {refused:?}"
+        );
+        pending = pending
+            .into_iter()
+            .zip(&answers)
+            .filter(|(_, (s, _))| !s.is_success())
+            .map(|(pod, _)| pod)
+            .collect();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} signals still refused after {rounds} rounds: {:?}",
+            pending.len(),
+            refused.first()
+        );
+    }
+    println!("survivors acknowledged every signal in {rounds} round(s)");
     for fp in &fps {
         let rrs = requests_for(&admin, &testenv().namespace, fp).await;
         assert_eq!(rrs.len(), 1, "no duplicate RR for {fp}");

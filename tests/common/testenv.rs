@@ -94,6 +94,36 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The signals and admin addresses a replica bound, from its "signal-gateway started" log line
+/// (JSON logs); panics with the log if the process exits or has not started within 60 s.
+fn bound_addresses(name: &str, log: &std::path::Path, child: &mut Child) -> (String, String) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let started = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["message"] == "signal-gateway started");
+        if let Some(line) = started {
+            let field = |k: &str| {
+                line[k]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("replica {name}: no {k} address in {line}"))
+                    .to_owned()
+            };
+            return (field("signals"), field("admin"));
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("replica {name} exited ({status}) before it started; log:\n{text}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replica {name} has not started within 60 s; log:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// One gateway replica: a separate process with its own POD_NAME.
 pub struct Replica {
     pub name: String,
@@ -139,16 +169,13 @@ impl Replica {
         };
         std::fs::write(&config, config_yaml).unwrap();
         let log = dir.join(format!("{name}.log"));
-        let (port, admin) = (free_port(), free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_signal-gateway"))
+        // Port 0: the replica binds whatever port is free and logs it. A port picked here and
+        // bound there later can be taken in between (an outgoing connection's ephemeral port):
+        // a replica of a stressed run died of "Address already in use".
+        let mut child = Command::new(env!("CARGO_BIN_EXE_signal-gateway"))
             .args(["serve", "--backend", backend, "--config"])
             .arg(&config)
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--admin-listen",
-                &format!("127.0.0.1:{admin}"),
-            ])
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .env_remove("KUBECONFIG")
             .envs(env.iter().copied())
             .env("POD_NAME", name)
@@ -157,10 +184,11 @@ impl Replica {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("gateway binary starts");
+        let (signals, admin) = bound_addresses(name, &log, &mut child);
         Replica {
             name: name.to_owned(),
-            base: format!("http://127.0.0.1:{port}"),
-            admin: format!("http://127.0.0.1:{admin}"),
+            base: format!("http://{signals}"),
+            admin: format!("http://{admin}"),
             log,
             child,
         }
