@@ -294,23 +294,18 @@ async fn a_replica_killed_while_holding_a_lock_blocks_only_until_the_lease_expir
     while !pending.is_empty() {
         rounds += 1;
         let answers = storm(&replicas[1..], &client, &ns, &pending, 1).await;
-        let refused: Vec<_> = answers.iter().filter(|(s, _)| !s.is_success()).collect();
+        let (_, refused): (Vec<_>, Vec<_>) = pending.into_iter().zip(answers).partition(|(_, (s, _))| s.is_success());
         assert!(
-            refused.iter().all(|(s, _)| *s == StatusCode::SERVICE_UNAVAILABLE),
+            refused.iter().all(|(_, (s, _))| *s == StatusCode::SERVICE_UNAVAILABLE),
             "only transient refusals: {refused:?}"
         );
-        pending = pending
-            .into_iter()
-            .zip(&answers)
-            .filter(|(_, (s, _))| !s.is_success())
-            .map(|(pod, _)| pod)
-            .collect();
         assert!(
             tokio::time::Instant::now() < deadline,
             "{} signals still refused after {rounds} rounds: {:?}",
-            pending.len(),
+            refused.len(),
             refused.first()
         );
+        pending = refused.into_iter().map(|(pod, _)| pod).collect();
     }
     println!("survivors acknowledged every signal in {rounds} round(s)");
     for fp in &fps {
