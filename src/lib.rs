@@ -267,6 +267,7 @@ pub async fn serve(
             let forwarder: Arc<dyn ownership::Forwarder> = Arc::new(http::forward::HttpForwarder::new(
                 config.ownership.max_forwards_in_flight,
                 config.backend.api_timeout + std::time::Duration::from_secs(1),
+                config.server.header_read_timeout,
             ));
             (o, forwarder)
         }),

@@ -335,3 +335,94 @@ async fn the_forwarding_endpoint_refuses_what_is_not_a_member_s_forward() {
         5.0
     );
 }
+
+/// The owner closes a keep-alive connection once it has been idle for `server.headerReadTimeout`
+/// (its members run the same configuration). A forwarder that reuses a connection at that moment
+/// has its forward cut off unanswered, and the sender gets a 503 for a signal that nobody
+/// refused. Forwards sent at the owner's limit, each after one idle interval of the pair, are
+/// all answered and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_at_the_owner_s_keep_alive_limit_are_answered_not_cut_off() {
+    let limit = Duration::from_millis(400);
+    let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock) as SharedClock));
+    let mut gateways = Vec::new();
+    for i in 0..2 {
+        let mut c = config(&format!("gw-{i}"));
+        c.server.header_read_timeout = limit;
+        let cluster: Arc<dyn Cluster> = store.clone();
+        gateways.push(Gateway::on(cluster, Some(store.clone()), c).await);
+    }
+    eventually(Duration::from_secs(30), "two members splitting every shard", || async {
+        let owned = total(&gateways, "gateway_ownership_shards_owned", &[]).await;
+        for g in &gateways {
+            if g.metric("gateway_ownership_shards_pending", &[]).await > 0.0
+                || g.metric("gateway_ownership_shards_routed", &["to=\"none\""]).await > 0.0
+            {
+                return None;
+            }
+        }
+        (owned == f64::from(SHARDS)).then_some(())
+    })
+    .await;
+    settled(&gateways).await;
+    let g = &gateways[0];
+    // The sender reuses no connection idle as long as these: only the forwarder's pool is under test.
+    let sender = common::client_within(limit);
+    let send = |pod: String| {
+        let sender = sender.clone();
+        let url = format!("{}/api/v1/signals/prometheus", g.base);
+        async move {
+            let resp = sender
+                .post(url)
+                .json(&webhook(vec![pod_alert("shop", &pod)]))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.text().await.unwrap())
+        }
+    };
+    // An incident gateway 0 forwards: its owner is gateway 1.
+    let mut pod = None;
+    for k in 0..64 {
+        let before = g.metric("gateway_forwards_total", &["result=\"stored\""]).await;
+        let candidate = format!("api-{k}");
+        let (status, body) = send(candidate.clone()).await;
+        assert!(status == 201 || status == 202, "answered {status}: {body}");
+        if g.metric("gateway_forwards_total", &["result=\"stored\""]).await > before {
+            pod = Some(candidate);
+            break;
+        }
+    }
+    let pod = pod.expect("an incident owned by the other member");
+    let mut refused = Vec::new();
+    let rounds = 120u32;
+    for i in 0..rounds {
+        // Idle intervals sweeping the owner's limit, 0.5 ms apart.
+        tokio::time::sleep(limit - Duration::from_millis(10) + Duration::from_micros(500) * (i % 40)).await;
+        let (status, body) = send(pod.clone()).await;
+        if status != 202 {
+            refused.push(format!("{i}: {status} {body}"));
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "forwards cut off at the keep-alive limit:\n{}",
+        refused.join("\n")
+    );
+    let (_, body) = send(pod.clone()).await;
+    let name = serde_json::from_str::<serde_json::Value>(&body).unwrap()["remediationRequestName"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let rr = store
+        .all_requests()
+        .into_iter()
+        .find(|rr| rr.metadata.name.as_deref() == Some(name.as_str()))
+        .unwrap();
+    assert_eq!(
+        count_of(&rr),
+        i64::from(rounds) + 2,
+        "every acknowledged signal counted once"
+    );
+}

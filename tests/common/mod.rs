@@ -41,6 +41,24 @@ pub fn test_config() -> Config {
     c
 }
 
+/// An HTTP client for gateways that keep idle connections open for `keep_alive`
+/// (`server.headerReadTimeout`): it reuses a pooled connection only well within that, never as
+/// the gateway closes it. A request sent on a connection the server is closing is cut off (a
+/// reset or an incomplete message), a transport error no answer of the gateway caused.
+pub fn client_within(keep_alive: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .pool_idle_timeout(keep_alive / 4)
+        .build()
+        .unwrap()
+}
+
+/// [`client_within`] the default keep-alive limit of gateways (and well within any limit of the
+/// Prometheus, Alertmanager and API-server processes the tests also talk to).
+pub fn client() -> reqwest::Client {
+    client_within(Config::default().server.header_read_timeout)
+}
+
 impl Gateway {
     /// A gateway on a fresh embedded store.
     pub async fn embedded(config: Config) -> Self {
@@ -60,6 +78,7 @@ impl Gateway {
         let admin_url = format!("http://{}", admin.local_addr().unwrap());
         let store = deps.embedded.clone();
         let namespace = config.namespace().to_owned();
+        let config_keep_alive = config.server.header_read_timeout;
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(signal_gateway::serve(
             deps,
@@ -69,7 +88,7 @@ impl Gateway {
                 let _ = rx.await;
             },
         ));
-        let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
+        let client = client_within(config_keep_alive);
         Gateway {
             base,
             admin: admin_url,
