@@ -439,7 +439,7 @@ async fn a_flood_beyond_the_buffer_is_acknowledged_with_memory_bounded_and_drops
             dir.join("token").display()
         ),
     );
-    let client = reqwest::Client::new();
+    let client = common::client();
     replica.wait_ready(&client).await;
 
     // 40 notifications of 25 alerts, each alert with an 8 KiB annotation: 1000 duplicates of a

@@ -463,7 +463,7 @@ async fn connections_beyond_the_cap_are_closed_at_once_and_freed_places_are_reus
     // A place freed is a place for the next sender.
     drop(idle.pop());
     eventually(Duration::from_secs(10), "a signal is served again", || async {
-        let client = reqwest::Client::new();
+        let client = common::client();
         let r = client
             .post(format!("{}{PROMETHEUS}", gw.base))
             .json(&webhook(vec![pod_alert("shop", "web-1")]))

@@ -383,7 +383,7 @@ fn substitute(expr: &str, namespace: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_panel_and_runbook_query_returns_data_from_real_prometheus() {
     let env = testenv();
-    let client = reqwest::Client::new();
+    let client = common::client();
     let replica = Replica::start(&format!("mon-{}", unique()), "logging:\n  format: json\n");
     replica.wait_ready(&client).await;
     // Two replicas owning the shards between them (ownership.enabled), so the ownership and
@@ -551,7 +551,7 @@ async fn alertmanager_delivers_firing_alerts_as_counted_requests_and_resolved_on
     gw_config.auth.mode = signal_gateway::config::AuthMode::Static;
     gw_config.auth.tokens_file = Some(dir.join("gateway-tokens"));
     let gw = Gateway::embedded(gw_config).await;
-    let client = reqwest::Client::new();
+    let client = common::client();
     let (port, cluster) = (free_port(), free_port());
     let config = format!(
         r#"route:

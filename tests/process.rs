@@ -57,7 +57,11 @@ fn the_binary_serves_on_the_embedded_backend_and_drains_on_sigterm() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let client = reqwest::Client::new();
+        // Pooled connections only well within the gateway's keep-alive limit (10 s).
+        let client = reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(r) = client.get(format!("http://127.0.0.1:{admin}/readyz")).send().await

@@ -304,7 +304,7 @@ async fn signals_in_flight_returns_to_zero_when_a_caller_hangs_up_mid_signal() {
         }
     }));
     let gw = Gateway::on(held, Some(store), test_config()).await;
-    let (client, url) = (reqwest::Client::new(), format!("{}/api/v1/signals/prometheus", gw.base));
+    let (client, url) = (common::client(), format!("{}/api/v1/signals/prometheus", gw.base));
     let pending = tokio::spawn(async move {
         let body = webhook(vec![pod_alert("shop", "api-0")]).to_string();
         client

@@ -716,7 +716,7 @@ async fn without_the_lease_permission_signals_fail_503_and_the_log_names_the_gap
         &testenv().gateway_kubeconfig,
         &ns,
     );
-    let client = reqwest::Client::new();
+    let client = common::client();
     let (code, text) = eventually(Duration::from_secs(60), "readyz answers", || async {
         replica.readyz(&client).await
     })
@@ -807,7 +807,7 @@ impl Drop for OwnNamespace {
 async fn a_refused_watch_relists_with_backoff_and_recovers_once_allowed_while_signals_are_stored() {
     let admin = admin().await;
     let own = OwnNamespace::create("nowatch", "get, list, create");
-    let client = reqwest::Client::new();
+    let client = common::client();
     // Signals are stored without the watch (hints from its own writes, fresh lists).
     let replica = own.replica(CONFIG, &client).await;
     let send = || {
@@ -861,7 +861,7 @@ async fn a_refused_watch_relists_with_backoff_and_recovers_once_allowed_while_si
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_watch_outlives_the_api_timeout_without_failing_or_relisting() {
     let own = OwnNamespace::create("quiet", "get, list, watch, create");
-    let client = reqwest::Client::new();
+    let client = common::client();
     let api_timeout = Duration::from_secs(1);
     let config = format!(
         "logging:\n  format: json\nbackend:\n  apiTimeout: {}s\n",

@@ -33,7 +33,7 @@ async fn assert_problem(resp: reqwest::Response, status: StatusCode) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_account_tokens_are_reviewed_and_authorized_by_the_api_server() {
     let replica = Replica::start(&format!("auth-{}", unique()), CONFIG);
-    let client = reqwest::Client::new();
+    let client = common::client();
     replica.wait_ready(&client).await;
     let (allowed, denied) = (sender(true), sender(false));
 
@@ -83,7 +83,7 @@ async fn service_account_tokens_are_reviewed_and_authorized_by_the_api_server() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_with_one_token_costs_one_token_review_per_ttl() {
     let replica = Replica::start(&format!("auth-storm-{}", unique()), CONFIG);
-    let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
+    let client = common::client();
     replica.wait_ready(&client).await;
     let token = sender(true);
     let reviews = |resource: &'static str| {
@@ -156,7 +156,7 @@ fn kubernaut_sender(audience: Option<&str>) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn senders_authorized_as_kubernaut_authorizes_them_are_let_in_by_default() {
     let replica = Replica::start(&format!("auth-kubernaut-{}", unique()), CONFIG);
-    let client = reqwest::Client::new();
+    let client = common::client();
     replica.wait_ready(&client).await;
     let token = kubernaut_sender(None);
     let resp = send_about(&client, &replica, Some(&token), &format!("auth-{}", unique())).await;
@@ -168,7 +168,7 @@ async fn with_audiences_configured_only_tokens_bound_to_them_are_accepted() {
     let config =
         "auth:\n  mode: kubernetes\n  cacheTTL: 60s\n  audiences: [signal-gateway]\nbackend:\n  apiTimeout: 15s\n";
     let replica = Replica::start(&format!("auth-audience-{}", unique()), config);
-    let client = reqwest::Client::new();
+    let client = common::client();
     replica.wait_ready(&client).await;
     let bound = kubernaut_sender(Some("signal-gateway"));
     let ns = format!("auth-{}", unique());

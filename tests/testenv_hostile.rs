@@ -59,7 +59,7 @@ where
 async fn a_flood_of_distinct_bogus_tokens_costs_bounded_reviews_series_and_memory() {
     let config = "auth:\n  mode: kubernetes\n  reviewRate: 20\n  reviewBurst: 40\nbackend:\n  apiTimeout: 15s\n";
     let replica = Replica::start(&format!("hostile-tokens-{}", unique()), config);
-    let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
+    let client = common::client();
     replica.wait_ready(&client).await;
     let good = sender(true);
     let ns = format!("hostile-{}", unique());
@@ -130,7 +130,7 @@ async fn a_flood_of_distinct_bogus_tokens_costs_bounded_reviews_series_and_memor
 async fn a_flood_of_invented_kinds_keeps_series_discovery_requests_and_memory_flat() {
     let config = "scope:\n  requireManagedLabel: true\nbackend:\n  apiTimeout: 15s\n";
     let replica = Replica::start(&format!("hostile-kinds-{}", unique()), config);
-    let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
+    let client = common::client();
     replica.wait_ready(&client).await;
     let send = |i: usize| {
         client
@@ -207,7 +207,7 @@ async fn a_flood_of_invented_kinds_keeps_series_discovery_requests_and_memory_fl
 async fn a_flood_of_sockets_never_holds_more_than_the_cap_nor_more_memory() {
     let config = "server:\n  maxConnections: 256\n  headerReadTimeout: 60s\nbackend:\n  apiTimeout: 15s\n";
     let replica = Replica::start(&format!("hostile-sockets-{}", unique()), config);
-    let client = reqwest::Client::new();
+    let client = common::client();
     replica.wait_ready(&client).await;
     let addr = replica.base.trim_start_matches("http://").to_owned();
     let open = || async {

@@ -191,7 +191,7 @@ async fn manual_review_and_cooldown_absorb_over_three_replicas_and_a_passed_cool
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_the_gateway_creates_passes_the_api_servers_validation_with_kubernauts_values() {
     let replica = Replica::start(&format!("values-{}", unique()), OPTIMISTIC);
-    let client = reqwest::Client::new();
+    let client = common::client();
     replica.wait_ready(&client).await;
     let ns = format!("shop-{}", unique());
     let mut alert = pod_alert(&ns, "api-0");

@@ -23,7 +23,7 @@ async fn api_server_down_means_fast_503s_and_unready_then_recovery_without_resta
             config.replace("logging:\n  format: json\n", "")
         ),
     );
-    let client = reqwest::Client::new();
+    let client = common::client();
     for r in replicas.iter().chain([&authenticating]) {
         r.wait_ready(&client).await;
     }

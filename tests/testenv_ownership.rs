@@ -54,7 +54,7 @@ async fn until_all_owned(replicas: &[&Replica], client: &reqwest::Client, within
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_add_and_rolling_restart_under_load_keep_one_rr_per_incident_and_exact_counts() {
     let run = unique();
-    let client = reqwest::Client::builder().pool_max_idle_per_host(50).build().unwrap();
+    let client = common::client();
     let mut replicas: Vec<Replica> = (0..3)
         .map(|i| Replica::start(&format!("own-{run}-{i}"), CONFIG))
         .collect();

@@ -57,7 +57,7 @@ async fn opted_out_objects_stay_out_however_senders_name_their_kind() {
     kubectl(&["-n", &ns, "label", "service", "hidden", "kubernaut.ai/managed=false"]);
 
     let replica = Replica::start(&format!("scope-{u}"), CONFIG);
-    let client = reqwest::Client::new();
+    let client = common::client();
     replica.wait_ready(&client).await;
 
     // The Deployment opted out: refused whatever apiVersion or spelling the sender used.

@@ -115,7 +115,7 @@ async fn created_and_duplicate_signals_each_export_a_complete_span_tree() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let client = reqwest::Client::new();
+    let client = common::client();
     common::eventually(Duration::from_secs(20), "gateway ready", || async {
         client
             .get(format!("http://127.0.0.1:{admin}/readyz"))

@@ -354,7 +354,7 @@ pub async fn raw_request(client: &kube::Client, ns: &str, name: &str) -> serde_j
 
 /// `n` replicas named `<prefix>-<i>` with `config`, each ready, and a client for them.
 pub async fn start_replicas(prefix: &str, n: usize, config: &str) -> (Vec<Replica>, reqwest::Client) {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(200).build().unwrap();
+    let client = super::client();
     let replicas: Vec<Replica> = (0..n)
         .map(|i| Replica::start(&format!("{prefix}-{i}"), config))
         .collect();
