@@ -414,7 +414,7 @@ async fn faults_under_mixed_load_lose_no_ack_create_no_duplicate_leak_no_lease_a
         .collect();
     let probe = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
-        .pool_idle_timeout(Duration::from_secs(2))
+        .pool_idle_timeout(common::default_reuse())
         .build()
         .unwrap();
     for r in &replicas {
@@ -440,7 +440,7 @@ async fn faults_under_mixed_load_lose_no_ack_create_no_duplicate_leak_no_lease_a
     let load = Arc::new(Load {
         client: reqwest::Client::builder()
             .timeout(HANG)
-            .pool_idle_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(common::default_reuse())
             .build()
             .unwrap(),
         run: run.clone(),

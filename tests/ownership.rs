@@ -30,12 +30,39 @@ fn config(pod: &str) -> Config {
 }
 
 async fn fleet(store: &Arc<EmbeddedStore>, n: usize) -> Vec<Gateway> {
+    fleet_with(store, n, |_| {}).await
+}
+
+/// [`fleet`] with `tweak` applied to every member's configuration.
+async fn fleet_with(store: &Arc<EmbeddedStore>, n: usize, tweak: impl Fn(&mut Config)) -> Vec<Gateway> {
     let mut gateways = Vec::new();
     for i in 0..n {
+        let mut c = config(&format!("gw-{i}"));
+        tweak(&mut c);
         let cluster: Arc<dyn Cluster> = store.clone();
-        gateways.push(Gateway::on(cluster, Some(store.clone()), config(&format!("gw-{i}"))).await);
+        gateways.push(Gateway::on(cluster, Some(store.clone()), c).await);
     }
     gateways
+}
+
+/// Waits until the members split every shard: each owns some, none is pending, and every
+/// replica knows where each shard's signals go (its last list saw the claims).
+async fn split(gateways: &[Gateway]) {
+    let n = gateways.len() as f64;
+    eventually(Duration::from_secs(30), "the members splitting every shard", || async {
+        let owned = total(gateways, "gateway_ownership_shards_owned", &[]).await;
+        for g in gateways {
+            let routed_nowhere = g.metric("gateway_ownership_shards_routed", &["to=\"none\""]).await;
+            let members = g.metric("gateway_ownership_members", &[]).await;
+            let pending = g.metric("gateway_ownership_shards_pending", &[]).await;
+            let owns = g.metric("gateway_ownership_shards_owned", &[]).await;
+            if owns == 0.0 || routed_nowhere > 0.0 || pending > 0.0 || members != n {
+                return None;
+            }
+        }
+        (owned == f64::from(SHARDS)).then_some(())
+    })
+    .await;
 }
 
 /// Waits until every member has completed two more rounds with no shard changing hands anywhere.
@@ -74,25 +101,8 @@ async fn signals_sent_to_any_replica_are_written_by_their_shard_s_owner_with_exa
     let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock) as SharedClock));
     let gateways = fleet(&store, 3).await;
     // Settled: the shards are split (each member owns the ones it wins), and every replica knows
-    // where each shard's signals go (its last list saw the claims).
-    eventually(
-        Duration::from_secs(30),
-        "three members splitting every shard",
-        || async {
-            let owned = total(&gateways, "gateway_ownership_shards_owned", &[]).await;
-            for g in &gateways {
-                let routed_nowhere = g.metric("gateway_ownership_shards_routed", &["to=\"none\""]).await;
-                let members = g.metric("gateway_ownership_members", &[]).await;
-                let pending = g.metric("gateway_ownership_shards_pending", &[]).await;
-                let owns = g.metric("gateway_ownership_shards_owned", &[]).await;
-                if owns == 0.0 || routed_nowhere > 0.0 || pending > 0.0 || members != 3.0 {
-                    return None;
-                }
-            }
-            (owned == f64::from(SHARDS)).then_some(())
-        },
-    )
-    .await;
+    // where each shard's signals go.
+    split(&gateways).await;
     // ... and stays so for a round of every member: every view then holds the final claims (a
     // forward to a member whose claim is not yet effective would take the Lease path there).
     settled(&gateways).await;
@@ -345,25 +355,8 @@ async fn the_forwarding_endpoint_refuses_what_is_not_a_member_s_forward() {
 async fn forwards_at_the_owner_s_keep_alive_limit_are_answered_not_cut_off() {
     let limit = Duration::from_millis(400);
     let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock) as SharedClock));
-    let mut gateways = Vec::new();
-    for i in 0..2 {
-        let mut c = config(&format!("gw-{i}"));
-        c.server.header_read_timeout = limit;
-        let cluster: Arc<dyn Cluster> = store.clone();
-        gateways.push(Gateway::on(cluster, Some(store.clone()), c).await);
-    }
-    eventually(Duration::from_secs(30), "two members splitting every shard", || async {
-        let owned = total(&gateways, "gateway_ownership_shards_owned", &[]).await;
-        for g in &gateways {
-            if g.metric("gateway_ownership_shards_pending", &[]).await > 0.0
-                || g.metric("gateway_ownership_shards_routed", &["to=\"none\""]).await > 0.0
-            {
-                return None;
-            }
-        }
-        (owned == f64::from(SHARDS)).then_some(())
-    })
-    .await;
+    let gateways = fleet_with(&store, 2, |c| c.server.header_read_timeout = limit).await;
+    split(&gateways).await;
     settled(&gateways).await;
     let g = &gateways[0];
     // The sender reuses no connection idle as long as these: only the forwarder's pool is under test.

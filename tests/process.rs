@@ -57,9 +57,10 @@ fn the_binary_serves_on_the_embedded_backend_and_drains_on_sigterm() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        // Pooled connections only well within the gateway's keep-alive limit (10 s).
+        // Pooled connections only well within the gateway's keep-alive limit.
+        let keep_alive = signal_gateway::config::Config::default().server.header_read_timeout;
         let client = reqwest::Client::builder()
-            .pool_idle_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(signal_gateway::http::server::reuse_within(keep_alive))
             .build()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -155,14 +155,14 @@ pub struct HttpForwarder {
 impl HttpForwarder {
     /// `peer_keep_alive` is how long an owner keeps an idle connection open
     /// (`server.headerReadTimeout`, the same on every member). A pooled connection is reused only
-    /// well within it: one reused as the owner closes it would cut a sent forward off unanswered,
-    /// and its sender would get a 503 that nobody meant.
+    /// [`within`](super::server::reuse_within) it: one reused as the owner closes it would cut a
+    /// sent forward off unanswered, and its sender would get a 503 that nobody meant.
     pub fn new(max_in_flight: usize, grace: Duration, peer_keep_alive: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(peer_keep_alive / 4)
+            .pool_idle_timeout(super::server::reuse_within(peer_keep_alive))
             .build(connector);
         HttpForwarder {
             client,

@@ -174,6 +174,14 @@ impl Drop for OpenConnection {
     }
 }
 
+/// How long a client may keep a connection idle before reusing it, for a server that closes idle
+/// connections after `keep_alive` (ours: `server.headerReadTimeout`): well within it, so a
+/// request is never sent on a connection as the server closes it (it would be cut off, answered
+/// by nobody).
+pub fn reuse_within(keep_alive: Duration) -> Duration {
+    keep_alive / 4
+}
+
 /// HTTP/1.1 with the head limits and deadline of `transport` (the deadline also closes idle
 /// keep-alive connections).
 fn http1_builder(transport: &Transport) -> hyper::server::conn::http1::Builder {

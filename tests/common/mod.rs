@@ -42,19 +42,26 @@ pub fn test_config() -> Config {
 }
 
 /// An HTTP client for gateways that keep idle connections open for `keep_alive`
-/// (`server.headerReadTimeout`): it reuses a pooled connection only well within that, never as
-/// the gateway closes it. A request sent on a connection the server is closing is cut off (a
-/// reset or an incomplete message), a transport error no answer of the gateway caused.
+/// (`server.headerReadTimeout`): it reuses a pooled connection only
+/// [`within`](signal_gateway::http::server::reuse_within) that, never as the gateway closes it.
+/// A request sent on a connection the server is closing is cut off (a reset or an incomplete
+/// message), a transport error no answer of the gateway caused.
 pub fn client_within(keep_alive: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .pool_max_idle_per_host(256)
-        .pool_idle_timeout(keep_alive / 4)
+        .pool_idle_timeout(signal_gateway::http::server::reuse_within(keep_alive))
         .build()
         .unwrap()
 }
 
-/// [`client_within`] the default keep-alive limit of gateways (and well within any limit of the
-/// Prometheus, Alertmanager and API-server processes the tests also talk to).
+/// How long a client of gateways with the default `server.headerReadTimeout` may keep a
+/// connection idle (also well within any limit of the Prometheus, Alertmanager and API-server
+/// processes the tests talk to).
+pub fn default_reuse() -> Duration {
+    signal_gateway::http::server::reuse_within(Config::default().server.header_read_timeout)
+}
+
+/// [`client_within`] the default keep-alive limit of gateways.
 pub fn client() -> reqwest::Client {
     client_within(Config::default().server.header_read_timeout)
 }
@@ -78,7 +85,7 @@ impl Gateway {
         let admin_url = format!("http://{}", admin.local_addr().unwrap());
         let store = deps.embedded.clone();
         let namespace = config.namespace().to_owned();
-        let config_keep_alive = config.server.header_read_timeout;
+        let keep_alive = config.server.header_read_timeout;
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(signal_gateway::serve(
             deps,
@@ -88,7 +95,7 @@ impl Gateway {
                 let _ = rx.await;
             },
         ));
-        let client = client_within(config_keep_alive);
+        let client = client_within(keep_alive);
         Gateway {
             base,
             admin: admin_url,
