@@ -94,6 +94,19 @@ impl<K: Eq + Hash + Clone, V> BoundedMap<K, V> {
     /// Stores `value` under `key` until `expires`, evicting least recently used entries to stay
     /// within both bounds. Returns false (and stores nothing) when the entry alone exceeds them.
     pub fn insert(&mut self, key: K, value: V, cost: usize, expires: Instant) -> bool {
+        self.insert_evicting(key, value, cost, expires, |_, _| {})
+    }
+
+    /// [`BoundedMap::insert`], handing each entry evicted to make room to `evicted` (for owners
+    /// that count what the map holds by some property of the entries).
+    pub fn insert_evicting(
+        &mut self,
+        key: K,
+        value: V,
+        cost: usize,
+        expires: Instant,
+        mut evicted: impl FnMut(K, V),
+    ) -> bool {
         self.remove(&key);
         let bytes = Self::entry_bytes(cost);
         if bytes > self.limits.bytes || self.limits.entries == 0 {
@@ -106,6 +119,7 @@ impl<K: Eq + Hash + Clone, V> BoundedMap<K, V> {
             if let Some(e) = self.entries.remove(&oldest) {
                 self.bytes -= e.bytes;
                 self.evictions += 1;
+                evicted(oldest, e.value);
             }
         }
         let tick = self.bump();
@@ -129,6 +143,19 @@ impl<K: Eq + Hash + Clone, V> BoundedMap<K, V> {
         self.recency.remove(&e.tick);
         self.bytes -= e.bytes;
         Some(e.value)
+    }
+
+    /// Removes every entry for which `keep` is false.
+    pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
+        let gone: Vec<K> = self
+            .entries
+            .iter()
+            .filter(|(k, e)| !keep(k, &e.value))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            self.remove(&k);
+        }
     }
 
     /// Entries held (expired ones not yet met included).
@@ -187,7 +214,7 @@ impl<A: HeapSize, B: HeapSize, C: HeapSize> HeapSize for (A, B, C) {
 macro_rules! no_heap {
     ($($t:ty),*) => {$(impl HeapSize for $t { fn heap_size(&self) -> usize { 0 } })*};
 }
-no_heap!(bool, u8, u32, u64, usize, [u8; 32]);
+no_heap!(bool, u8, u32, u64, usize, [u8; 32], &'static str);
 
 impl HeapSize for crate::cluster::ObjectRef {
     fn heap_size(&self) -> usize {
@@ -257,6 +284,22 @@ mod tests {
         assert_eq!(m.remove(&2).as_deref(), Some("long"));
         assert!(m.is_empty());
         assert_eq!(m.bytes(), 0, "removal returns the bytes");
+    }
+
+    #[test]
+    fn evicted_entries_are_handed_over_and_retain_returns_their_bytes() {
+        let mut m = map(2, usize::MAX);
+        let mut evicted = Vec::new();
+        for k in 0..4 {
+            m.insert_evicting(k, format!("v{k}"), 0, later(), |k, v| evicted.push((k, v)));
+        }
+        assert_eq!(evicted, [(0, "v0".to_owned()), (1, "v1".to_owned())]);
+        m.retain(|k, _| *k != 2);
+        assert_eq!(m.len(), 1);
+        assert!(m.contains(&3, Instant::now()));
+        assert_eq!(m.bytes(), BoundedMap::<u32, String>::entry_bytes(0));
+        m.insert(5, "v5".into(), 0, later());
+        assert_eq!(m.len(), 2, "the recency index let go of the removed entries too");
     }
 
     #[test]

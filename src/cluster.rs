@@ -114,21 +114,26 @@ impl ApiKind {
     }
 }
 
-/// One item of a RemediationRequest watch ([`Cluster::watch_requests`]), shaped like
+/// One item of a watch ([`Cluster::watch_requests`], [`Cluster::watch_metadata`]), shaped like
 /// kube-runtime's watcher events: every (re)start is a complete list (`Init`, one `Listed` per
 /// object, `Synced`), then changes in resourceVersion order.
 #[derive(Debug, Clone)]
-pub enum RequestEvent {
-    /// A (re)list begins; the `Listed` objects that follow up to `Synced` are the whole namespace.
+pub enum WatchEvent<T> {
+    /// A (re)list begins; the `Listed` objects that follow up to `Synced` are all there are.
     Init,
-    Listed(RemediationRequest),
+    Listed(T),
     /// The list is complete; changes follow.
     Synced,
     /// Created or modified.
-    Applied(RemediationRequest),
+    Applied(T),
     /// Deleted (the object as last stored).
-    Deleted(RemediationRequest),
+    Deleted(T),
 }
+
+/// An item of the RemediationRequest watch of one namespace.
+pub type RequestEvent = WatchEvent<RemediationRequest>;
+/// An item of a metadata-only watch of one kind: the objects' metadata, nothing else.
+pub type MetadataEvent = WatchEvent<ObjectMeta>;
 
 /// Verbs and resources as the API server names them; metric labels use these.
 pub mod verb {
@@ -193,6 +198,11 @@ pub trait Cluster: Send + Sync + 'static {
 
     /// Metadata of an arbitrary object (for the controller owner chain and the scope check).
     async fn get_metadata(&self, object: &ObjectRef) -> Result<ObjectMeta>;
+    /// Watches the metadata (only: `PartialObjectMetadata`) of every object of `kind` in every
+    /// namespace: a list first, then changes, restarted like [`Cluster::watch_requests`] (an
+    /// error is yielded; then the stream restarts itself with a fresh list after a backoff, or
+    /// ends and the caller starts a new one). Feeds the owner cache ([`crate::ownercache`]).
+    fn watch_metadata(&self, kind: &ApiKind) -> BoxStream<'static, Result<MetadataEvent>>;
 
     /// Every kind the API server serves, in its order of preference (groups, then the versions
     /// of each, preferred first): the core group (`core`) or all named groups. One request

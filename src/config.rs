@@ -341,6 +341,69 @@ pub struct OwnerResolution {
     pub max_depth: usize,
     #[serde(rename = "cacheTTL", with = "friendly_duration")]
     pub cache_ttl: Duration,
+    /// The watch-fed cache of the controller owners of the kinds resolution reads.
+    pub metadata_cache: MetadataCache,
+}
+
+/// Metadata-only watches of the kinds owner resolution reads ([`crate::ownercache`]): their
+/// objects' controller owners are answered from memory, with no read per signal.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct MetadataCache {
+    pub enabled: bool,
+    /// Kinds watched (cluster-wide) besides Pods: `ReplicaSet`, `Job` (the kinds whose owner
+    /// resolution reads; a Deployment, StatefulSet, DaemonSet or CronJob is the top of its chain
+    /// and never read).
+    pub kinds: Vec<String>,
+    /// Also watch every Pod (many objects that change often; off by default).
+    pub pods: bool,
+    /// Most objects held, over all kinds (least recently used forgotten first: a forgotten
+    /// object is read as without the cache).
+    pub max_objects: usize,
+    /// Most bytes held, over all kinds, as counted by `gateway_owner_cache_bytes`.
+    pub max_bytes: usize,
+}
+
+impl Default for MetadataCache {
+    fn default() -> Self {
+        MetadataCache {
+            enabled: true,
+            kinds: vec!["ReplicaSet".into(), "Job".into()],
+            pods: false,
+            max_objects: 100_000,
+            max_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+impl MetadataCache {
+    /// The kinds to watch (Pod first when `pods`), each once, or why one cannot be.
+    pub fn watched_kinds(&self) -> anyhow::Result<Vec<&'static str>> {
+        let mut kinds: Vec<&'static str> = Vec::new();
+        if self.pods {
+            kinds.push("Pod");
+        }
+        for kind in &self.kinds {
+            let Some(&known) = crate::ownercache::WATCHABLE
+                .iter()
+                .find(|k| **k != "Pod" && k.eq_ignore_ascii_case(kind))
+            else {
+                anyhow::bail!(
+                    "ownerResolution.metadataCache.kinds: {kind:?} cannot be watched: owner resolution reads only {} (Pods: set pods: true); a Deployment, StatefulSet, DaemonSet or CronJob is the top of its chain and never read",
+                    crate::ownercache::WATCHABLE
+                        .iter()
+                        .filter(|k| **k != "Pod")
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            };
+            if !kinds.contains(&known) {
+                kinds.push(known);
+            }
+        }
+        Ok(kinds)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
@@ -449,6 +512,7 @@ impl Default for OwnerResolution {
             enabled: true,
             max_depth: 5,
             cache_ttl: Duration::from_secs(30),
+            metadata_cache: MetadataCache::default(),
         }
     }
 }
@@ -619,6 +683,14 @@ impl Config {
                 "audit.flushInterval, audit.timeout and audit.retryBackoff must be positive"
             );
         }
+        let cache = &self.owner_resolution.metadata_cache;
+        if cache.enabled {
+            cache.watched_kinds()?;
+            anyhow::ensure!(
+                cache.max_objects > 0 && cache.max_bytes >= 64 * 1024,
+                "ownerResolution.metadataCache.maxObjects must be positive and maxBytes at least 65536"
+            );
+        }
         anyhow::ensure!(
             !self.identity.pod_name.is_empty(),
             "the pod name (POD_NAME) must not be empty"
@@ -688,6 +760,30 @@ mod tests {
             text.contains("leaseDuration: 1m 30s") || text.contains("leaseDuration: 1m30s"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_metadata_cache_watches_only_kinds_whose_owner_resolution_reads() {
+        let c = Config::default();
+        assert_eq!(
+            c.owner_resolution.metadata_cache.watched_kinds().unwrap(),
+            ["ReplicaSet", "Job"]
+        );
+        let c = Config::from_yaml(
+            "ownerResolution:\n  metadataCache:\n    pods: true\n    kinds: [replicaset, ReplicaSet]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.owner_resolution.metadata_cache.watched_kinds().unwrap(),
+            ["Pod", "ReplicaSet"]
+        );
+        let c = Config::from_yaml("ownerResolution:\n  metadataCache:\n    kinds: [Deployment]\n").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("\"Deployment\"") && err.contains("never read"), "{err}");
+        let off =
+            Config::from_yaml("ownerResolution:\n  metadataCache:\n    enabled: false\n    kinds: [Deployment]\n")
+                .unwrap();
+        assert!(off.validate().is_ok(), "a cache that is off watches nothing");
     }
 
     #[test]

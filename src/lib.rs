@@ -22,6 +22,7 @@ pub mod hints;
 pub mod http;
 pub mod lock;
 pub mod metrics;
+pub mod ownercache;
 pub mod ownership;
 pub mod pipeline;
 pub mod readcache;
@@ -244,6 +245,27 @@ pub async fn serve(
         config.dedup.linger
     };
     let audit = audit::start(&config.audit, &metrics)?;
+    let resolver = target::OwnerResolver::new(
+        cluster.clone(),
+        config.owner_resolution.enabled,
+        config.owner_resolution.max_depth,
+        config.owner_resolution.cache_ttl,
+    );
+    let owner_cache = &config.owner_resolution.metadata_cache;
+    // The owner cache's watches run until the gateway stops (dropped at the end of serve).
+    let (resolver, _owner_watches) = if config.owner_resolution.enabled && owner_cache.enabled {
+        let (resolver, watches) = resolver.with_owner_cache(
+            &owner_cache.watched_kinds()?,
+            bounded::Limits {
+                entries: owner_cache.max_objects,
+                bytes: owner_cache.max_bytes,
+            },
+            metrics.owner_cache.clone(),
+        );
+        (resolver, Some(watches))
+    } else {
+        (resolver, None)
+    };
     let pipeline = pipeline::Pipeline {
         latency: pipeline::LatencyTracker::default(),
         freshness: admission::Freshness::new(&config.freshness),
@@ -252,12 +274,7 @@ pub async fn serve(
             discovery::Discovery::new(cluster.clone()),
             &config.scope,
         ),
-        resolver: target::OwnerResolver::new(
-            cluster.clone(),
-            config.owner_resolution.enabled,
-            config.owner_resolution.max_depth,
-            config.owner_resolution.cache_ttl,
-        ),
+        resolver,
         coalescer: coalesce::Coalescer::new(dedup, metrics.clone(), config.dedup.max_batch, linger),
         clock: deps.clock.clone(),
         metrics: metrics.clone(),

@@ -83,6 +83,8 @@ pub struct Metrics {
 
     /// The audit trail's own metrics (src/audit/metrics.rs).
     pub audit: crate::audit::AuditMetrics,
+    /// The owner cache's own metrics (src/ownercache.rs).
+    pub owner_cache: crate::ownercache::OwnerCacheMetrics,
 }
 
 /// A registry that also remembers what was registered (name, type), for the docs check.
@@ -134,7 +136,7 @@ pub(crate) fn histogram_vec(
     Ok(h)
 }
 
-fn gauge_vec(r: &Reg, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+pub(crate) fn gauge_vec(r: &Reg, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
     let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
     r.register(&g, "gauge")?;
     Ok(g)
@@ -465,6 +467,7 @@ impl Metrics {
                 &["version", "backend", "strategy"],
             )?,
             audit: crate::audit::AuditMetrics::register(r)?,
+            owner_cache: crate::ownercache::OwnerCacheMetrics::register(r)?,
         };
         m.initialise_known_series();
         #[cfg(target_os = "linux")]

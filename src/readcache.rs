@@ -56,6 +56,11 @@ impl<K: Eq + Hash + Clone + HeapSize, V: Clone + HeapSize> ReadCache<K, V> {
             .0
     }
 
+    /// Forgets the answer for `key` (it is known to be outdated).
+    pub fn forget(&self, key: &K) {
+        self.entries().remove(key);
+    }
+
     fn entries(&self) -> std::sync::MutexGuard<'_, BoundedMap<K, V>> {
         self.entries.lock().expect("read cache poisoned")
     }

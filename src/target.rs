@@ -1,9 +1,11 @@
 //! Owner resolution: climbs controller ownerReferences from the labelled object
 //! (Pod -> ReplicaSet -> Deployment, Pod -> Job -> CronJob, ...) so all pods of one workload
-//! share one fingerprint. Reads only metadata (one read per object at a time: concurrent signals
-//! share it) and caches answers for a short TTL. An object that is gone (NotFound) ends the
-//! climb there; any other failed read is an error the caller answers 503 — never a fallback to
-//! a shallower object, which would give the incident a second fingerprint (a second RR).
+//! share one fingerprint. An object's owner comes from the watch-fed owner cache when its kind is
+//! watched and synced ([`crate::ownercache`]: no read); otherwise from a read of its metadata
+//! (one read per object at a time: concurrent signals share it), whose answer is cached for a
+//! short TTL. An object that is gone (NotFound) ends the climb there; any other failed read is an
+//! error the caller answers 503 — never a fallback to a shallower object, which would give the
+//! incident a second fingerprint (a second RR).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +13,8 @@ use std::time::Duration;
 use crate::bounded::Limits;
 use crate::cluster::{ApiError, Cluster, ObjectRef};
 use crate::crd::TargetResource;
+use crate::ownercache::{Lookup, OwnerCache, OwnerCacheMetrics, OwnerWatches};
 use crate::readcache::ReadCache;
-use crate::signal::{is_valid_api_version, is_valid_object_name};
 
 /// Kinds whose controller owner we follow, and the owner kinds we accept.
 const FOLLOW: &[(&str, &[&str])] = &[
@@ -21,15 +23,22 @@ const FOLLOW: &[(&str, &[&str])] = &[
     ("Job", &["CronJob"]),
 ];
 
+/// The owner kinds followed from `kind` (none: `kind` is the top of its chain).
+pub fn accepted_owners(kind: &str) -> &'static [&'static str] {
+    FOLLOW.iter().find(|(k, _)| *k == kind).map_or(&[], |(_, o)| o)
+}
+
 /// (kind, namespace, name) -> controller owner (None: it has none or does not exist).
-type OwnerCache = ReadCache<(String, String, String), Option<TargetResource>>;
+type OwnerAnswers = ReadCache<(String, String, String), Option<TargetResource>>;
 
 #[derive(Clone)]
 pub struct OwnerResolver {
     cluster: Arc<dyn Cluster>,
     enabled: bool,
     max_depth: usize,
-    cache: Arc<OwnerCache>,
+    cache: Arc<OwnerAnswers>,
+    /// The watch-fed owners of the watched kinds, when configured.
+    watched: Option<OwnerCache>,
 }
 
 /// Owner answers remembered (keys are sender-chosen: bounded in entries and bytes).
@@ -45,7 +54,34 @@ impl OwnerResolver {
             enabled,
             max_depth,
             cache: Arc::new(ReadCache::new(ttl, CACHE_LIMITS)),
+            watched: None,
         }
+    }
+
+    /// Answers the owners of `kinds` (of [`crate::ownercache::WATCHABLE`]) from metadata watches
+    /// through this resolver's cluster, bounded by `limits`; the watches run while the returned
+    /// handle is held.
+    pub fn with_owner_cache(
+        mut self,
+        kinds: &[&str],
+        limits: Limits,
+        metrics: OwnerCacheMetrics,
+    ) -> (Self, OwnerWatches) {
+        let answers = Arc::downgrade(&self.cache);
+        // A deleted object's TTL answer (read before the watch synced, or on a miss) goes too.
+        let cache = OwnerCache::new(kinds, limits, metrics, move |kind, ns, name| {
+            if let Some(answers) = answers.upgrade() {
+                answers.forget(&(kind.to_owned(), ns.to_owned(), name.to_owned()));
+            }
+        });
+        let watches = cache.spawn_watches(self.cluster.clone());
+        self.watched = Some(cache);
+        (self, watches)
+    }
+
+    /// The owner cache, when configured.
+    pub fn owner_cache(&self) -> Option<&OwnerCache> {
+        self.watched.as_ref()
     }
 
     /// The top controller of `target` (the object itself when it has none or is gone). Errors
@@ -58,7 +94,7 @@ impl OwnerResolver {
         }
         let mut current = target;
         for _ in 0..self.max_depth {
-            if !FOLLOW.iter().any(|(k, _)| *k == current.kind) {
+            if accepted_owners(&current.kind).is_empty() {
                 break;
             }
             match self.owner_of(&current).await? {
@@ -70,43 +106,29 @@ impl OwnerResolver {
     }
 
     async fn owner_of(&self, obj: &TargetResource) -> Result<Option<TargetResource>, ApiError> {
+        if let Some(watched) = &self.watched
+            && let Lookup::Hit(owner) = watched.lookup(&obj.kind, &obj.api_version, &obj.namespace, &obj.name)
+        {
+            return Ok(owner);
+        }
+        // Not watched, not synced, or not in the synced watch (it may be newer than the watch):
+        // read. A storm about an object not cached yet: one read, the other signals wait for it.
         let key = (obj.kind.clone(), obj.namespace.clone(), obj.name.clone());
-        // A storm about an object not cached yet: one read, the other signals wait for it.
         self.cache.get_or_read(&key, || self.read_owner(obj)).await
     }
 
     /// Reads `obj`'s metadata: its accepted controller owner.
     async fn read_owner(&self, obj: &TargetResource) -> Result<Option<TargetResource>, ApiError> {
-        let reference = object_ref(obj);
-        let owner = match self.cluster.get_metadata(&reference).await {
-            Ok(meta) => {
-                let accepted = FOLLOW
-                    .iter()
-                    .find(|(k, _)| *k == obj.kind)
-                    .map(|(_, o)| *o)
-                    .unwrap_or(&[]);
-                meta.owner_references.unwrap_or_default().into_iter().find_map(|o| {
-                    // Found by fuzzing: an ownerReference's name and apiVersion are only required
-                    // to be non-empty, and they become the target's identity and an API URL path.
-                    let usable = is_valid_object_name(&o.name)
-                        && (o.api_version.is_empty() || is_valid_api_version(&o.api_version));
-                    // Found by fuzzing: an owner written without its apiVersion is named as the
-                    // signal's own target would be (normalised), so one climb gives one answer.
-                    (o.controller == Some(true) && accepted.contains(&o.kind.as_str()) && usable).then(|| {
-                        normalise(TargetResource {
-                            kind: o.kind,
-                            name: o.name,
-                            namespace: obj.namespace.clone(),
-                            api_version: o.api_version,
-                        })
-                    })
-                })
-            }
+        match self.cluster.get_metadata(&object_ref(obj)).await {
+            Ok(meta) => Ok(crate::ownercache::controller_owner(
+                &obj.namespace,
+                accepted_owners(&obj.kind),
+                &meta,
+            )),
             // The object is gone (or never existed): nothing to climb, remember that briefly.
-            Err(ApiError::NotFound) => None,
-            Err(e) => return Err(e),
-        };
-        Ok(owner)
+            Err(ApiError::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -328,5 +350,176 @@ mod tests {
         let store = store_with_deployment();
         let resolver = OwnerResolver::new(store, true, 1, Duration::from_secs(30));
         assert_eq!(resolver.resolve(pod("api-7d9f-x1")).await.unwrap().kind, "ReplicaSet");
+    }
+
+    // The watch-fed owner cache (ownercache.rs): hits need no read, misses and an unsynced
+    // watch read as before, a failed read stays an error, a deletion is seen.
+
+    const LIMITS: Limits = Limits {
+        entries: 1000,
+        bytes: 1024 * 1024,
+    };
+
+    /// Counts the metadata reads through `hook`'s faults (the watches are not reads).
+    fn reads_counted(
+        store: Arc<EmbeddedStore>,
+        hook: impl Fn(Op) -> Fault + Send + Sync + 'static,
+    ) -> (Arc<Faulty>, Arc<AtomicUsize>) {
+        let reads = Arc::new(AtomicUsize::new(0));
+        let r = reads.clone();
+        let faulty = Arc::new(Faulty::new(store, move |op| {
+            if op == Op::GetMetadata {
+                r.fetch_add(1, Ordering::SeqCst);
+            }
+            hook(op)
+        }));
+        (faulty, reads)
+    }
+
+    fn cached(cluster: Arc<Faulty>, kinds: &[&str]) -> (OwnerResolver, OwnerWatches, OwnerCacheMetrics) {
+        let metrics = crate::metrics::Metrics::register(&prometheus::Registry::new())
+            .unwrap()
+            .owner_cache;
+        let (resolver, watches) = OwnerResolver::new(cluster, true, 5, Duration::from_secs(30)).with_owner_cache(
+            kinds,
+            LIMITS,
+            metrics.clone(),
+        );
+        (resolver, watches, metrics)
+    }
+
+    async fn until(resolver: &OwnerResolver, what: &str, ready: impl Fn(&OwnerCache) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let cache = resolver.owner_cache().expect("configured");
+        assert!(cache.wait_for(deadline, ready).await, "{what} within 10 s");
+    }
+
+    fn lookups(metrics: &OwnerCacheMetrics, result: &str) -> u64 {
+        metrics.lookups.with_label_values(&[result]).get()
+    }
+
+    #[tokio::test]
+    async fn a_synced_owner_cache_answers_without_a_read() {
+        let (counting, reads) = reads_counted(store_with_deployment(), |_| Fault::Pass);
+        let (resolver, _watches, metrics) = cached(counting.clone(), &["ReplicaSet"]);
+        until(&resolver, "ReplicaSets synced", |c| c.is_synced("ReplicaSet")).await;
+        for _ in 0..3 {
+            let top = resolver.resolve(pod("api-7d9f-x1")).await.unwrap();
+            assert_eq!((top.kind.as_str(), top.name.as_str()), ("Deployment", "api"));
+        }
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            1,
+            "the Pod is read once (TTL); the ReplicaSet never"
+        );
+        assert_eq!(lookups(&metrics, "hit"), 3);
+
+        let (with_pods, _watches, metrics) = cached(counting, &["Pod", "ReplicaSet"]);
+        until(&with_pods, "Pods and ReplicaSets synced", |c| {
+            c.is_synced("Pod") && c.is_synced("ReplicaSet")
+        })
+        .await;
+        let top = with_pods.resolve(pod("api-7d9f-x1")).await.unwrap();
+        assert_eq!((top.kind.as_str(), top.name.as_str()), ("Deployment", "api"));
+        assert_eq!(reads.load(Ordering::SeqCst), 1, "no read at all with Pods watched");
+        assert_eq!(lookups(&metrics, "hit"), 2);
+    }
+
+    #[tokio::test]
+    async fn an_object_the_synced_watch_has_not_delivered_is_read_and_a_failed_read_is_an_error() {
+        let store = store_with_deployment();
+        // The watch delivers its list (Init, one ReplicaSet, Synced), then stalls: it lags.
+        let gate = Arc::new(tokio::sync::Semaphore::new(3));
+        let g = gate.clone();
+        let fail_rs = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = fail_rs.clone();
+        let (counting, reads) = reads_counted(store.clone(), move |op| match op {
+            Op::MetadataEvent => Fault::Gate(g.clone()),
+            Op::GetMetadata if f.load(Ordering::SeqCst) => Fault::Fail(ApiError::Unavailable("503".into())),
+            _ => Fault::Pass,
+        });
+        let (resolver, _watches, metrics) = cached(counting, &["ReplicaSet"]);
+        until(&resolver, "ReplicaSets synced", |c| c.is_synced("ReplicaSet")).await;
+        store.put_object(
+            obj("Pod", "web-5c4b-q2", "v1"),
+            owned_by("ReplicaSet", "web-5c4b", "apps/v1"),
+        );
+        store.put_object(
+            obj("ReplicaSet", "web-5c4b", "apps/v1"),
+            owned_by("Deployment", "web", "apps/v1"),
+        );
+        let top = resolver.resolve(pod("web-5c4b-q2")).await.unwrap();
+        assert_eq!(
+            (top.kind.as_str(), top.name.as_str()),
+            ("Deployment", "web"),
+            "newer than the watch: read, never taken for absent"
+        );
+        assert_eq!(reads.load(Ordering::SeqCst), 2, "the Pod and the ReplicaSet");
+        assert_eq!(lookups(&metrics, "miss_read"), 1);
+
+        store.put_object(
+            obj("Pod", "db-77aa-z9", "v1"),
+            owned_by("ReplicaSet", "db-77aa", "apps/v1"),
+        );
+        fail_rs.store(true, Ordering::SeqCst);
+        assert_eq!(
+            resolver.resolve(pod("db-77aa-z9")).await,
+            Err(ApiError::Unavailable("503".into())),
+            "a failed read on a miss is an error, never a shallower target"
+        );
+        assert_eq!(gate.available_permits(), 0, "the watch was stalled throughout");
+    }
+
+    #[tokio::test]
+    async fn before_its_watch_syncs_owners_are_read_and_errors_stay_errors() {
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let f = fail.clone();
+        let (counting, reads) = reads_counted(store_with_deployment(), move |op| match op {
+            Op::WatchMetadata => Fault::Hang,
+            Op::GetMetadata if f.load(Ordering::SeqCst) => Fault::Fail(ApiError::Timeout),
+            _ => Fault::Pass,
+        });
+        let (resolver, _watches, metrics) = cached(counting, &["ReplicaSet"]);
+        assert_eq!(resolver.resolve(pod("api-7d9f-x1")).await, Err(ApiError::Timeout));
+        fail.store(false, Ordering::SeqCst);
+        let top = resolver.resolve(pod("api-7d9f-x1")).await.unwrap();
+        assert_eq!((top.kind.as_str(), top.name.as_str()), ("Deployment", "api"));
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            3,
+            "failed Pod read, then Pod and ReplicaSet"
+        );
+        assert_eq!(lookups(&metrics, "not_synced"), 1);
+        assert_eq!(lookups(&metrics, "hit") + lookups(&metrics, "miss_read"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_object_leaves_the_cache_and_its_owner_is_not_answered_any_more() {
+        let store = store_with_deployment();
+        // The watch starts only when let: first the resolver reads (and remembers for its TTL).
+        let start = Arc::new(tokio::sync::Semaphore::new(0));
+        let s = start.clone();
+        let (counting, reads) = reads_counted(store.clone(), move |op| match op {
+            Op::WatchMetadata => Fault::Gate(s.clone()),
+            _ => Fault::Pass,
+        });
+        let (resolver, _watches, _metrics) = cached(counting, &["ReplicaSet"]);
+        assert_eq!(resolver.resolve(pod("api-7d9f-x1")).await.unwrap().kind, "Deployment");
+        assert_eq!(reads.load(Ordering::SeqCst), 2);
+        start.add_permits(1);
+        until(&resolver, "ReplicaSets synced", |c| {
+            c.objects("ReplicaSet") == 1 && c.is_synced("ReplicaSet")
+        })
+        .await;
+
+        store.delete_object(&obj("ReplicaSet", "api-7d9f", "apps/v1")).unwrap();
+        until(&resolver, "the deletion seen", |c| c.objects("ReplicaSet") == 0).await;
+        let top = resolver.resolve(pod("api-7d9f-x1")).await.unwrap();
+        assert_eq!(
+            (top.kind.as_str(), top.name.as_str()),
+            ("ReplicaSet", "api-7d9f"),
+            "the ReplicaSet is gone: the climb ends there (read fresh, not its remembered owner)"
+        );
+        assert_eq!(reads.load(Ordering::SeqCst), 3, "one read of the ReplicaSet: NotFound");
     }
 }

@@ -632,6 +632,13 @@ impl signal_gateway::cluster::Cluster for SlowProbe {
     ) -> signal_gateway::cluster::Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> {
         self.store.get_metadata(o).await
     }
+    fn watch_metadata(
+        &self,
+        kind: &signal_gateway::cluster::ApiKind,
+    ) -> futures::stream::BoxStream<'static, signal_gateway::cluster::Result<signal_gateway::cluster::MetadataEvent>>
+    {
+        self.store.watch_metadata(kind)
+    }
     async fn list_api_kinds(
         &self,
         core: bool,

@@ -4,9 +4,10 @@ mod common;
 
 use std::sync::Arc;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use signal_gateway::backend::embedded::EmbeddedStore;
 use signal_gateway::clock::SystemClock;
-use signal_gateway::cluster::{ApiError, Cluster};
+use signal_gateway::cluster::{ApiError, Cluster, ObjectRef};
 use signal_gateway::crd::RemediationRequest;
 
 /// The orchestrator's status writes on the embedded store.
@@ -26,6 +27,35 @@ impl common::contract::Orchestrator for Orchestrator {
     async fn raw(&self, ns: &str, name: &str) -> serde_json::Value {
         let rr = self.0.get_request(ns, name).await.expect("stored");
         serde_json::to_value(rr).expect("serialises")
+    }
+
+    async fn create_replicaset(&self, ns: &str, name: &str, deployment: &str) {
+        let meta = ObjectMeta {
+            owner_references: Some(vec![OwnerReference {
+                api_version: "apps/v1".into(),
+                kind: "Deployment".into(),
+                name: deployment.into(),
+                uid: "00000000-0000-4000-8000-00000000d001".into(),
+                controller: Some(true),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        self.0.put_object(replicaset(ns, name), meta);
+    }
+
+    async fn delete_replicaset(&self, ns: &str, name: &str) {
+        self.0.delete_object(&replicaset(ns, name)).expect("stored");
+    }
+}
+
+fn replicaset(ns: &str, name: &str) -> ObjectRef {
+    ObjectRef {
+        api_version: "apps/v1".into(),
+        kind: "ReplicaSet".into(),
+        resource: "replicasets".into(),
+        namespace: ns.into(),
+        name: name.into(),
     }
 }
 

@@ -22,10 +22,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use tokio::sync::broadcast;
 
 use crate::clock::SharedClock;
-use crate::cluster::{ApiError, ApiKind, Cluster, ObjectRef, RequestEvent, Result};
+use crate::cluster::{ApiError, ApiKind, Cluster, MetadataEvent, ObjectRef, RequestEvent, Result, WatchEvent};
 use crate::crd::{Deduplication, RemediationRequest, RemediationRequestStatus};
 
 type Key = (String, String);
+/// (group, kind) of an object that is not a RemediationRequest or a Lease.
+type KindKey = (String, String);
 
 #[derive(Default)]
 struct State {
@@ -58,6 +60,9 @@ pub struct EmbeddedStore {
     /// Change feed of RemediationRequests (the store's watch). Sent while the state lock is
     /// held, so every receiver sees changes in resourceVersion order.
     changes: broadcast::Sender<RequestEvent>,
+    /// Change feed of the other objects' metadata, as ((group, kind), event), sent under the
+    /// state lock like `changes`.
+    object_changes: broadcast::Sender<(KindKey, MetadataEvent)>,
     clock: SharedClock,
     /// When set, every call fails as if the API server were unreachable (tests, demos).
     unavailable: AtomicBool,
@@ -166,6 +171,7 @@ impl EmbeddedStore {
         EmbeddedStore {
             state: Mutex::default(),
             changes: broadcast::channel(WATCH_BUFFER).0,
+            object_changes: broadcast::channel(WATCH_BUFFER).0,
             clock,
             unavailable: AtomicBool::new(false),
         }
@@ -249,10 +255,11 @@ impl EmbeddedStore {
         Ok(rr)
     }
 
-    /// Registers an object's metadata so owner resolution can read it.
-    /// Stores an object's metadata (the owner chain and labels of test scenarios). A kind that is
-    /// not built in is served from then on (discovery), as the resource `object.resource`.
-    pub fn put_object(&self, object: ObjectRef, meta: ObjectMeta) {
+    /// Stores an object's metadata (the owner chain and labels of test scenarios), as a create
+    /// or an update would: a new resourceVersion, the name and namespace of `object`, and a
+    /// change on the metadata watches of its kind. A kind that is not built in is served from
+    /// then on (discovery), as the resource `object.resource`.
+    pub fn put_object(&self, object: ObjectRef, mut meta: ObjectMeta) {
         let mut state = self.state.lock().expect("embedded store poisoned");
         if crate::discovery::builtin(&object.kind).is_none()
             && !state
@@ -274,7 +281,24 @@ impl EmbeddedStore {
                 namespaced: !object.namespace.is_empty(),
             });
         }
-        state.objects.insert(object_key(&object), meta);
+        meta.name = Some(object.name.clone());
+        meta.namespace = (!object.namespace.is_empty()).then(|| object.namespace.clone());
+        meta.resource_version = Some(state.next_rv());
+        let kind = (object.group().to_owned(), object.kind.clone());
+        state.objects.insert(object_key(&object), meta.clone());
+        // No receiver is not an error: nobody watches.
+        let _ = self.object_changes.send((kind, WatchEvent::Applied(meta)));
+    }
+
+    /// Deletes an object put with [`EmbeddedStore::put_object`], as a controller (or a person)
+    /// would: its metadata watches see it go.
+    pub fn delete_object(&self, object: &ObjectRef) -> Result<ObjectMeta> {
+        let mut state = self.state.lock().expect("embedded store poisoned");
+        let mut meta = state.objects.remove(&object_key(object)).ok_or(ApiError::NotFound)?;
+        meta.resource_version = Some(state.next_rv());
+        let kind = (object.group().to_owned(), object.kind.clone());
+        let _ = self.object_changes.send((kind, WatchEvent::Deleted(meta.clone())));
+        Ok(meta)
     }
 }
 
@@ -499,6 +523,47 @@ impl Cluster for EmbeddedStore {
             .get(&object_key(object))
             .cloned()
             .ok_or(ApiError::NotFound)
+    }
+
+    fn watch_metadata(&self, kind: &ApiKind) -> BoxStream<'static, Result<MetadataEvent>> {
+        if self.unavailable.load(Ordering::SeqCst) {
+            let e = ApiError::Unavailable("embedded store switched off".into());
+            return futures::stream::iter([Err(e)]).boxed();
+        }
+        let wanted: KindKey = (kind.group.clone(), kind.kind.clone());
+        // As watch_requests: the snapshot and the subscription under one lock.
+        let (listed, rx) = {
+            let st = self.state.lock().expect("embedded store poisoned");
+            let listed: Vec<ObjectMeta> = st
+                .objects
+                .iter()
+                .filter(|((group, kind, _, _), _)| *group == wanted.0 && *kind == wanted.1)
+                .map(|(_, meta)| meta.clone())
+                .collect();
+            (listed, self.object_changes.subscribe())
+        };
+        let head = std::iter::once(WatchEvent::Init)
+            .chain(listed.into_iter().map(WatchEvent::Listed))
+            .chain(std::iter::once(WatchEvent::Synced))
+            .map(Ok);
+        let tail = futures::stream::unfold(Some(rx), move |rx| {
+            let wanted = wanted.clone();
+            async move {
+                let mut rx = rx?;
+                loop {
+                    match rx.recv().await {
+                        Ok((kind, event)) if kind == wanted => return Some((Ok(event), Some(rx))),
+                        Ok(_) => continue,
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            let e = ApiError::Unavailable(format!("watch fell {n} changes behind"));
+                            return Some((Err(e), None));
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            }
+        });
+        futures::stream::iter(head).chain(tail).boxed()
     }
 
     async fn list_api_kinds(&self, core: bool) -> Result<Vec<ApiKind>> {

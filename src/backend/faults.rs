@@ -13,7 +13,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::Semaphore;
 
-use crate::cluster::{ApiError, ApiKind, Cluster, ObjectRef, RequestEvent, Result};
+use crate::cluster::{ApiError, ApiKind, Cluster, MetadataEvent, ObjectRef, RequestEvent, Result};
 use crate::crd::{Deduplication, RemediationRequest};
 
 /// The operations of the port.
@@ -35,6 +35,11 @@ pub enum Op {
     UpdateLease,
     DeleteLease,
     GetMetadata,
+    /// Starting a metadata watch of one kind (Fail: it breaks at once; Hang: it never lists).
+    WatchMetadata,
+    /// Each item a metadata watch delivers (as [`Op::WatchEvent`] for the RemediationRequest
+    /// watch, apart from it so a test can break one without the other).
+    MetadataEvent,
     /// The readiness check (Fail: not ready with that error as the reason).
     CheckReady,
     /// A read of the discovery documents.
@@ -175,6 +180,23 @@ impl Cluster for Faulty {
                 .then(move |item| {
                     let hook = hook.clone();
                     async move { apply(&*hook, Op::WatchEvent).await.and(item) }
+                })
+                .boxed()
+        })
+        .flatten()
+        .boxed()
+    }
+    fn watch_metadata(&self, kind: &ApiKind) -> BoxStream<'static, Result<MetadataEvent>> {
+        let (hook, inner, kind) = (self.hook.clone(), self.inner.clone(), kind.clone());
+        futures::stream::once(async move {
+            if let Err(e) = apply(&*hook, Op::WatchMetadata).await {
+                return futures::stream::iter([Err(e)]).boxed();
+            }
+            inner
+                .watch_metadata(&kind)
+                .then(move |item| {
+                    let hook = hook.clone();
+                    async move { apply(&*hook, Op::MetadataEvent).await.and(item) }
                 })
                 .boxed()
         })

@@ -15,12 +15,13 @@ use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
     Preconditions,
 };
+use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Config};
 use tokio::time::Instant;
 
 use crate::backend::metered::ApiMetricsLayer;
-use crate::cluster::{ApiError, ApiKind, Cluster, ObjectRef, RequestEvent, Result};
+use crate::cluster::{ApiError, ApiKind, Cluster, MetadataEvent, ObjectRef, RequestEvent, Result, WatchEvent};
 use crate::crd::{Deduplication, FINGERPRINT_FIELD, GROUP, RemediationRequest};
 use crate::metrics::Metrics;
 
@@ -43,8 +44,8 @@ pub struct KubernetesCluster {
     client: Client,
     /// The reviews' own client (own connections and concurrency limit).
     review_client: Client,
-    /// The watch's own client: a watch is silent while nothing changes, so the per-request read
-    /// timeout of `client` (`backend.apiTimeout`) would cut it every few seconds.
+    /// The watches' own client: a watch is silent while nothing changes, so the per-request
+    /// read timeout of `client` would cut it (and a watch would hold one of its slots for good).
     watch_client: Client,
     /// The client carries the [`ApiMetricsLayer`] (false for clients built elsewhere).
     counts_requests: bool,
@@ -54,11 +55,11 @@ pub struct KubernetesCluster {
 
 const READY_CACHE: Duration = Duration::from_secs(30);
 
-/// How long a watch (or a list page of its relist) may send nothing: past kube's watch call
-/// timeout (290 s), after which the watcher ends the call and starts the next one anyway.
+/// How long a watch (or a list page of a watcher) may send nothing: past kube's watch call
+/// timeout (290 s, after which its own dead-connection check ends the call too).
 const WATCH_READ_TIMEOUT: Duration = Duration::from_secs(300);
-/// Requests in flight on the watch client: the RemediationRequest watch and its relists.
-const WATCH_SLOTS: usize = 4;
+/// Requests in flight on the watch client: the RR watch and the owner cache's (at most three).
+const WATCH_SLOTS: usize = 8;
 
 impl KubernetesCluster {
     /// Connects the standard way (in-cluster, then `KUBECONFIG` / ~/.kube/config), with request
@@ -75,8 +76,8 @@ impl KubernetesCluster {
     /// the readiness probe, which bypasses the port), `max_reviews` on a client of its own for
     /// the token and access reviews: a flood of bogus tokens queues there and never takes a
     /// connection or a slot of the lease renewals and RemediationRequest writes. (On the API
-    /// server the reviews have their own APF priority level: deploy/apf.) The watch has a client
-    /// of its own too, whose read timeout outlasts a quiet watch.
+    /// server the reviews have their own APF priority level: deploy/apf.) The watches have a
+    /// client of their own too, whose read timeout outlasts a quiet watch.
     pub async fn connect(
         api_timeout: Duration,
         max_in_flight: usize,
@@ -350,6 +351,33 @@ impl Cluster for KubernetesCluster {
             .await
             .map(|m| m.metadata)
             .map_err(map_error)
+    }
+
+    fn watch_metadata(&self, kind: &ApiKind) -> BoxStream<'static, Result<MetadataEvent>> {
+        // `PartialObjectMetadata` only: the API server sends no spec or status, so the cost is
+        // the objects' metadata, in every namespace. Unlike the RemediationRequest watch (one
+        // namespace, bounded by its quota) the list is not "any" semantics: the API server's
+        // watch cache answers that in one unpaginated response, and a whole cluster's ReplicaSets
+        // in one response is a memory spike in this process. A consistent list comes in pages
+        // of 500 objects. Bookmarks, and kube's default backoff after an error.
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(&kind.group, &kind.version, &kind.kind),
+            &kind.resource,
+        );
+        let api: Api<PartialObjectMeta<DynamicObject>> = Api::all_with(self.watch_client.clone(), &resource);
+        watcher(api, watcher::Config::default().page_size(500))
+            .default_backoff()
+            .map(|item| {
+                item.map(|event| match event {
+                    watcher::Event::Init => WatchEvent::Init,
+                    watcher::Event::InitApply(o) => WatchEvent::Listed(o.metadata),
+                    watcher::Event::InitDone => WatchEvent::Synced,
+                    watcher::Event::Apply(o) => WatchEvent::Applied(o.metadata),
+                    watcher::Event::Delete(o) => WatchEvent::Deleted(o.metadata),
+                })
+                .map_err(map_watch_error)
+            })
+            .boxed()
     }
 
     async fn list_api_kinds(&self, core: bool) -> Result<Vec<ApiKind>> {

@@ -21,8 +21,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tracing::Instrument;
 
 use crate::cluster::{
-    ApiError, ApiKind, Cluster, DISCOVERY_RESOURCE, LEASE_RESOURCE, ObjectRef, RR_RESOURCE, RR_STATUS_RESOURCE,
-    RequestEvent, Result, resource_of_kind, verb,
+    ApiError, ApiKind, Cluster, DISCOVERY_RESOURCE, LEASE_RESOURCE, MetadataEvent, ObjectRef, RR_RESOURCE,
+    RR_STATUS_RESOURCE, RequestEvent, Result, WatchEvent, resource_of_kind, verb,
 };
 use crate::crd::{Deduplication, RemediationRequest};
 use crate::metrics::Metrics;
@@ -151,6 +151,23 @@ impl Metered {
     }
 }
 
+/// A watch as the API server would count it. A watch is not part of any signal's tally; the
+/// embedded store's (re)list counts as one list and its change feed as one watch request.
+fn counted_watch<T: Send + 'static>(
+    inner: BoxStream<'static, Result<WatchEvent<T>>>,
+    metrics: Metrics,
+    resource: &'static str,
+) -> BoxStream<'static, Result<WatchEvent<T>>> {
+    inner
+        .inspect(move |item| match item {
+            Ok(WatchEvent::Init) => ApiCallTimer::start(&metrics, verb::LIST, resource).finish("200"),
+            Ok(WatchEvent::Synced) => ApiCallTimer::start(&metrics, verb::WATCH, resource).finish("200"),
+            Err(e) => ApiCallTimer::start(&metrics, verb::WATCH, resource).finish(e.code()),
+            Ok(_) => {}
+        })
+        .boxed()
+}
+
 fn success_code(verb: &str) -> &'static str {
     if verb == verb::CREATE { "201" } else { "200" }
 }
@@ -196,16 +213,14 @@ impl Cluster for Metered {
         let Some(metrics) = self.metrics.clone() else {
             return inner;
         };
-        // A watch is not part of any signal's tally. The embedded store's (re)list counts as one
-        // list and its change feed as one watch request, as the API server would see them.
-        inner
-            .inspect(move |item| match item {
-                Ok(RequestEvent::Init) => ApiCallTimer::start(&metrics, verb::LIST, RR_RESOURCE).finish("200"),
-                Ok(RequestEvent::Synced) => ApiCallTimer::start(&metrics, verb::WATCH, RR_RESOURCE).finish("200"),
-                Err(e) => ApiCallTimer::start(&metrics, verb::WATCH, RR_RESOURCE).finish(e.code()),
-                Ok(_) => {}
-            })
-            .boxed()
+        counted_watch(inner, metrics, RR_RESOURCE)
+    }
+    fn watch_metadata(&self, kind: &ApiKind) -> BoxStream<'static, Result<MetadataEvent>> {
+        let inner = self.inner.watch_metadata(kind);
+        match self.metrics.clone() {
+            Some(metrics) => counted_watch(inner, metrics, resource_of_kind(&kind.kind)),
+            None => inner,
+        }
     }
     async fn create_lease(&self, lease: &Lease) -> Result<Lease> {
         self.call(verb::CREATE, LEASE_RESOURCE, self.inner.create_lease(lease))

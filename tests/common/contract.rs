@@ -10,7 +10,7 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use serde_json::json;
-use signal_gateway::cluster::{ApiError, ApiKind, Cluster, ObjectRef, RequestEvent};
+use signal_gateway::cluster::{ApiError, ApiKind, Cluster, MetadataEvent, ObjectRef, RequestEvent, WatchEvent};
 use signal_gateway::crd::{Deduplication, RemediationRequest, RemediationRequestSpec, TargetResource};
 
 /// What the RemediationOrchestrator does to a request: a merge patch of its status through the
@@ -26,6 +26,11 @@ pub trait Orchestrator: Send + Sync {
     ) -> Result<RemediationRequest, ApiError>;
     /// The stored object as the backend holds it, as JSON.
     async fn raw(&self, ns: &str, name: &str) -> serde_json::Value;
+    /// Creates the ReplicaSet `name` controlled by the Deployment `deployment`, as the Deployment
+    /// controller would (for the metadata watch).
+    async fn create_replicaset(&self, ns: &str, name: &str, deployment: &str);
+    /// Deletes the ReplicaSet `name`.
+    async fn delete_replicaset(&self, ns: &str, name: &str);
 }
 
 fn fp(seed: &str) -> String {
@@ -115,6 +120,7 @@ pub async fn run(cluster: Arc<dyn Cluster>, orchestrator: &dyn Orchestrator, ns:
     watch(cluster.as_ref(), ns, unique).await;
     leases(cluster.as_ref(), ns, unique).await;
     metadata(cluster.as_ref(), ns).await;
+    metadata_watch(cluster.as_ref(), orchestrator, ns, unique).await;
     discovery(cluster.as_ref()).await;
 }
 
@@ -398,6 +404,66 @@ async fn metadata(c: &dyn Cluster, ns: &str) {
         name: "no-such-pod".into(),
     };
     assert_eq!(c.get_metadata(&pod).await.unwrap_err(), ApiError::NotFound);
+}
+
+/// A metadata watch of ReplicaSets lists them with their metadata (name, namespace,
+/// resourceVersion, the controller ownerReference), then delivers creations and deletions.
+async fn metadata_watch(c: &dyn Cluster, orchestrator: &dyn Orchestrator, ns: &str, unique: &str) {
+    let (a, b) = (format!("rs-a-{unique}"), format!("rs-b-{unique}"));
+    orchestrator.create_replicaset(ns, &a, "deploy-a").await;
+    let kind = signal_gateway::discovery::builtin("ReplicaSet").unwrap();
+    let mut events = c.watch_metadata(&kind);
+    let within = std::time::Duration::from_secs(30);
+    // Ours (in `ns`, named `rs-*-{unique}`) and the list markers; other namespaces' objects skipped.
+    let mut next = async || -> MetadataEvent {
+        loop {
+            let event = tokio::time::timeout(within, events.next())
+                .await
+                .expect("a metadata watch event within 30 s")
+                .expect("the watch goes on")
+                .expect("no watch error");
+            match &event {
+                WatchEvent::Listed(m) | WatchEvent::Applied(m) | WatchEvent::Deleted(m)
+                    if m.namespace.as_deref() != Some(ns)
+                        || !m.name.as_deref().is_some_and(|n| n.ends_with(unique)) => {}
+                _ => return event,
+            }
+        }
+    };
+    assert!(matches!(next().await, WatchEvent::Init));
+    let WatchEvent::Listed(listed) = next().await else {
+        panic!("the ReplicaSet listed")
+    };
+    assert_eq!(listed.name.as_deref(), Some(a.as_str()));
+    assert!(listed.resource_version.as_deref().is_some_and(|rv| !rv.is_empty()));
+    let owners = listed.owner_references.unwrap_or_default();
+    assert_eq!(
+        owners
+            .iter()
+            .map(|o| (o.kind.as_str(), o.name.as_str(), o.controller))
+            .collect::<Vec<_>>(),
+        [("Deployment", "deploy-a", Some(true))]
+    );
+    assert!(matches!(next().await, WatchEvent::Synced));
+
+    orchestrator.create_replicaset(ns, &b, "deploy-b").await;
+    match next().await {
+        WatchEvent::Applied(m) => assert_eq!(m.name.as_deref(), Some(b.as_str())),
+        other => panic!("expected the creation, got {other:?}"),
+    }
+    orchestrator.delete_replicaset(ns, &a).await;
+    loop {
+        match next().await {
+            WatchEvent::Deleted(m) => {
+                assert_eq!(m.name.as_deref(), Some(a.as_str()));
+                break;
+            }
+            // The API server may deliver updates (its finalisation of the deletion) first.
+            WatchEvent::Applied(m) if m.name.as_deref() == Some(a.as_str()) => {}
+            other => panic!("expected the deletion, got {other:?}"),
+        }
+    }
+    orchestrator.delete_replicaset(ns, &b).await;
 }
 
 /// Discovery names the built-in kinds the gateway reads as the API server serves them, each group

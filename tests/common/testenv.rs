@@ -343,6 +343,36 @@ impl super::contract::Orchestrator for AdminOrchestrator {
     async fn raw(&self, ns: &str, name: &str) -> serde_json::Value {
         raw_request(&self.0, ns, name).await
     }
+
+    async fn create_replicaset(&self, ns: &str, name: &str, deployment: &str) {
+        use k8s_openapi::api::apps::v1::ReplicaSet;
+        let rs: ReplicaSet = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "ownerReferences": [{
+                "apiVersion": "apps/v1", "kind": "Deployment", "name": deployment,
+                "uid": "00000000-0000-4000-8000-00000000d001", "controller": true
+            }]},
+            "spec": {
+                "replicas": 0,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {
+                    "metadata": {"labels": {"app": name}},
+                    "spec": {"containers": [{"name": "app", "image": "registry.invalid/app"}]}
+                }
+            }
+        }))
+        .expect("a ReplicaSet");
+        let api: Api<ReplicaSet> = Api::namespaced(self.0.clone(), ns);
+        api.create(&kube::api::PostParams::default(), &rs)
+            .await
+            .expect("create the ReplicaSet");
+    }
+
+    async fn delete_replicaset(&self, ns: &str, name: &str) {
+        let api: Api<k8s_openapi::api::apps::v1::ReplicaSet> = Api::namespaced(self.0.clone(), ns);
+        api.delete(name, &kube::api::DeleteParams::default())
+            .await
+            .expect("delete the ReplicaSet");
+    }
 }
 
 /// An RR exactly as the API server stores it (untyped JSON: nothing dropped by our types).
