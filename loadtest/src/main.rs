@@ -16,6 +16,7 @@
 //! | `LOADTEST_USERS` | from the rate | concurrent goose users |
 //! | `LOADTEST_ACK_FILE` | none | where to write what was acknowledged (JSON) |
 //! | `LOADTEST_THRESHOLD` | `0.95` | exit 3 when achieved signals/s < threshold x target (0: off) |
+//! | `LOADTEST_REUSE_WITHIN_MS` | `2500` | longest a user's idle connection is reused (a quarter of the gateways' `server.headerReadTimeout`, 10 s by default: a request sent on a connection as the gateway closes it is cut off, not answered) |
 //! | `LOADTEST_WARMUP` | `0` | `1`: the warm-up of `mixed`, `batch` or `events`: one signal per request about the standing incidents in rank order (run it before the measured run so their RRs exist) |
 //!
 //! Pacing: every request reserves its signals on one global schedule (signal k is due at
@@ -52,6 +53,7 @@ struct Settings {
     rate_req: f64,
     ack_file: Option<String>,
     threshold: f64,
+    reuse_within: Duration,
 }
 
 struct State {
@@ -165,6 +167,7 @@ fn load_state() -> Result<State, String> {
         rate_req,
         ack_file: std::env::var("LOADTEST_ACK_FILE").ok().filter(|v| !v.is_empty()),
         threshold: env_parse("LOADTEST_THRESHOLD", "0.95")?,
+        reuse_within: Duration::from_millis(env_parse("LOADTEST_REUSE_WITHIN_MS", "2500")?),
     };
     Ok(State {
         settings,
@@ -248,6 +251,17 @@ async fn send_signal(user: &mut GooseUser) -> TransactionResult {
     }
 }
 
+/// Each user's client: goose's (its 60 s request timeout), but idle connections are reused only
+/// within `reuse_within`. reqwest keeps them 90 s by default while a gateway closes them after
+/// `server.headerReadTimeout`, and a signal sent as its connection closes is cut off unanswered:
+/// a transport error the gateway never saw, counted against the run.
+async fn client_within_keep_alive(user: &mut GooseUser) -> TransactionResult {
+    let builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .pool_idle_timeout(state().settings.reuse_within);
+    Ok(user.set_client_builder(builder).await?)
+}
+
 /// Resends of a notification answered 503 (Alertmanager keeps retrying until its next
 /// group interval; three is enough to see the resend answered).
 const RESENDS: u32 = 3;
@@ -277,6 +291,7 @@ async fn run() -> Result<ExitCode, String> {
         .map_err(goose_err)?
         .register_scenario(
             Scenario::new(s.scenario.name())
+                .register_transaction(transaction!(client_within_keep_alive).set_on_start().set_name("client"))
                 .register_transaction(transaction!(send_signal).set_name(s.scenario.signal_name())),
         )
         .set_default(GooseDefault::Host, s.targets[0].as_str())
