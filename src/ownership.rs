@@ -135,6 +135,8 @@ struct State {
     /// Whether a list has completed since start (no claim before it).
     listed: bool,
     stopped: bool,
+    /// Shards still to claim, release or confirm, as of the last report (end of each round).
+    pending: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -250,10 +252,10 @@ impl Ownership {
         self.leave().await;
     }
 
-    /// Whether claims are waiting to become effective, or shards to be released.
+    /// Whether claims are waiting to become effective, or shards to be claimed or released, as
+    /// the round just ended saw it (its report).
     fn settling(&self) -> bool {
-        let st = self.inner.state.lock().unwrap();
-        st.claims != st.effective || st.claims != self.desired_claims(&st, Instant::now())
+        self.inner.state.lock().unwrap().pending > 0
     }
 
     /// Shards this replica should hold given its view: those it wins, and no other live member
@@ -334,7 +336,7 @@ impl Ownership {
                     st.effective.clear();
                     st.valid_until = None;
                 }
-                self.report(&st);
+                self.report(&mut st);
                 return Err(e);
             }
         };
@@ -357,7 +359,7 @@ impl Ownership {
         let listed = match listed {
             Ok(listed) => listed,
             Err(e) => {
-                self.report(&inner.state.lock().unwrap());
+                self.report(&mut inner.state.lock().unwrap());
                 return Err(e);
             }
         };
@@ -417,7 +419,7 @@ impl Ownership {
                 .inc_by(gained.len() as u64);
         }
         st.effective.extend(gained);
-        self.report(&st);
+        self.report(&mut st);
         expired
     }
 
@@ -477,7 +479,7 @@ impl Ownership {
         lease
     }
 
-    fn report(&self, st: &State) {
+    fn report(&self, st: &mut State) {
         let m = &self.inner.metrics;
         let now = Instant::now();
         let valid = st.valid_until.is_some_and(|v| now < v);
@@ -504,8 +506,8 @@ impl Ownership {
             m.ownership_shards_routed.with_label_values(&[to]).set(n);
         }
         let desired = self.desired_claims(st, now);
-        let pending = st.claims.symmetric_difference(&desired).count() + st.claims.difference(&st.effective).count();
-        m.ownership_shards_pending.set(pending as i64);
+        st.pending = st.claims.symmetric_difference(&desired).count() + st.claims.difference(&st.effective).count();
+        m.ownership_shards_pending.set(st.pending as i64);
     }
 
     /// Ends the membership: no more claims, the Lease deleted (conditionally), so peers take the
@@ -518,7 +520,7 @@ impl Ownership {
             st.effective.clear();
             st.claims.clear();
             st.valid_until = None;
-            self.report(&st);
+            self.report(&mut st);
             st.lease.take()
         };
         if let Some(rv) = lease.and_then(|l| l.metadata.resource_version) {
