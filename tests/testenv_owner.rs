@@ -273,16 +273,7 @@ async fn with_pods_watched_a_signal_costs_no_owner_read_at_all() {
     workload(&ns, "api-41c9");
     // deploy/rbac grants get only on pods; metadataCache.pods needs list and watch.
     let role = format!("owner-test-pods-{u}");
-    kubectl(&["create", "clusterrole", &role, "--verb=list,watch", "--resource=pods"]);
-    kubectl(&[
-        "create",
-        "clusterrolebinding",
-        &role,
-        "--clusterrole",
-        &role,
-        "--serviceaccount",
-        "signal-gateway:signal-gateway",
-    ]);
+    common::testenv::grant_to_gateway(&role, "list,watch", "pods");
     let client = reqwest::Client::new();
     let replica = Replica::start(
         &format!("owner-pods-{u}"),
@@ -297,6 +288,5 @@ async fn with_pods_watched_a_signal_costs_no_owner_read_at_all() {
     let owner_gets = gets(&client, &replica, "pods").await + gets(&client, &replica, "replicasets").await + 0.0;
     assert_eq!(owner_gets, 0.0, "Pods and ReplicaSets answered by their watches");
     eprintln!("owner GETs for {} signals with pods watched: {owner_gets}", 2 * PODS);
-    kubectl(&["delete", "clusterrolebinding", &role]);
-    kubectl(&["delete", "clusterrole", &role]);
+    common::testenv::revoke(&role);
 }

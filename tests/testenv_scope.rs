@@ -92,22 +92,7 @@ async fn opted_out_objects_stay_out_however_senders_name_their_kind() {
     // Ingresses are served as `ingresses`, not `ingresss`: once the gateway may read them, the
     // opted-out one is refused and the unlabelled one is managed by its namespace.
     let role = format!("scope-test-ingresses-{u}");
-    kubectl(&[
-        "create",
-        "clusterrole",
-        &role,
-        "--verb=get",
-        "--resource=ingresses.networking.k8s.io",
-    ]);
-    kubectl(&[
-        "create",
-        "clusterrolebinding",
-        &role,
-        "--clusterrole",
-        &role,
-        "--serviceaccount",
-        "signal-gateway:signal-gateway",
-    ]);
+    common::testenv::grant_to_gateway(&role, "get", "ingresses.networking.k8s.io");
     let (status, body) = common::eventually(std::time::Duration::from_secs(30), "RBAC took effect", || {
         let (client, replica, ns) = (&client, &replica, &ns);
         async move {
@@ -135,6 +120,5 @@ async fn opted_out_objects_stay_out_however_senders_name_their_kind() {
         (StatusCode::OK, Some("unmanaged_resource")),
         "{body}"
     );
-    kubectl(&["delete", "clusterrolebinding", &role]);
-    kubectl(&["delete", "clusterrole", &role]);
+    common::testenv::revoke(&role);
 }

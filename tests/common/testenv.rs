@@ -273,6 +273,33 @@ impl Drop for Replica {
 }
 
 /// `kubectl` as the testenv admin; panics with its stderr on failure.
+/// Grants the gateway's service account `verbs` (comma-separated) on `resource` in every
+/// namespace, through a ClusterRole and ClusterRoleBinding both named `role`; [`revoke`] removes them.
+pub fn grant_to_gateway(role: &str, verbs: &str, resource: &str) {
+    kubectl(&[
+        "create",
+        "clusterrole",
+        role,
+        &format!("--verb={verbs}"),
+        &format!("--resource={resource}"),
+    ]);
+    kubectl(&[
+        "create",
+        "clusterrolebinding",
+        role,
+        "--clusterrole",
+        role,
+        "--serviceaccount",
+        "signal-gateway:signal-gateway",
+    ]);
+}
+
+/// Removes what [`grant_to_gateway`] created as `role`.
+pub fn revoke(role: &str) {
+    kubectl(&["delete", "clusterrolebinding", role]);
+    kubectl(&["delete", "clusterrole", role]);
+}
+
 pub fn kubectl(args: &[&str]) -> String {
     let env = testenv();
     let out = Command::new(env.repo.join("target/testenv/bin/kubectl"))
