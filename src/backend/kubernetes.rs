@@ -89,6 +89,10 @@ impl KubernetesCluster {
         config.connect_timeout = Some(api_timeout.min(Duration::from_secs(5)));
         config.read_timeout = Some(api_timeout);
         config.write_timeout = Some(api_timeout);
+        // The read timeout counts from a request's send, not from when its pooled connection went
+        // idle: otherwise a request handed a connection idle for most of apiTimeout times out after
+        // what is left (tests/testenv_idle_connection.rs). Every client here sends and then reads.
+        config.reset_reader_on_write = true;
         let mut watch_config = config.clone();
         watch_config.read_timeout = Some(WATCH_READ_TIMEOUT);
         Ok(KubernetesCluster {
