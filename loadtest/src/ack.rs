@@ -14,6 +14,8 @@ use crate::histogram::{Histogram, Summary};
 /// signals/s needs 60 000). Beyond it arrivals are counted in `arrivals_dropped`, not kept, and
 /// the driver computes no floor.
 pub const ARRIVALS_CAP: usize = 1_000_000;
+/// Seconds of the schedule the per-second send lag covers; later ones count into the last.
+pub const MAX_SECONDS: usize = 3_600;
 
 /// The outcome of one signal, as the gateway reported it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,6 +120,10 @@ pub struct Record {
     /// Per request: how late its first send was (send time - due time).
     #[serde(skip)]
     pub send_lag: Histogram,
+    /// The largest send lag (ms) of the requests due in each second of the schedule: when the
+    /// driver fell behind (its start, a stall of the machine) rather than only how much.
+    #[serde(skip)]
+    pub send_lag_max_ms_by_second: Vec<f64>,
 }
 
 /// The latency figures written into the ack file (milliseconds).
@@ -125,12 +131,21 @@ pub struct Record {
 pub struct Latencies {
     pub latency_from_due_ms: Summary,
     pub send_lag_ms: Summary,
+    pub send_lag_max_ms_by_second: Vec<f64>,
 }
 
 impl Record {
-    /// Records how late a request was sent after its due time (once per request, not per resend).
-    pub fn sent(&mut self, lag: Duration) {
+    /// Records how late a request due `due_offset` after the schedule's start was sent (once per
+    /// request, not per resend).
+    pub fn sent(&mut self, due_offset: Duration, lag: Duration) {
         self.send_lag.record(lag);
+        let second = (due_offset.as_secs() as usize).min(MAX_SECONDS);
+        if self.send_lag_max_ms_by_second.len() <= second {
+            self.send_lag_max_ms_by_second.resize(second + 1, 0.0);
+        }
+        let ms = lag.as_secs_f64() * 1e3;
+        let slot = &mut self.send_lag_max_ms_by_second[second];
+        *slot = slot.max((ms * 10.0).round() / 10.0);
     }
 
     /// Records a request's final outcome `from_due` after its first signal was due.
@@ -142,6 +157,7 @@ impl Record {
         Latencies {
             latency_from_due_ms: self.from_due.summary(),
             send_lag_ms: self.send_lag.summary(),
+            send_lag_max_ms_by_second: self.send_lag_max_ms_by_second.clone(),
         }
     }
 
@@ -331,13 +347,17 @@ mod tests {
     #[test]
     fn latencies_are_summarised_per_request() {
         let mut r = Record::default();
-        r.sent(Duration::from_millis(2));
+        r.sent(Duration::from_millis(100), Duration::from_millis(2));
         r.finished(Duration::from_millis(10));
-        r.sent(Duration::ZERO);
+        r.sent(Duration::from_millis(2_500), Duration::ZERO);
+        r.finished(Duration::from_millis(4));
+        r.sent(Duration::from_millis(2_900), Duration::from_micros(1_250));
         r.finished(Duration::from_millis(4));
         let l = r.latencies();
-        assert_eq!((l.latency_from_due_ms.count, l.latency_from_due_ms.max), (2, 10.0));
-        assert_eq!((l.send_lag_ms.p50, l.send_lag_ms.max), (0.0, 2.0));
+        assert_eq!((l.latency_from_due_ms.count, l.latency_from_due_ms.max), (3, 10.0));
+        assert_eq!(l.send_lag_ms.max, 2.0);
+        assert!((1.0..1.5).contains(&l.send_lag_ms.p50), "{:?}", l.send_lag_ms);
+        assert_eq!(l.send_lag_max_ms_by_second, vec![2.0, 0.0, 1.3]);
     }
 
     #[test]

@@ -81,6 +81,13 @@ impl Pacer {
         due
     }
 
+    /// Time from the schedule's start to `t`.
+    fn since_start(&self, t: Instant) -> Duration {
+        self.start
+            .get()
+            .map_or(Duration::ZERO, |start| t.saturating_duration_since(*start))
+    }
+
     /// Microseconds from the schedule's start to `t` (saturating: a run of over 71 minutes
     /// gives its later signals the same arrival time).
     fn offset_us(&self, t: Instant) -> u32 {
@@ -201,7 +208,7 @@ async fn send_signal(user: &mut GooseUser) -> TransactionResult {
     st.record
         .lock()
         .expect("record lock")
-        .sent(sent.saturating_duration_since(due));
+        .sent(st.pacer.since_start(due), sent.saturating_duration_since(due));
     let mut resends = 0;
     loop {
         let builder = user
@@ -343,6 +350,7 @@ async fn run() -> Result<ExitCode, String> {
         "achieved_vs_offered": record.signals_answered as f64 / offered.max(1) as f64,
         "latency_from_due_ms": latencies.latency_from_due_ms,
         "send_lag_ms": latencies.send_lag_ms,
+        "send_lag_max_ms_by_second": latencies.send_lag_max_ms_by_second,
         "threshold": s.threshold,
         "threshold_passed": passed,
         "distinct_incidents": record.incidents.len(),
