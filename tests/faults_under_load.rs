@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use common::testenv::{Replica, admin, testenv, testenv_cmd, unique};
+use common::testenv::{Replica, UndoOnDrop, admin, testenv, testenv_cmd, unique};
 use common::{count_of, fp_of_pod, metric_sum, pod_alert, webhook};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -348,29 +348,6 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Brings the API server back when dropped: on a panic or an early return while it is down.
-/// Starting a running API server does nothing (`scripts/testenv start-apiserver` checks).
-struct ApiServerBack;
-
-impl Drop for ApiServerBack {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testenv"))
-            .arg("start-apiserver")
-            .status();
-    }
-}
-
-/// Resumes etcd when dropped (also on panic); resuming a running etcd does nothing.
-struct EtcdResumed;
-
-impl Drop for EtcdResumed {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testenv"))
-            .arg("resume-etcd")
-            .status();
-    }
-}
-
 /// When things happened, in seconds since the load started.
 #[derive(Default)]
 struct Timings {
@@ -572,7 +549,7 @@ async fn faults_under_mixed_load_lose_no_ack_create_no_duplicate_leak_no_lease_a
         load.pool.store(API_P, Ordering::SeqCst);
         tm.phase_starts[API_P] = load.now();
         tm.events.push((load.now(), "stop-apiserver".into()));
-        let api_back = ApiServerBack;
+        let api_back = UndoOnDrop::always("start-apiserver");
         testenv_async("stop-apiserver").await;
         let api_stopped = tokio::time::Instant::now();
         tm.events.push((load.now(), "kube-apiserver stopped".into()));
@@ -607,7 +584,7 @@ async fn faults_under_mixed_load_lose_no_ack_create_no_duplicate_leak_no_lease_a
         load.pool.store(ETCD_P, Ordering::SeqCst);
         tm.phase_starts[ETCD_P] = load.now();
         tm.events.push((load.now(), "pause-etcd".into()));
-        let etcd_back = EtcdResumed;
+        let etcd_back = UndoOnDrop::always("resume-etcd");
         testenv_async("pause-etcd").await;
         let paused = tokio::time::Instant::now();
         tokio::time::sleep_until(paused + ETCD_PAUSE).await;

@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::testenv::{Replica, admin, requests_for, testenv, testenv_cmd, unique};
+use common::testenv::{Replica, UndoOnDrop, admin, requests_for, testenv, testenv_cmd, unique};
 use common::{count_of, fp_of_pod, pod_alert, webhook};
 
 const API_TIMEOUT: Duration = Duration::from_secs(3);
@@ -45,7 +45,7 @@ async fn a_request_on_a_connection_idle_for_most_of_api_timeout_still_gets_all_o
         tokio::time::sleep(IDLE).await;
 
         testenv_cmd(&["pause-etcd"]);
-        let guard = ResumeOnDrop;
+        let guard = UndoOnDrop::on_panic("resume-etcd");
         let paused = Instant::now();
         let resume = tokio::spawn(async move {
             tokio::time::sleep(SLOW).await;
@@ -67,18 +67,5 @@ async fn a_request_on_a_connection_idle_for_most_of_api_timeout_still_gets_all_o
         let rrs = requests_for(&admin().await, &testenv().namespace, &fp_of_pod(&ns, pod)).await;
         assert_eq!(rrs.len(), 1, "round {round}: {pod}");
         assert_eq!(count_of(&rrs[0]), 1, "round {round}: {pod}");
-    }
-}
-
-/// Resumes etcd even if the test fails while it is paused.
-struct ResumeOnDrop;
-
-impl Drop for ResumeOnDrop {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let _ = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testenv"))
-                .arg("resume-etcd")
-                .status();
-        }
     }
 }

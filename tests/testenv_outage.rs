@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::testenv::{Replica, admin, requests_for, sender, testenv, testenv_cmd, unique};
+use common::testenv::{Replica, UndoOnDrop, admin, requests_for, sender, testenv, testenv_cmd, unique};
 use common::{count_of, eventually, fp_of_pod, pod_alert, webhook};
 use reqwest::StatusCode;
 
@@ -53,7 +53,7 @@ async fn api_server_down_means_fast_503s_and_unready_then_recovery_without_resta
     }
 
     testenv_cmd(&["stop-apiserver"]);
-    let guard = RestartOnDrop;
+    let guard = UndoOnDrop::on_panic("start-apiserver");
     // The token was never reviewed: with the review API down the answer is 503, not 401.
     let r = authenticated(&auth_ns).await.unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "TokenReview unreachable");
@@ -116,17 +116,4 @@ async fn api_server_down_means_fast_503s_and_unready_then_recovery_without_resta
         stored += count_of(&rrs[0]);
     }
     assert_eq!(stored as usize, acked, "sum of counts == number of 2xx answers");
-}
-
-/// Brings the API server back even if an assertion fails mid-outage.
-struct RestartOnDrop;
-
-impl Drop for RestartOnDrop {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let _ = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testenv"))
-                .arg("start-apiserver")
-                .status();
-        }
-    }
 }

@@ -273,6 +273,42 @@ impl Drop for Replica {
 }
 
 /// `kubectl` as the testenv admin; panics with its stderr on failure.
+/// Runs `scripts/testenv <command>` when dropped, to undo a fault a test injected (stopping the
+/// API server, pausing etcd) even when an assertion fails while it lasts. Errors are ignored: the
+/// drop may run during a panic, and undoing an undone fault does nothing.
+pub struct UndoOnDrop {
+    command: &'static str,
+    only_on_panic: bool,
+}
+
+impl UndoOnDrop {
+    /// Runs `command` whenever the guard is dropped.
+    pub fn always(command: &'static str) -> Self {
+        UndoOnDrop {
+            command,
+            only_on_panic: false,
+        }
+    }
+
+    /// Runs `command` only when the guard is dropped by a panic (the test undoes the fault itself).
+    pub fn on_panic(command: &'static str) -> Self {
+        UndoOnDrop {
+            command,
+            only_on_panic: true,
+        }
+    }
+}
+
+impl Drop for UndoOnDrop {
+    fn drop(&mut self) {
+        if !self.only_on_panic || std::thread::panicking() {
+            let _ = std::process::Command::new(repo().join("scripts/testenv"))
+                .arg(self.command)
+                .status();
+        }
+    }
+}
+
 /// Grants the gateway's service account `verbs` (comma-separated) on `resource` in every
 /// namespace, through a ClusterRole and ClusterRoleBinding both named `role`; [`revoke`] removes them.
 pub fn grant_to_gateway(role: &str, verbs: &str, resource: &str) {
