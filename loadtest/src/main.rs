@@ -91,8 +91,7 @@ impl Pacer {
     /// Microseconds from the schedule's start to `t` (saturating: a run of over 71 minutes
     /// gives its later signals the same arrival time).
     fn offset_us(&self, t: Instant) -> u32 {
-        let start = self.start.get().copied().unwrap_or(t);
-        u32::try_from(t.saturating_duration_since(start).as_micros()).unwrap_or(u32::MAX)
+        u32::try_from(self.since_start(t).as_micros()).unwrap_or(u32::MAX)
     }
 }
 
