@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::bounded::Limits;
-use crate::cluster::{ApiError, Cluster, ObjectRef};
+use crate::cluster::{ApiError, Call, Cluster, ObjectRef};
 use crate::config;
 use crate::crd::TargetResource;
 use crate::discovery::Discovery;
@@ -102,11 +102,11 @@ impl Scope {
     /// A kind the cluster does not serve, or a target the gateway may not read, is not acted on:
     /// its label, which might opt it out, cannot be known. Errors reading are errors (the sender
     /// retries).
-    pub async fn is_managed(&self, target: &TargetResource) -> Result<bool, ApiError> {
+    pub async fn is_managed(&self, target: &TargetResource, call: Call<'_>) -> Result<bool, ApiError> {
         if !self.enabled {
             return Ok(true);
         }
-        let Some(kind) = self.discovery.resolve(&target.api_version, &target.kind).await? else {
+        let Some(kind) = self.discovery.resolve(&target.api_version, &target.kind, call).await? else {
             tracing::info!(kind = %target.kind, api_version = %target.api_version, "the cluster serves no such kind; not acting on it");
             return Ok(false);
         };
@@ -121,7 +121,7 @@ impl Scope {
             },
             name: target.name.clone(),
         };
-        match self.label(object).await {
+        match self.label(object, call).await {
             Ok(Some(value)) => return Ok(value),
             Ok(None) => {}
             Err(ApiError::Forbidden(why)) => {
@@ -136,15 +136,15 @@ impl Scope {
         if !kind.namespaced || target.namespace.is_empty() {
             return Ok(false);
         }
-        Ok(self.label(ObjectRef::namespace(&target.namespace)).await? == Some(true))
+        Ok(self.label(ObjectRef::namespace(&target.namespace), call).await? == Some(true))
     }
 
-    async fn label(&self, object: ObjectRef) -> Result<Label, ApiError> {
-        self.cache.get_or_read(&object, || self.read_label(&object)).await
+    async fn label(&self, object: ObjectRef, call: Call<'_>) -> Result<Label, ApiError> {
+        self.cache.get_or_read(&object, || self.read_label(&object, call)).await
     }
 
-    async fn read_label(&self, object: &ObjectRef) -> Result<Label, ApiError> {
-        Ok(match self.cluster.get_metadata(object).await {
+    async fn read_label(&self, object: &ObjectRef, call: Call<'_>) -> Result<Label, ApiError> {
+        Ok(match self.cluster.get_metadata(call, object).await {
             Ok(meta) => match meta.labels.unwrap_or_default().get(MANAGED_LABEL).map(String::as_str) {
                 Some("true") => Some(true),
                 Some("false") => Some(false),
@@ -283,17 +283,25 @@ mod tests {
         let scope = scope_on(store.clone(), &enabled());
         for (ns, name, _, expected) in cases {
             let (_, target) = deployment(ns, name);
-            assert_eq!(scope.is_managed(&target).await, Ok(expected), "{ns}/{name}");
+            assert_eq!(
+                scope.is_managed(&target, Call::UNCOUNTED).await,
+                Ok(expected),
+                "{ns}/{name}"
+            );
         }
         let (_, absent) = deployment("managed", "not-created-yet");
         assert_eq!(
-            scope.is_managed(&absent).await,
+            scope.is_managed(&absent, Call::UNCOUNTED).await,
             Ok(true),
             "a target that does not exist (yet) is judged by its namespace"
         );
         let disabled = scope_on(store.clone(), &config::Scope::default());
         let (_, target) = deployment("plain", "unlabelled");
-        assert_eq!(disabled.is_managed(&target).await, Ok(true), "off by default");
+        assert_eq!(
+            disabled.is_managed(&target, Call::UNCOUNTED).await,
+            Ok(true),
+            "off by default"
+        );
     }
 
     #[tokio::test]
@@ -316,16 +324,19 @@ mod tests {
         }));
         let scope = scope_on(faulty, &enabled());
         let (_, target) = deployment("managed", "web");
-        assert_eq!(scope.is_managed(&target).await, Ok(true));
+        assert_eq!(scope.is_managed(&target, Call::UNCOUNTED).await, Ok(true));
         let after_first = reads.load(Ordering::SeqCst);
         assert_eq!(after_first, 2, "the target, then its namespace");
-        assert_eq!(scope.is_managed(&target).await, Ok(true));
+        assert_eq!(scope.is_managed(&target, Call::UNCOUNTED).await, Ok(true));
         assert_eq!(reads.load(Ordering::SeqCst), after_first, "answered from the cache");
 
         down.store(true, Ordering::SeqCst);
         let (_, other) = deployment("managed", "api");
         assert!(
-            matches!(scope.is_managed(&other).await, Err(ApiError::Unavailable(_))),
+            matches!(
+                scope.is_managed(&other, Call::UNCOUNTED).await,
+                Err(ApiError::Unavailable(_))
+            ),
             "an unreadable label is an error, not 'unmanaged'"
         );
         let forbidden = Arc::new(Faulty::new(store.clone(), |op| match op {
@@ -334,7 +345,7 @@ mod tests {
         }));
         let scope = scope_on(forbidden, &enabled());
         assert_eq!(
-            scope.is_managed(&other).await,
+            scope.is_managed(&other, Call::UNCOUNTED).await,
             Ok(false),
             "a target whose label may not be read is not judged by its namespace"
         );
@@ -359,7 +370,11 @@ mod tests {
                 namespace: "managed".into(),
                 api_version: api_version.into(),
             };
-            assert_eq!(scope.is_managed(&target).await, Ok(false), "{api_version} {kind}");
+            assert_eq!(
+                scope.is_managed(&target, Call::UNCOUNTED).await,
+                Ok(false),
+                "{api_version} {kind}"
+            );
         }
         // A kind the cluster does not serve names no object: its label cannot be known.
         let invented = TargetResource {
@@ -368,6 +383,6 @@ mod tests {
             namespace: "managed".into(),
             api_version: "apps/v1".into(),
         };
-        assert_eq!(scope.is_managed(&invented).await, Ok(false));
+        assert_eq!(scope.is_managed(&invented, Call::UNCOUNTED).await, Ok(false));
     }
 }

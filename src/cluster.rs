@@ -5,8 +5,14 @@
 //! and `backend::embedded` (an in-process store with the same semantics). The shared contract
 //! tests in `tests/contract.rs` hold both to the same behaviour.
 //!
+//! Every request made on behalf of signals carries a [`Call`]: the latest moment it may still be
+//! sent, and the [`Tally`] its signals' "API requests per signal" count it into. Both travel as
+//! arguments, so a method's signature shows what bounds and counts it; adapters that neither
+//! queue nor count ignore them.
+//!
 //! Only [`ApiError::NotFound`] means absence; every other error is an error.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -42,6 +48,76 @@ pub enum ApiError {
     /// The request waited for an API request slot until its send deadline and was never sent.
     #[error("no API request slot before the deadline; not sent")]
     NotSent,
+}
+
+/// API requests made for one piece of work (a batch, an owner resolution), counted where they
+/// cross the port (the metering decorator, one per request sent).
+#[derive(Debug, Default)]
+pub struct Tally(AtomicU32);
+
+impl Tally {
+    pub fn new() -> Self {
+        Tally::default()
+    }
+
+    /// The requests counted so far.
+    pub fn get(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn add_one(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What one request carries across the port besides its arguments.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Call<'a> {
+    /// The latest moment the request may still be sent: a request that waits for an API request
+    /// slot until then is not sent at all ([`ApiError::NotSent`], certainly not stored); one that
+    /// got a slot is sent at once and answered, never abandoned while queued-then-sent late.
+    /// `None`: it waits for a slot as long as it takes.
+    send_by: Option<tokio::time::Instant>,
+    /// Where the request is counted; `None` for background work no signal pays for (membership,
+    /// renewals, sweeps, the contract tests).
+    tally: Option<&'a Tally>,
+}
+
+impl Call<'static> {
+    /// Neither bounded nor counted.
+    pub const UNCOUNTED: Call<'static> = Call {
+        send_by: None,
+        tally: None,
+    };
+}
+
+impl<'a> Call<'a> {
+    /// Counted into `tally`, waiting for a slot as long as it takes.
+    pub fn counted(tally: &'a Tally) -> Self {
+        Call {
+            send_by: None,
+            tally: Some(tally),
+        }
+    }
+
+    /// The same call, sent only if it can be sent by `by`.
+    pub fn send_by(self, by: tokio::time::Instant) -> Self {
+        Call {
+            send_by: Some(by),
+            ..self
+        }
+    }
+
+    pub fn send_deadline(&self) -> Option<tokio::time::Instant> {
+        self.send_by
+    }
+
+    /// Counts one request sent (the metering decorator calls this once per request).
+    pub fn count(&self) {
+        if let Some(tally) = self.tally {
+            tally.add_one();
+        }
+    }
 }
 
 impl ApiError {
@@ -165,16 +241,22 @@ pub trait Cluster: Send + Sync + 'static {
 
     /// RemediationRequests in `namespace` whose `spec.signalFingerprint` equals `fingerprint`,
     /// read fresh (server-side field selector, no cache).
-    async fn list_requests(&self, namespace: &str, fingerprint: &str) -> Result<Vec<RemediationRequest>>;
-    async fn get_request(&self, namespace: &str, name: &str) -> Result<RemediationRequest>;
+    async fn list_requests(
+        &self,
+        call: Call<'_>,
+        namespace: &str,
+        fingerprint: &str,
+    ) -> Result<Vec<RemediationRequest>>;
+    async fn get_request(&self, call: Call<'_>, namespace: &str, name: &str) -> Result<RemediationRequest>;
     /// Creates the object (status is ignored, as with a status subresource).
-    async fn create_request(&self, rr: &RemediationRequest) -> Result<RemediationRequest>;
+    async fn create_request(&self, call: Call<'_>, rr: &RemediationRequest) -> Result<RemediationRequest>;
     /// Sets `status.deduplication` of RR `name` and nothing else — every other status field
     /// belongs to the orchestrator and stays as stored — conditioned on `resource_version` (a JSON
     /// merge patch of the status subresource carrying `metadata.resourceVersion`): Conflict unless
     /// the RR is still at that version. `resource_version` must not be empty.
     async fn update_deduplication(
         &self,
+        call: Call<'_>,
         namespace: &str,
         name: &str,
         resource_version: &str,
@@ -186,18 +268,18 @@ pub trait Cluster: Send + Sync + 'static {
     /// one. A cache fed by it is a hint only, never a correctness decision (ADR 0007).
     fn watch_requests(&self, namespace: &str) -> BoxStream<'static, Result<RequestEvent>>;
 
-    async fn create_lease(&self, lease: &Lease) -> Result<Lease>;
-    async fn get_lease(&self, namespace: &str, name: &str) -> Result<Lease>;
+    async fn create_lease(&self, call: Call<'_>, lease: &Lease) -> Result<Lease>;
+    async fn get_lease(&self, call: Call<'_>, namespace: &str, name: &str) -> Result<Lease>;
     /// Leases in `namespace` carrying the label `key=value` (for the sweep of orphaned locks).
-    async fn list_leases(&self, namespace: &str, label: (&str, &str)) -> Result<Vec<Lease>>;
+    async fn list_leases(&self, call: Call<'_>, namespace: &str, label: (&str, &str)) -> Result<Vec<Lease>>;
     /// Replaces the lease; fails with Conflict unless `metadata.resourceVersion` is current.
     /// Like the API server, an update of a lease that does not exist creates it.
-    async fn update_lease(&self, lease: &Lease) -> Result<Lease>;
+    async fn update_lease(&self, call: Call<'_>, lease: &Lease) -> Result<Lease>;
     /// Deletes the lease only if its resourceVersion is still `resource_version`.
-    async fn delete_lease(&self, namespace: &str, name: &str, resource_version: &str) -> Result<()>;
+    async fn delete_lease(&self, call: Call<'_>, namespace: &str, name: &str, resource_version: &str) -> Result<()>;
 
     /// Metadata of an arbitrary object (for the controller owner chain and the scope check).
-    async fn get_metadata(&self, object: &ObjectRef) -> Result<ObjectMeta>;
+    async fn get_metadata(&self, call: Call<'_>, object: &ObjectRef) -> Result<ObjectMeta>;
     /// Watches the metadata (only: `PartialObjectMetadata`) of every object of `kind` in every
     /// namespace: a list first, then changes, restarted like [`Cluster::watch_requests`] (an
     /// error is yielded; then the stream restarts itself with a fresh list after a backoff, or
@@ -207,7 +289,7 @@ pub trait Cluster: Send + Sync + 'static {
     /// Every kind the API server serves, in its order of preference (groups, then the versions
     /// of each, preferred first): the core group (`core`) or all named groups. One request
     /// (aggregated discovery).
-    async fn list_api_kinds(&self, core: bool) -> Result<Vec<ApiKind>>;
+    async fn list_api_kinds(&self, call: Call<'_>, core: bool) -> Result<Vec<ApiKind>>;
 
     /// Whether the backend answers and serves the CRD with the permissions the gateway needs;
     /// the error names what is missing.

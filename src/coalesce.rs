@@ -26,10 +26,10 @@ use std::time::Duration;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use crate::backend::metered::tallied;
 use crate::bounded::{BoundedMap, Limits};
+use crate::cluster::Tally;
 use crate::crd::RemediationRequestSpec;
-use crate::dedup::{Dedup, DedupError, Written};
+use crate::dedup::{Budget, Dedup, DedupError, Written};
 use crate::fingerprint::Fingerprint;
 use crate::metrics::Metrics;
 
@@ -211,8 +211,12 @@ impl Coalescer {
             // Signals that queue while this write is under way (lock, list, a Conflict) join it.
             let more = || self.top_up(&fp, &batch, &batch_span);
             let grows = crate::dedup::Batch::growing(n, &more);
-            let write = self.dedup.process_batch(&fp, &grows, &spec, deadline);
-            let (result, calls) = tallied(tracing::Instrument::instrument(write, batch_span.clone())).await;
+            let tally = Tally::new();
+            let write = self
+                .dedup
+                .process_batch(&fp, &grows, &spec, Budget::counted(deadline, &tally));
+            let result = tracing::Instrument::instrument(write, batch_span.clone()).await;
+            let calls = tally.get();
             let live = batch.into_inner().expect("batch poisoned");
             self.metrics.coalesced_batch.observe(live.len() as f64);
             let per_signal = f64::from(calls) / live.len() as f64;

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use crate::absorb::{self, Absorbs};
 use crate::clock::{SharedClock, rfc3339};
-use crate::cluster::{ApiError, Cluster};
+use crate::cluster::{ApiError, Call, Cluster, Tally};
 use crate::crd::{Deduplication, RemediationRequest, RemediationRequestSpec};
 use crate::fingerprint::Fingerprint;
 use crate::hints::{HintCache, Landed, Newer, WatchTask};
@@ -189,6 +189,33 @@ impl<'a> Batch<'a> {
     }
 }
 
+/// What one write may spend: its deadline (every API request is bounded by it; a write is sent
+/// only before it), and the call its requests carry across the port (counted into the batch's
+/// tally).
+#[derive(Clone, Copy)]
+pub struct Budget<'a> {
+    pub deadline: Instant,
+    call: Call<'a>,
+}
+
+impl<'a> Budget<'a> {
+    /// Requests counted into `tally`.
+    pub fn counted(deadline: Instant, tally: &'a Tally) -> Self {
+        Budget {
+            deadline,
+            call: Call::counted(tally),
+        }
+    }
+
+    /// Requests counted nowhere.
+    pub fn uncounted(deadline: Instant) -> Budget<'static> {
+        Budget {
+            deadline,
+            call: Call::UNCOUNTED,
+        }
+    }
+}
+
 enum Step {
     Done(Box<Written>),
     /// The RR we aimed at no longer absorbs (finished, cooldown over) or is gone: decide again
@@ -236,9 +263,9 @@ enum CreateFence<'a> {
 }
 
 impl CreateFence<'_> {
-    async fn fence(&self, name: &str, needed: Duration) -> std::result::Result<Instant, FenceError> {
+    async fn fence(&self, name: &str, needed: Duration, call: Call<'_>) -> std::result::Result<Instant, FenceError> {
         match self {
-            CreateFence::Lock(guard) => guard.fence(name, needed).await,
+            CreateFence::Lock(guard) => guard.fence(name, needed, call).await,
             CreateFence::Owner(owner) => owner.send_by(),
         }
     }
@@ -320,7 +347,8 @@ impl Dedup {
     }
 
     /// Adds `n` occurrences of `fp` (creating the RR from `spec` if none is active), answering
-    /// only once the write is stored.
+    /// only once the write is stored. Its API requests are counted nowhere (the coalescer, which
+    /// reports them per signal, calls [`Self::process_batch`] with its batch's tally).
     pub async fn process(
         &self,
         fp: &Fingerprint,
@@ -328,7 +356,8 @@ impl Dedup {
         spec: &RemediationRequestSpec,
         deadline: Instant,
     ) -> Result<Written> {
-        self.process_batch(fp, &Batch::fixed(n), spec, deadline).await
+        self.process_batch(fp, &Batch::fixed(n), spec, Budget::uncounted(deadline))
+            .await
     }
 
     /// [`Self::process`] for a batch that may grow (optimistic strategy only; `always-lock`
@@ -339,13 +368,13 @@ impl Dedup {
         fp: &Fingerprint,
         n: &Batch<'_>,
         spec: &RemediationRequestSpec,
-        deadline: Instant,
+        budget: Budget<'_>,
     ) -> Result<Written> {
         match self.settings.strategy {
-            Strategy::Optimistic => self.optimistic(fp, n, spec, deadline).await,
+            Strategy::Optimistic => self.optimistic(fp, n, spec, budget).await,
             Strategy::AlwaysLock => {
                 let fixed = Batch::fixed(n.size());
-                self.always_lock(fp, &fixed, spec, deadline).await
+                self.always_lock(fp, &fixed, spec, budget).await
             }
         }
     }
@@ -355,11 +384,11 @@ impl Dedup {
         fp: &Fingerprint,
         n: &Batch<'_>,
         spec: &RemediationRequestSpec,
-        deadline: Instant,
+        budget: Budget<'_>,
     ) -> Result<Written> {
         let lookups = &self.metrics.hint_lookups;
         if let Some(rr) = self.hints.active(fp) {
-            let (step, conflicts) = self.increment_counted(fp, rr, n, deadline).await?;
+            let (step, conflicts) = self.increment_counted(fp, rr, n, budget).await?;
             match step {
                 Step::Done(w) => {
                     lookups
@@ -377,7 +406,7 @@ impl Dedup {
         // The owner of the fingerprint's shard creates without the Lease (once: if that does not
         // settle it, the Lease-guarded path below does).
         if let Some(fence) = self.ownership.as_ref().and_then(|o| o.fence(fp)) {
-            match Box::pin(self.create_under_lock(fp, n, spec, deadline, &CreateFence::Owner(fence))).await {
+            match Box::pin(self.create_under_lock(fp, n, spec, budget, &CreateFence::Owner(fence))).await {
                 Ok(Ok(Step::Done(w))) => return Ok(*w),
                 Ok(Ok(Step::Gone)) => self.metrics.retries.with_label_values(&["gone"]).inc(),
                 Ok(Err(e)) | Err(Unresolved(e)) => return Err(e),
@@ -388,9 +417,9 @@ impl Dedup {
             // under the lock decides whether to create.
             let mut guess = None;
             if !self.hints.knows_none_active(fp) {
-                let existing = self.lookup(fp, deadline).await?;
+                let existing = self.lookup(fp, budget).await?;
                 if let Some(active) = self.pick(&existing) {
-                    if let Step::Done(w) = self.increment(fp, active, n, deadline).await? {
+                    if let Step::Done(w) = self.increment(fp, active, n, budget).await? {
                         return Ok(*w);
                     }
                     self.metrics.retries.with_label_values(&["gone"]).inc();
@@ -399,7 +428,7 @@ impl Dedup {
                 guess = Some(next_name(fp, &existing));
             }
             let guess = guess.unwrap_or_else(|| self.guess_name(fp));
-            if let Step::Done(w) = self.create_locked(fp, n, spec, deadline, true, &guess).await? {
+            if let Step::Done(w) = self.create_locked(fp, n, spec, budget, true, &guess).await? {
                 return Ok(*w);
             }
             self.metrics.retries.with_label_values(&["gone"]).inc();
@@ -411,11 +440,11 @@ impl Dedup {
         fp: &Fingerprint,
         n: &Batch<'_>,
         spec: &RemediationRequestSpec,
-        deadline: Instant,
+        budget: Budget<'_>,
     ) -> Result<Written> {
         loop {
             let guess = self.guess_name(fp);
-            if let Step::Done(w) = self.create_locked(fp, n, spec, deadline, false, &guess).await? {
+            if let Step::Done(w) = self.create_locked(fp, n, spec, budget, false, &guess).await? {
                 return Ok(*w);
             }
             self.metrics.retries.with_label_values(&["gone"]).inc();
@@ -440,10 +469,11 @@ impl Dedup {
 
     /// Fresh, server-side field-selected list of every RR with this fingerprint.
     #[tracing::instrument(name = "dedup.lookup", skip_all)]
-    async fn lookup(&self, fp: &Fingerprint, deadline: Instant) -> Result<Vec<RemediationRequest>> {
+    async fn lookup(&self, fp: &Fingerprint, budget: Budget<'_>) -> Result<Vec<RemediationRequest>> {
         let listed = within(
-            deadline,
-            self.cluster.list_requests(&self.settings.namespace, fp.as_str()),
+            budget.deadline,
+            self.cluster
+                .list_requests(budget.call, &self.settings.namespace, fp.as_str()),
         )
         .await?;
         for rr in &listed {
@@ -466,21 +496,21 @@ impl Dedup {
         fp: &Fingerprint,
         n: &Batch<'_>,
         spec: &RemediationRequestSpec,
-        deadline: Instant,
+        budget: Budget<'_>,
         watch_for_rr: bool,
         guess: &str,
     ) -> Result<Step> {
         let started = Instant::now();
         let mut attempt = 0;
         let guard = loop {
-            let tried = within(deadline, self.lock.try_acquire(fp, Some(guess))).await;
+            let tried = within(budget.deadline, self.lock.try_acquire(fp, Some(guess), budget.call)).await;
             match tried {
                 Ok(Attempt::Acquired(guard)) => break guard,
                 Ok(Attempt::Held { holder, expires_in }) => {
                     let pause = backoff(attempt, self.settings.backoff_initial, self.settings.backoff_max);
                     attempt += 1;
                     self.metrics.retries.with_label_values(&["lock_contended"]).inc();
-                    if Instant::now() + pause >= deadline {
+                    if Instant::now() + pause >= budget.deadline {
                         self.lock_failed(started, "timeout");
                         return Err(DedupError::LockTimeout { holder, expires_in });
                     }
@@ -489,19 +519,19 @@ impl Dedup {
                         // it does (a hint, verified by the conditional update).
                         if let Some(active) = self.hints.wait_active(fp, Instant::now() + pause).await {
                             self.metrics.lock_wait.observe(started.elapsed().as_secs_f64());
-                            return self.increment(fp, active, n, deadline).await;
+                            return self.increment(fp, active, n, budget).await;
                         }
                         continue;
                     }
                     tokio::time::sleep(pause).await;
                     if watch_for_rr {
                         let existing = self
-                            .lookup(fp, deadline)
+                            .lookup(fp, budget)
                             .await
                             .inspect_err(|_| self.lock_failed(started, "api_error"))?;
                         if let Some(active) = self.pick(&existing) {
                             self.metrics.lock_wait.observe(started.elapsed().as_secs_f64());
-                            return self.increment(fp, active, n, deadline).await;
+                            return self.increment(fp, active, n, budget).await;
                         }
                     }
                 }
@@ -519,7 +549,7 @@ impl Dedup {
             }
         };
         self.metrics.lock_wait.observe(started.elapsed().as_secs_f64());
-        match Box::pin(self.create_under_lock(fp, n, spec, deadline, &CreateFence::Lock(&guard))).await {
+        match Box::pin(self.create_under_lock(fp, n, spec, budget, &CreateFence::Lock(&guard))).await {
             // A create whose outcome is unknown: the Lease (naming it) stays until it expires, so
             // whoever creates next creates the same name, never a second RR (ADR 0011).
             Err(Unresolved(e)) => {
@@ -527,7 +557,7 @@ impl Dedup {
                 Err(e)
             }
             Ok(result) => {
-                guard.release().await;
+                guard.release(budget.call).await;
                 result
             }
         }
@@ -546,15 +576,15 @@ impl Dedup {
         fp: &Fingerprint,
         n: &Batch<'_>,
         spec: &RemediationRequestSpec,
-        deadline: Instant,
+        budget: Budget<'_>,
         guard: &CreateFence<'_>,
     ) -> std::result::Result<Result<Step>, Unresolved> {
-        let existing = match self.lookup(fp, deadline).await {
+        let existing = match self.lookup(fp, budget).await {
             Ok(existing) => existing,
             Err(e) => return Ok(Err(e)),
         };
         if let Some(active) = self.pick(&existing) {
-            return Ok(self.increment(fp, active, n, deadline).await);
+            return Ok(self.increment(fp, active, n, budget).await);
         }
         // One past the highest generation listed — or the name a previous holder of this Lease
         // was creating, if that is higher: its create may still land (ADR 0011).
@@ -568,7 +598,7 @@ impl Dedup {
         // The create is sent only while the Lease covers it; when no API request slot frees up
         // in time, the fence renews the Lease and the create waits again, up to the deadline.
         let sent = loop {
-            let send_by = match guard.fence(&name, self.settings.write_grace).await {
+            let send_by = match guard.fence(&name, self.settings.write_grace, budget.call).await {
                 Ok(send_by) => send_by,
                 Err(FenceError::Api(e)) => return Ok(Err(DedupError::Api(e))),
                 // Another replica took the Lease over and creates (the name we would have): decide
@@ -581,14 +611,16 @@ impl Dedup {
                 Err(FenceError::Expiring) if matches!(guard, CreateFence::Owner(_)) => return Ok(Ok(Step::Gone)),
                 // The renewal itself took too long (a saturated API server): try again while the
                 // deadline allows.
-                Err(FenceError::Expiring) if Instant::now() < deadline => continue,
+                Err(FenceError::Expiring) if Instant::now() < budget.deadline => continue,
                 Err(FenceError::Expiring) => return Ok(Err(DedupError::LockLost)),
             };
             match self
-                .write(deadline.min(send_by), self.cluster.create_request(&rr))
+                .write(budget, budget.deadline.min(send_by), |call| {
+                    self.cluster.create_request(call, &rr)
+                })
                 .await
             {
-                Err(DedupError::DeadlineExceeded) if Instant::now() < deadline => continue,
+                Err(DedupError::DeadlineExceeded) if Instant::now() < budget.deadline => continue,
                 other => break other,
             }
         };
@@ -603,20 +635,20 @@ impl Dedup {
             // Someone created it first (a previous holder of the Lease): count into it.
             Err(DedupError::Api(ApiError::AlreadyExists)) => {
                 self.metrics.retries.with_label_values(&["already_exists"]).inc();
-                return Ok(self.count_into_named(fp, &name, n, deadline).await);
+                return Ok(self.count_into_named(fp, &name, n, budget).await);
             }
             // Sent, answer lost: whether it was stored decides everything. Read it back.
             Err(e) if ambiguous(&e) => {
                 tracing::warn!(rr_name = %name, error = %e, "create unanswered; reading it back");
                 return match within(
-                    deadline + self.settings.write_grace,
-                    self.cluster.get_request(&self.settings.namespace, &name),
+                    budget.deadline + self.settings.write_grace,
+                    self.cluster.get_request(budget.call, &self.settings.namespace, &name),
                 )
                 .await
                 {
                     Ok(stored) => {
                         self.hints.observe(&stored);
-                        Ok(self.increment(fp, stored, n, deadline).await.map(|step| match step {
+                        Ok(self.increment(fp, stored, n, budget).await.map(|step| match step {
                             // Our create landed (or an identical name's): the first count is ours.
                             Step::Done(mut w) => {
                                 w.created = w.before == 0;
@@ -632,7 +664,7 @@ impl Dedup {
             // Not sent, or refused: certainly not stored.
             Err(e) => return Ok(Err(e)),
         };
-        Ok(match self.increment(fp, created, n, deadline).await {
+        Ok(match self.increment(fp, created, n, budget).await {
             Ok(Step::Done(mut w)) => {
                 // This batch created the RR, even if a waiting replica's count landed first.
                 w.created = true;
@@ -643,11 +675,16 @@ impl Dedup {
     }
 
     /// Counts into RR `name`, read fresh (it exists: our create met AlreadyExists).
-    async fn count_into_named(&self, fp: &Fingerprint, name: &str, n: &Batch<'_>, deadline: Instant) -> Result<Step> {
-        match within(deadline, self.cluster.get_request(&self.settings.namespace, name)).await {
+    async fn count_into_named(&self, fp: &Fingerprint, name: &str, n: &Batch<'_>, budget: Budget<'_>) -> Result<Step> {
+        match within(
+            budget.deadline,
+            self.cluster.get_request(budget.call, &self.settings.namespace, name),
+        )
+        .await
+        {
             Ok(theirs) => {
                 self.hints.observe(&theirs);
-                self.increment(fp, theirs, n, deadline).await
+                self.increment(fp, theirs, n, budget).await
             }
             Err(DedupError::Api(ApiError::NotFound)) => Ok(Step::Gone),
             Err(e) => Err(e),
@@ -661,9 +698,9 @@ impl Dedup {
         fp: &Fingerprint,
         rr: RemediationRequest,
         n: &Batch<'_>,
-        deadline: Instant,
+        budget: Budget<'_>,
     ) -> Result<Step> {
-        Ok(self.increment_counted(fp, rr, n, deadline).await?.0)
+        Ok(self.increment_counted(fp, rr, n, budget).await?.0)
     }
 
     /// [`Self::increment`], also returning how many conflicts it met.
@@ -673,7 +710,7 @@ impl Dedup {
         fp: &Fingerprint,
         mut rr: RemediationRequest,
         batch: &Batch<'_>,
-        deadline: Instant,
+        budget: Budget<'_>,
     ) -> Result<(Step, u32)> {
         let name = rr.metadata.name.clone().unwrap_or_default();
         let mut conflicts = 0;
@@ -721,10 +758,9 @@ impl Dedup {
                 .clone()
                 .unwrap_or_else(|| self.settings.namespace.clone());
             let outcome = self
-                .write(
-                    deadline,
-                    self.cluster.update_deduplication(&namespace, &name, &rv, &next),
-                )
+                .write(budget, budget.deadline, |call| {
+                    self.cluster.update_deduplication(call, &namespace, &name, &rv, &next)
+                })
                 .await;
             if outcome.is_ok() {
                 self.record_write_latency(sent_at.elapsed());
@@ -732,7 +768,7 @@ impl Dedup {
             let outcome = match outcome {
                 // Boxed: a rare path, kept out of the (large) state of every count's future.
                 Err(e) if ambiguous(&e) => {
-                    match Box::pin(self.resolve_write(fp, &namespace, &name, &rv, &next, deadline)).await {
+                    match Box::pin(self.resolve_write(fp, &namespace, &name, &rv, &next, budget)).await {
                         Resolved::Stored(rr) => Ok(rr),
                         Resolved::NotStored(current) => {
                             // Never applied: count again from the version that is there now.
@@ -776,7 +812,7 @@ impl Dedup {
                         };
                         tokio::time::sleep(pause).await;
                     }
-                    match self.refresh(fp, &name, &rv, deadline).await? {
+                    match self.refresh(fp, &name, &rv, budget).await? {
                         Some(fresh) => rr = fresh,
                         None => return Ok((Step::Gone, conflicts)),
                     }
@@ -795,10 +831,10 @@ impl Dedup {
         fp: &Fingerprint,
         name: &str,
         sent: &str,
-        deadline: Instant,
+        budget: Budget<'_>,
     ) -> Result<Option<RemediationRequest>> {
         if !self.settings.watch_wait.is_zero() {
-            let until = (Instant::now() + self.settings.watch_wait).min(deadline);
+            let until = (Instant::now() + self.settings.watch_wait).min(budget.deadline);
             match self.hints.newer_than(fp, name, sent, until).await {
                 Some(Newer::Active(fresh)) => {
                     self.metrics.conflict_refreshes.with_label_values(&["watch"]).inc();
@@ -812,7 +848,12 @@ impl Dedup {
             }
         }
         self.metrics.conflict_refreshes.with_label_values(&["get"]).inc();
-        match within(deadline, self.cluster.get_request(&self.settings.namespace, name)).await {
+        match within(
+            budget.deadline,
+            self.cluster.get_request(budget.call, &self.settings.namespace, name),
+        )
+        .await
+        {
             Ok(fresh) => {
                 self.hints.observe(&fresh);
                 Ok(Some(fresh))
@@ -837,12 +878,15 @@ impl Dedup {
     /// The two outcomes of a write are "not sent" (`DeadlineExceeded`) and "sent and answered";
     /// a sent write that got no answer within the grace is `Unanswered` (it may be stored: the
     /// caller resolves it before answering).
-    async fn write<T>(&self, deadline: Instant, fut: impl Future<Output = Result<T, ApiError>>) -> Result<T> {
-        if Instant::now() >= deadline {
+    async fn write<'c, T, F>(&self, budget: Budget<'c>, by: Instant, send: impl FnOnce(Call<'c>) -> F) -> Result<T>
+    where
+        F: Future<Output = Result<T, ApiError>>,
+    {
+        if Instant::now() >= by {
             return Err(DedupError::DeadlineExceeded);
         }
-        let answered = tokio::time::timeout_at(deadline + self.settings.write_grace, fut);
-        match crate::backend::metered::send_by(deadline, answered).await {
+        let sent = send(budget.call.send_by(by));
+        match tokio::time::timeout_at(by + self.settings.write_grace, sent).await {
             Ok(Err(ApiError::NotSent)) => Err(DedupError::DeadlineExceeded),
             Ok(answer) => answer.map_err(DedupError::Api),
             Err(_) => Err(DedupError::Unanswered),
@@ -862,13 +906,15 @@ impl Dedup {
         name: &str,
         rv: &str,
         next: &Deduplication,
-        deadline: Instant,
+        budget: Budget<'_>,
     ) -> Resolved {
         // Each step gets one write's grace from now (the deadline may have passed while the
         // original went unanswered): the caller waits up to four graces past the deadline.
-        let until = Instant::now().max(deadline) + self.settings.write_grace;
+        let until = Instant::now().max(budget.deadline) + self.settings.write_grace;
         let again = self
-            .write(until, self.cluster.update_deduplication(namespace, name, rv, next))
+            .write(budget, until, |call| {
+                self.cluster.update_deduplication(call, namespace, name, rv, next)
+            })
             .await;
         match again {
             Ok(updated) => {
@@ -884,7 +930,7 @@ impl Dedup {
         }
         let current = match within(
             Instant::now() + self.settings.write_grace,
-            self.cluster.get_request(namespace, name),
+            self.cluster.get_request(budget.call, namespace, name),
         )
         .await
         {
@@ -1082,14 +1128,17 @@ mod tests {
             spec: spec(),
             status: None,
         };
-        let created = store.create_request(&rr).await.unwrap();
+        let created = store.create_request(Call::UNCOUNTED, &rr).await.unwrap();
         let dedup = Deduplication {
             first_seen_at: "2026-11-24T10:00:00Z".into(),
             last_seen_at: "2026-11-24T10:00:00Z".into(),
             occurrence_count: count,
         };
         let rv = created.metadata.resource_version.unwrap();
-        store.update_deduplication("ns", name, &rv, &dedup).await.unwrap();
+        store
+            .update_deduplication(Call::UNCOUNTED, "ns", name, &rv, &dedup)
+            .await
+            .unwrap();
         store.patch_status("ns", name, &status).unwrap();
     }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::cluster::{ApiError, ApiKind, Cluster};
+use crate::cluster::{ApiError, ApiKind, Call, Cluster};
 use crate::readcache::SingleFlight;
 
 /// How long the discovery documents are used before they are read again.
@@ -137,12 +137,12 @@ impl Discovery {
 
     /// The kind `(api_version, kind)` names, as the cluster serves it; `None` when the cluster
     /// serves no such kind (after a fresh enough read). Errors reading discovery are errors.
-    pub async fn resolve(&self, api_version: &str, kind: &str) -> Result<Option<ApiKind>, ApiError> {
+    pub async fn resolve(&self, api_version: &str, kind: &str, call: Call<'_>) -> Result<Option<ApiKind>, ApiError> {
         let now = Instant::now();
         let current = self.inner.table.lock().expect("discovery poisoned").clone();
         let table = match current {
             Some(t) if now.duration_since(t.read_at) < MAX_AGE => t,
-            _ => self.read().await?,
+            _ => self.read(call).await?,
         };
         if let Some(found) = table.find(api_version, kind) {
             return Ok(Some(found));
@@ -151,11 +151,12 @@ impl Discovery {
             return Ok(None);
         }
         // Perhaps a kind installed since the last read.
-        Ok(self.read().await?.find(api_version, kind))
+        Ok(self.read(call).await?.find(api_version, kind))
     }
 
-    /// Reads the discovery documents (one read at a time, shared).
-    async fn read(&self) -> Result<Arc<Table>, ApiError> {
+    /// Reads the discovery documents (one read at a time, shared: counted into the call of the
+    /// caller that reads).
+    async fn read(&self, call: Call<'_>) -> Result<Arc<Table>, ApiError> {
         let inner = &self.inner;
         let (table, _) = inner
             .reading
@@ -166,8 +167,8 @@ impl Discovery {
                 {
                     return Ok(t);
                 }
-                let mut kinds = inner.cluster.list_api_kinds(true).await?;
-                kinds.extend(inner.cluster.list_api_kinds(false).await?);
+                let mut kinds = inner.cluster.list_api_kinds(call, true).await?;
+                kinds.extend(inner.cluster.list_api_kinds(call, false).await?);
                 let table = Arc::new(Table {
                     read_at: Instant::now(),
                     kinds,
@@ -217,27 +218,38 @@ mod tests {
             ),
             ("v1", "Endpoints", "v1", "Endpoints", "endpoints"),
         ] {
-            let k = d.resolve(api_version, kind).await.unwrap().expect(kind);
+            let k = d
+                .resolve(api_version, kind, Call::UNCOUNTED)
+                .await
+                .unwrap()
+                .expect(kind);
             assert_eq!(
                 (k.api_version().as_str(), k.kind.as_str(), k.resource.as_str()),
                 (want_version, want_kind, resource),
                 "{api_version} {kind}"
             );
         }
-        assert_eq!(d.resolve("v1", "Deployment").await, Ok(None), "not in the core group");
-        assert_eq!(d.resolve("apps/v1", "Widget").await, Ok(None));
+        assert_eq!(
+            d.resolve("v1", "Deployment", Call::UNCOUNTED).await,
+            Ok(None),
+            "not in the core group"
+        );
+        assert_eq!(d.resolve("apps/v1", "Widget", Call::UNCOUNTED).await, Ok(None));
     }
 
     #[tokio::test(start_paused = true)]
     async fn invented_kinds_cost_no_more_than_a_read_every_min_refresh() {
         let (d, reads) = counted();
         for i in 0..100_000 {
-            assert_eq!(d.resolve("example.com/v1", &format!("Kind{i}")).await, Ok(None));
+            assert_eq!(
+                d.resolve("example.com/v1", &format!("Kind{i}"), Call::UNCOUNTED).await,
+                Ok(None)
+            );
         }
         assert_eq!(reads.load(Ordering::SeqCst), 2, "one read of each document");
         tokio::time::advance(MIN_REFRESH).await;
         for i in 0..1000 {
-            d.resolve("", &format!("Other{i}")).await.unwrap();
+            d.resolve("", &format!("Other{i}"), Call::UNCOUNTED).await.unwrap();
         }
         assert_eq!(reads.load(Ordering::SeqCst), 4, "one more read after MIN_REFRESH");
     }

@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::clock::{SharedClock, add};
-use crate::cluster::{ApiError, Cluster, Result};
+use crate::cluster::{ApiError, Call, Cluster, Result};
 use crate::fingerprint::Fingerprint;
 use crate::metrics::Metrics;
 
@@ -185,11 +185,11 @@ impl LeaseLock {
     /// `creating`: the RR name the caller expects to create, recorded with the Lease so that the
     /// fence before the create usually needs no extra write.
     #[tracing::instrument(name = "lock.acquire", skip_all, fields(lease = tracing::field::Empty, outcome = tracing::field::Empty))]
-    pub async fn try_acquire(&self, fp: &Fingerprint, creating: Option<&str>) -> Result<Attempt> {
+    pub async fn try_acquire(&self, fp: &Fingerprint, creating: Option<&str>, call: Call<'_>) -> Result<Attempt> {
         let span = tracing::Span::current();
         let name = lease_name(fp);
         span.record("lease", name.as_str());
-        let result = self.attempt(&name, creating).await;
+        let result = self.attempt(&name, creating, call).await;
         let outcome = match &result {
             Ok(Attempt::Acquired(g)) => g.how,
             Ok(Attempt::Held { .. }) => "contended",
@@ -200,7 +200,7 @@ impl LeaseLock {
         result
     }
 
-    async fn attempt(&self, name: &str, creating: Option<&str>) -> Result<Attempt> {
+    async fn attempt(&self, name: &str, creating: Option<&str>, call: Call<'_>) -> Result<Attempt> {
         let c = &self.inner.cluster;
         let ns = &self.inner.namespace;
         for _ in 0..3 {
@@ -216,7 +216,7 @@ impl LeaseLock {
                 spec: Some(self.spec(now, 0)),
             };
             let sent = Instant::now();
-            match c.create_lease(&lease).await {
+            match c.create_lease(call, &lease).await {
                 Ok(created) => return Ok(Attempt::Acquired(self.hold(name, created, sent, None, "acquired"))),
                 Err(ApiError::AlreadyExists) => {}
                 Err(e) => {
@@ -228,7 +228,7 @@ impl LeaseLock {
                     return Err(e);
                 }
             }
-            let current = match c.get_lease(ns, name).await {
+            let current = match c.get_lease(call, ns, name).await {
                 Ok(l) => l,
                 Err(ApiError::NotFound) => continue, // released in between: try to create again
                 Err(e) => return Err(e),
@@ -268,7 +268,7 @@ impl LeaseLock {
                 spec: Some(self.spec(now, transitions)),
             };
             let sent = Instant::now();
-            match c.update_lease(&takeover).await {
+            match c.update_lease(call, &takeover).await {
                 Ok(updated) => {
                     tracing::info!(lease = name, previous_holder = %holder, creating = inherited.as_deref().unwrap_or_default(), "took over expired lease");
                     return Ok(Attempt::Acquired(self.hold(name, updated, sent, inherited, "takeover")));
@@ -297,14 +297,14 @@ impl LeaseLock {
         tokio::spawn(async move {
             let c = &lock.inner.cluster;
             let ns = &lock.inner.namespace;
-            let Ok(lease) = c.get_lease(ns, &name).await else {
+            let Ok(lease) = c.get_lease(Call::UNCOUNTED, ns, &name).await else {
                 return;
             };
             let ours = lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(lock.holder());
             let guarded = lock.inner.held.lock().expect("held locks poisoned").contains_key(&name);
             if ours && !guarded {
                 let rv = lease.metadata.resource_version.clone().unwrap_or_default();
-                if c.delete_lease(ns, &name, &rv).await.is_ok() {
+                if c.delete_lease(Call::UNCOUNTED, ns, &name, &rv).await.is_ok() {
                     lock.inner.metrics.lock_releases.with_label_values(&["cleaned"]).inc();
                     tracing::info!(lease = %name, "deleted the lease an unanswered acquire left behind");
                 }
@@ -358,7 +358,7 @@ impl LeaseLock {
                 spec.renew_time = Some(MicroTime(self.inner.clock.now()));
             }
             let sent = Instant::now();
-            match self.inner.cluster.update_lease(&renewed).await {
+            match self.inner.cluster.update_lease(Call::UNCOUNTED, &renewed).await {
                 Ok(l) => {
                     *lease = l;
                     held.wrote(sent, self.inner.duration);
@@ -379,20 +379,25 @@ impl LeaseLock {
     }
 
     /// Deletes `name` if it is still ours. Never deletes a lease another holder took over.
-    async fn release_lease(&self, name: &str, rv: &str) -> &'static str {
+    async fn release_lease(&self, name: &str, rv: &str, call: Call<'_>) -> &'static str {
         let c = &self.inner.cluster;
         let ns = &self.inner.namespace;
-        let result = match c.delete_lease(ns, name, rv).await {
+        let result = match c.delete_lease(call, ns, name, rv).await {
             Ok(()) => "released",
             Err(ApiError::NotFound) => "gone",
             // Our last renewal may have landed after we read `rv`: delete if the holder is still us.
-            Err(ApiError::Conflict(_)) => match c.get_lease(ns, name).await {
+            Err(ApiError::Conflict(_)) => match c.get_lease(call, ns, name).await {
                 Ok(l)
                     if l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
                         == Some(self.inner.holder.as_str()) =>
                 {
                     match c
-                        .delete_lease(ns, name, l.metadata.resource_version.as_deref().unwrap_or_default())
+                        .delete_lease(
+                            call,
+                            ns,
+                            name,
+                            l.metadata.resource_version.as_deref().unwrap_or_default(),
+                        )
                         .await
                     {
                         Ok(()) => "released",
@@ -428,12 +433,12 @@ impl LeaseLock {
     }
 
     /// Ends `held` (no more renewals, no more creates under it) and deletes its Lease if still ours.
-    async fn end_and_release(&self, name: &str, held: &Held) -> &'static str {
+    async fn end_and_release(&self, name: &str, held: &Held, call: Call<'_>) -> &'static str {
         let lease = held.lease.lock().await;
         held.end();
         let rv = lease.metadata.resource_version.clone().unwrap_or_default();
         drop(lease);
-        self.release_lease(name, &rv).await
+        self.release_lease(name, &rv, call).await
     }
 
     /// Releases every lease still held (shutdown after the drain deadline): each is ended first,
@@ -442,7 +447,7 @@ impl LeaseLock {
         let held: Vec<(String, Arc<Held>)> = self.inner.held.lock().expect("held locks poisoned").drain().collect();
         for (name, h) in &held {
             self.inner.metrics.locks_held.dec();
-            self.end_and_release(name, h).await;
+            self.end_and_release(name, h, Call::UNCOUNTED).await;
         }
         held.len()
     }
@@ -456,7 +461,7 @@ impl LeaseLock {
         let ns = &self.inner.namespace;
         let now = self.inner.clock.now();
         let mut swept = 0;
-        for lease in c.list_leases(ns, LEASE_LABEL).await? {
+        for lease in c.list_leases(Call::UNCOUNTED, ns, LEASE_LABEL).await? {
             let Some(name) = lease.metadata.name.clone() else {
                 continue;
             };
@@ -472,7 +477,7 @@ impl LeaseLock {
                 continue;
             }
             let rv = lease.metadata.resource_version.clone().unwrap_or_default();
-            match c.delete_lease(ns, &name, &rv).await {
+            match c.delete_lease(Call::UNCOUNTED, ns, &name, &rv).await {
                 Ok(()) => {
                     swept += 1;
                     self.inner.metrics.lock_releases.with_label_values(&["swept"]).inc();
@@ -533,7 +538,12 @@ impl LockGuard {
     /// over. Lost or released: no create may be sent; `Expiring` only when even a renewed Lease
     /// would not last `needed` (a configuration the gateway refuses at startup).
     #[tracing::instrument(name = "lock.fence", skip_all, fields(lease = %self.name, rr_name = name))]
-    pub async fn fence(&self, name: &str, needed: Duration) -> std::result::Result<Instant, FenceError> {
+    pub async fn fence(
+        &self,
+        name: &str,
+        needed: Duration,
+        call: Call<'_>,
+    ) -> std::result::Result<Instant, FenceError> {
         let mut lease = self.held.lease.lock().await;
         if self.held.is_over() {
             return Err(FenceError::Lost);
@@ -551,7 +561,7 @@ impl LockGuard {
                 spec.renew_time = Some(MicroTime(self.lock.inner.clock.now()));
             }
             let sent = Instant::now();
-            match self.lock.inner.cluster.update_lease(&next).await {
+            match self.lock.inner.cluster.update_lease(call, &next).await {
                 Ok(l) => {
                     *lease = l;
                     self.held.wrote(sent, self.lock.inner.duration);
@@ -577,7 +587,7 @@ impl LockGuard {
     }
 
     #[tracing::instrument(name = "lock.release", skip_all, fields(lease = %self.name, result = tracing::field::Empty))]
-    pub async fn release(mut self) {
+    pub async fn release(mut self, call: Call<'_>) {
         if let Some(renewer) = self.stop_renewing() {
             let _ = renewer.await; // a renewal in flight finishes and records its resourceVersion
         }
@@ -587,7 +597,7 @@ impl LockGuard {
             .lock_hold
             .observe(self.acquired_at.elapsed().as_secs_f64());
         if self.lock.forget(&self.name) {
-            let result = self.lock.end_and_release(&self.name, &self.held).await;
+            let result = self.lock.end_and_release(&self.name, &self.held, call).await;
             tracing::Span::current().record("result", result);
         }
     }
@@ -635,7 +645,7 @@ impl Drop for LockGuard {
                     .lock_hold
                     .observe(acquired_at.elapsed().as_secs_f64());
                 if lock.forget(&name) {
-                    lock.end_and_release(&name, &held).await;
+                    lock.end_and_release(&name, &held, Call::UNCOUNTED).await;
                 }
             });
         }
@@ -693,7 +703,10 @@ mod tests {
             )
         }
         async fn lease(&self) -> Lease {
-            self.store.get_lease("ns", &lease_name(&fp())).await.unwrap()
+            self.store
+                .get_lease(Call::UNCOUNTED, "ns", &lease_name(&fp()))
+                .await
+                .unwrap()
         }
     }
 
@@ -702,7 +715,7 @@ mod tests {
     }
 
     async fn acquire(lock: &LeaseLock) -> LockGuard {
-        match lock.try_acquire(&fp(), None).await.unwrap() {
+        match lock.try_acquire(&fp(), None, Call::UNCOUNTED).await.unwrap() {
             Attempt::Acquired(g) => g,
             Attempt::Held { holder, .. } => panic!("held by {holder}"),
         }
@@ -715,7 +728,7 @@ mod tests {
         let guard = acquire(&a).await;
         assert_eq!(guard.how, "acquired");
         assert_eq!(holder_of(&w.lease().await), "a");
-        guard.release().await;
+        guard.release(Call::UNCOUNTED).await;
         assert!(w.store.all_leases().is_empty());
         assert_eq!(a.held_count(), 0);
     }
@@ -725,7 +738,7 @@ mod tests {
         let w = World::new();
         let _held = acquire(&w.replica("a")).await;
         tokio::time::advance(Duration::from_secs(5)).await;
-        match w.replica("b").try_acquire(&fp(), None).await.unwrap() {
+        match w.replica("b").try_acquire(&fp(), None, Call::UNCOUNTED).await.unwrap() {
             Attempt::Held { holder, expires_in } => {
                 assert_eq!(holder, "a");
                 assert!(
@@ -755,8 +768,14 @@ mod tests {
                 ..LeaseSpec::default()
             }),
         };
-        w.store.create_lease(&orphan("gw-lock-orphan", true)).await.unwrap();
-        w.store.create_lease(&orphan("someone-elses", false)).await.unwrap();
+        w.store
+            .create_lease(Call::UNCOUNTED, &orphan("gw-lock-orphan", true))
+            .await
+            .unwrap();
+        w.store
+            .create_lease(Call::UNCOUNTED, &orphan("someone-elses", false))
+            .await
+            .unwrap();
         let live = acquire(&w.replica("b")).await;
         let sweeper = w.replica("c");
         let names = || {
@@ -777,7 +796,7 @@ mod tests {
         assert_eq!(sweeper.sweep_expired().await.unwrap(), 1);
         // The live (renewed) lease and the lease without our label stay.
         assert_eq!(names(), [lease_name(&fp()), "someone-elses".to_owned()]);
-        live.release().await;
+        live.release(Call::UNCOUNTED).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -790,10 +809,10 @@ mod tests {
         let renewed = lease.spec.as_ref().unwrap().renew_time.as_ref().unwrap().0;
         assert!(w.clock.now().duration_since(renewed).unsigned_abs() <= LEASE / 3 + Duration::from_secs(1));
         assert!(matches!(
-            w.replica("b").try_acquire(&fp(), None).await.unwrap(),
+            w.replica("b").try_acquire(&fp(), None, Call::UNCOUNTED).await.unwrap(),
             Attempt::Held { .. }
         ));
-        guard.release().await;
+        guard.release(Call::UNCOUNTED).await;
         assert!(w.store.all_leases().is_empty());
     }
 
@@ -823,7 +842,7 @@ mod tests {
             after.metadata.uid, before.metadata.uid,
             "updated in place, not deleted and recreated"
         );
-        taken.release().await;
+        taken.release(Call::UNCOUNTED).await;
         assert!(w.store.all_leases().is_empty());
     }
 
@@ -836,7 +855,10 @@ mod tests {
             tokio::time::advance(LEASE * 2).await;
             let (b, c) = (w.replica("b"), w.replica("c"));
             let f = fp();
-            let (rb, rc) = tokio::join!(b.try_acquire(&f, None), c.try_acquire(&f, None));
+            let (rb, rc) = tokio::join!(
+                b.try_acquire(&f, None, Call::UNCOUNTED),
+                c.try_acquire(&f, None, Call::UNCOUNTED)
+            );
             let won: Vec<bool> = [rb.unwrap(), rc.unwrap()]
                 .into_iter()
                 .map(|r| matches!(r, Attempt::Acquired(_)))
@@ -859,9 +881,9 @@ mod tests {
         let _ = renewer.await;
         tokio::time::advance(LEASE * 2).await;
         let taken = acquire(&w.replica("b")).await;
-        stale.release().await; // "a" wakes up and releases what it thinks it holds
+        stale.release(Call::UNCOUNTED).await; // "a" wakes up and releases what it thinks it holds
         assert_eq!(holder_of(&w.lease().await), "b", "b's lease survives a's late release");
-        taken.release().await;
+        taken.release(Call::UNCOUNTED).await;
         assert!(w.store.all_leases().is_empty());
     }
 
@@ -885,7 +907,7 @@ mod tests {
         let restarted = w.replica("a");
         let guard = acquire(&restarted).await;
         assert_eq!(guard.how, "takeover");
-        guard.release().await;
+        guard.release(Call::UNCOUNTED).await;
         assert!(w.store.all_leases().is_empty());
     }
 
@@ -901,11 +923,11 @@ mod tests {
         tokio::time::sleep(LEASE * 2).await; // several renewal periods
         assert!(w.store.all_leases().is_empty(), "nothing renewed the released lease");
         assert_eq!(
-            guard.fence("rr-x-1", Duration::from_secs(1)).await,
+            guard.fence("rr-x-1", Duration::from_secs(1), Call::UNCOUNTED).await,
             Err(FenceError::Lost),
             "the worker may not create after shutdown released its lock"
         );
-        guard.release().await;
+        guard.release(Call::UNCOUNTED).await;
         assert!(w.store.all_leases().is_empty());
     }
 
@@ -919,7 +941,10 @@ mod tests {
         let w = World::new();
         let _held = acquire(&w.replica(&first)).await;
         assert!(matches!(
-            w.replica(&second).try_acquire(&fp(), None).await.unwrap(),
+            w.replica(&second)
+                .try_acquire(&fp(), None, Call::UNCOUNTED)
+                .await
+                .unwrap(),
             Attempt::Held { .. }
         ));
     }
@@ -928,17 +953,23 @@ mod tests {
     async fn a_create_is_fenced_by_the_lease_and_a_takeover_inherits_the_name_in_flight() {
         let w = World::new();
         let a = w.replica("a");
-        let guard = match a.try_acquire(&fp(), Some("rr-x-1")).await.unwrap() {
+        let guard = match a.try_acquire(&fp(), Some("rr-x-1"), Call::UNCOUNTED).await.unwrap() {
             Attempt::Acquired(g) => g,
             Attempt::Held { .. } => panic!("uncontended"),
         };
         let rv = w.lease().await.metadata.resource_version;
         // The Lease already names rr-x-1: no write; the create must be sent before it could expire.
-        let send_by = guard.fence("rr-x-1", Duration::from_secs(5)).await.unwrap();
+        let send_by = guard
+            .fence("rr-x-1", Duration::from_secs(5), Call::UNCOUNTED)
+            .await
+            .unwrap();
         assert_eq!(w.lease().await.metadata.resource_version, rv, "no extra write");
         assert!(send_by <= Instant::now() + LEASE - Duration::from_secs(5));
         // Another name: recorded with a conditional update.
-        guard.fence("rr-x-2", Duration::from_secs(5)).await.unwrap();
+        guard
+            .fence("rr-x-2", Duration::from_secs(5), Call::UNCOUNTED)
+            .await
+            .unwrap();
         assert_eq!(creating_of(&w.lease().await).as_deref(), Some("rr-x-2"));
         // "a" stalls with that create in flight; its Lease runs out and "b" takes it over.
         let (stop, renewer) = {
@@ -950,7 +981,12 @@ mod tests {
         let _ = stop.send(());
         let _ = renewer.await;
         tokio::time::advance(LEASE + Duration::from_secs(1)).await;
-        let taken = match w.replica("b").try_acquire(&fp(), Some("rr-x-1")).await.unwrap() {
+        let taken = match w
+            .replica("b")
+            .try_acquire(&fp(), Some("rr-x-1"), Call::UNCOUNTED)
+            .await
+            .unwrap()
+        {
             Attempt::Acquired(g) => g,
             Attempt::Held { .. } => panic!("expired"),
         };
@@ -960,8 +996,11 @@ mod tests {
             "b creates what a may still be creating"
         );
         // A fence too close to expiry refuses.
-        assert_eq!(taken.fence("rr-x-2", LEASE * 2).await, Err(FenceError::Expiring));
-        taken.release().await;
+        assert_eq!(
+            taken.fence("rr-x-2", LEASE * 2, Call::UNCOUNTED).await,
+            Err(FenceError::Expiring)
+        );
+        taken.release(Call::UNCOUNTED).await;
     }
 
     #[tokio::test]
@@ -969,7 +1008,7 @@ mod tests {
         let w = World::new();
         w.store.set_unavailable(true);
         assert!(matches!(
-            w.replica("a").try_acquire(&fp(), None).await,
+            w.replica("a").try_acquire(&fp(), None, Call::UNCOUNTED).await,
             Err(ApiError::Unavailable(_))
         ));
     }

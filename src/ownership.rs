@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::clock::SharedClock;
-use crate::cluster::{ApiError, Cluster, Result};
+use crate::cluster::{ApiError, Call, Cluster, Result};
 use crate::fingerprint::Fingerprint;
 use crate::lock::FenceError;
 use crate::metrics::Metrics;
@@ -309,17 +309,17 @@ impl Ownership {
         };
         let lease = self.lease_with(current, &claims);
         let stored = match lease.metadata.resource_version {
-            Some(_) => inner.cluster.update_lease(&lease).await,
-            None => match inner.cluster.create_lease(&lease).await {
+            Some(_) => inner.cluster.update_lease(Call::UNCOUNTED, &lease).await,
+            None => match inner.cluster.create_lease(Call::UNCOUNTED, &lease).await {
                 // A leftover of ours from a lost answer: adopt it with a read.
                 Err(ApiError::AlreadyExists) => {
                     let theirs = inner
                         .cluster
-                        .get_lease(&inner.settings.namespace, &inner.lease_name)
+                        .get_lease(Call::UNCOUNTED, &inner.settings.namespace, &inner.lease_name)
                         .await?;
                     inner
                         .cluster
-                        .update_lease(&self.lease_with(Some(theirs), &claims))
+                        .update_lease(Call::UNCOUNTED, &self.lease_with(Some(theirs), &claims))
                         .await
                 }
                 other => other,
@@ -355,7 +355,10 @@ impl Ownership {
             st.valid_until = Some(started + inner.settings.lease_duration);
         }
         // The list after our claims were stored decides which become effective.
-        let listed = inner.cluster.list_leases(&inner.settings.namespace, MEMBER_LABEL).await;
+        let listed = inner
+            .cluster
+            .list_leases(Call::UNCOUNTED, &inner.settings.namespace, MEMBER_LABEL)
+            .await;
         let listed = match listed {
             Ok(listed) => listed,
             Err(e) => {
@@ -365,7 +368,11 @@ impl Ownership {
         };
         let expired = self.observe(listed);
         for (name, rv) in expired {
-            match inner.cluster.delete_lease(&inner.settings.namespace, &name, &rv).await {
+            match inner
+                .cluster
+                .delete_lease(Call::UNCOUNTED, &inner.settings.namespace, &name, &rv)
+                .await
+            {
                 Ok(()) | Err(ApiError::NotFound | ApiError::Conflict(_)) => {}
                 Err(e) => tracing::debug!(lease = %name, error = %e, "could not remove an expired member Lease"),
             }
@@ -528,7 +535,7 @@ impl Ownership {
             if let Err(e) = self
                 .inner
                 .cluster
-                .delete_lease(&s.namespace, &self.inner.lease_name, &rv)
+                .delete_lease(Call::UNCOUNTED, &s.namespace, &self.inner.lease_name, &rv)
                 .await
             {
                 tracing::warn!(error = %e, "could not delete the member Lease; it expires");

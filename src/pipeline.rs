@@ -8,8 +8,8 @@ use tokio::time::Instant;
 
 use crate::admission::{Freshness, Scope, UNMANAGED_RESOURCE};
 use crate::audit::{AuditSink, SignalFacts};
-use crate::backend::metered::tallied;
 use crate::clock::{SharedClock, rfc3339};
+use crate::cluster::{Call, Tally};
 use crate::coalesce::{Ack, Coalescer};
 use crate::crd::RemediationRequestSpec;
 use crate::dedup::DedupError;
@@ -132,7 +132,13 @@ impl Pipeline {
         } else {
             self.cluster_id.clone()
         };
-        let (resolved, mut owner_calls) = tallied(self.resolver.resolve(signal.target.clone())).await;
+        // The owner and label reads this signal made (shared reads count for the signal that
+        // made them), before the dedup write.
+        let reads = Tally::new();
+        let resolved = self
+            .resolver
+            .resolve(signal.target.clone(), Call::counted(&reads))
+            .await;
         let target = match resolved {
             Ok(target) => target,
             Err(e) => {
@@ -149,7 +155,7 @@ impl Pipeline {
                     let fp = Fingerprint::of(&cluster_id, &named);
                     SignalFacts::new(user, &spec_of(signal, &fp, named, cluster_id, received))
                 });
-                return self.finish(outcome, facts, f64::from(owner_calls), started);
+                return self.finish(outcome, facts, f64::from(reads.get()), started);
             }
         };
         let fingerprint = Fingerprint::of(&cluster_id, &target);
@@ -160,10 +166,11 @@ impl Pipeline {
         // The audit events carry the spec's values (built only when the trail is on).
         let facts = self.audit.enabled().then(|| SignalFacts::new(user, &spec));
         if self.scope.enabled() {
-            let (managed, scope_calls) = tallied(self.scope.is_managed(&spec.target_resource)).await;
-            // Label reads count with the owner reads: both happen before the dedup write.
-            owner_calls += scope_calls;
-            let calls = f64::from(owner_calls);
+            let managed = self
+                .scope
+                .is_managed(&spec.target_resource, Call::counted(&reads))
+                .await;
+            let calls = f64::from(reads.get());
             let outcome = match managed {
                 Ok(true) => {
                     m.scope_decisions.with_label_values(&["managed"]).inc();
@@ -194,7 +201,7 @@ impl Pipeline {
         let result = self.store(fingerprint.clone(), spec, deadline).await;
         let (outcome, calls) = match result {
             Ok(ack) => {
-                let calls = ack.api_calls + f64::from(owner_calls);
+                let calls = ack.api_calls + f64::from(reads.get());
                 span.record("rr_name", ack.name.as_str());
                 if !ack.created {
                     m.signals_deduplicated.with_label_values(&[source.as_str()]).inc();
@@ -209,7 +216,7 @@ impl Pipeline {
                         fingerprint: Some(fingerprint),
                         error,
                     },
-                    f64::from(owner_calls),
+                    f64::from(reads.get()),
                 )
             }
         };

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::bounded::Limits;
-use crate::cluster::{ApiError, Cluster, ObjectRef};
+use crate::cluster::{ApiError, Call, Cluster, ObjectRef};
 use crate::crd::TargetResource;
 use crate::ownercache::{Lookup, OwnerCache, OwnerCacheMetrics, OwnerWatches};
 use crate::readcache::ReadCache;
@@ -87,7 +87,7 @@ impl OwnerResolver {
     /// The top controller of `target` (the object itself when it has none or is gone). Errors
     /// other than NotFound are errors: the fingerprint must not depend on whether a read worked.
     #[tracing::instrument(skip_all, fields(kind = %target.kind, name = %target.name))]
-    pub async fn resolve(&self, target: TargetResource) -> Result<TargetResource, ApiError> {
+    pub async fn resolve(&self, target: TargetResource, call: Call<'_>) -> Result<TargetResource, ApiError> {
         let target = normalise(target);
         if !self.enabled {
             return Ok(target);
@@ -97,7 +97,7 @@ impl OwnerResolver {
             if accepted_owners(&current.kind).is_empty() {
                 break;
             }
-            match self.owner_of(&current).await? {
+            match self.owner_of(&current, call).await? {
                 Some(owner) => current = owner,
                 None => break,
             }
@@ -105,7 +105,7 @@ impl OwnerResolver {
         Ok(current)
     }
 
-    async fn owner_of(&self, obj: &TargetResource) -> Result<Option<TargetResource>, ApiError> {
+    async fn owner_of(&self, obj: &TargetResource, call: Call<'_>) -> Result<Option<TargetResource>, ApiError> {
         if let Some(watched) = &self.watched
             && let Lookup::Hit(owner) = watched.lookup(&obj.kind, &obj.api_version, &obj.namespace, &obj.name)
         {
@@ -114,12 +114,12 @@ impl OwnerResolver {
         // Not watched, not synced, or not in the synced watch (it may be newer than the watch):
         // read. A storm about an object not cached yet: one read, the other signals wait for it.
         let key = (obj.kind.clone(), obj.namespace.clone(), obj.name.clone());
-        self.cache.get_or_read(&key, || self.read_owner(obj)).await
+        self.cache.get_or_read(&key, || self.read_owner(obj, call)).await
     }
 
     /// Reads `obj`'s metadata: its accepted controller owner.
-    async fn read_owner(&self, obj: &TargetResource) -> Result<Option<TargetResource>, ApiError> {
-        match self.cluster.get_metadata(&object_ref(obj)).await {
+    async fn read_owner(&self, obj: &TargetResource, call: Call<'_>) -> Result<Option<TargetResource>, ApiError> {
+        match self.cluster.get_metadata(call, &object_ref(obj)).await {
             Ok(meta) => Ok(crate::ownercache::controller_owner(
                 &obj.namespace,
                 accepted_owners(&obj.kind),
@@ -230,7 +230,7 @@ mod tests {
             Fault::Pass
         }));
         let resolver = OwnerResolver::new(counting, true, 5, Duration::from_secs(30));
-        let top = resolver.resolve(pod("api-7d9f-x1")).await.unwrap();
+        let top = resolver.resolve(pod("api-7d9f-x1"), Call::UNCOUNTED).await.unwrap();
         assert_eq!(
             (top.kind.as_str(), top.name.as_str(), top.namespace.as_str()),
             ("Deployment", "api", "shop")
@@ -240,7 +240,7 @@ mod tests {
             2,
             "Pod and ReplicaSet metadata; Deployments are not climbed"
         );
-        resolver.resolve(pod("api-7d9f-x1")).await.unwrap();
+        resolver.resolve(pod("api-7d9f-x1"), Call::UNCOUNTED).await.unwrap();
         assert_eq!(
             reads.load(Ordering::SeqCst),
             2,
@@ -258,7 +258,8 @@ mod tests {
             Fault::Delay(Duration::from_millis(30))
         }));
         let resolver = OwnerResolver::new(slow, true, 5, Duration::from_secs(30));
-        let tops = futures::future::join_all((0..20).map(|_| resolver.resolve(pod("api-7d9f-x1")))).await;
+        let tops =
+            futures::future::join_all((0..20).map(|_| resolver.resolve(pod("api-7d9f-x1"), Call::UNCOUNTED))).await;
         assert!(
             tops.iter()
                 .all(|t| t.as_ref().is_ok_and(|t| t.kind == "Deployment" && t.name == "api"))
@@ -289,9 +290,16 @@ mod tests {
                 _ => Fault::Pass,
             }));
             let resolver = OwnerResolver::new(second_fails, true, 5, Duration::from_secs(30));
-            assert_eq!(resolver.resolve(pod("api-7d9f-x1")).await, Err(error.clone()));
             assert_eq!(
-                resolver.resolve(pod("api-7d9f-x1")).await.unwrap().kind,
+                resolver.resolve(pod("api-7d9f-x1"), Call::UNCOUNTED).await,
+                Err(error.clone())
+            );
+            assert_eq!(
+                resolver
+                    .resolve(pod("api-7d9f-x1"), Call::UNCOUNTED)
+                    .await
+                    .unwrap()
+                    .kind,
                 "Deployment",
                 "the error was not cached: the next read resolves ({error:?})"
             );
@@ -302,9 +310,12 @@ mod tests {
     async fn missing_objects_and_disabled_resolution_keep_the_labelled_target() {
         let store = store_with_deployment();
         let resolver = OwnerResolver::new(store.clone(), true, 5, Duration::from_secs(30));
-        assert_eq!(resolver.resolve(pod("gone")).await, Ok(pod("gone")));
+        assert_eq!(resolver.resolve(pod("gone"), Call::UNCOUNTED).await, Ok(pod("gone")));
         let off = OwnerResolver::new(store, false, 5, Duration::from_secs(30));
-        assert_eq!(off.resolve(pod("api-7d9f-x1")).await, Ok(pod("api-7d9f-x1")));
+        assert_eq!(
+            off.resolve(pod("api-7d9f-x1"), Call::UNCOUNTED).await,
+            Ok(pod("api-7d9f-x1"))
+        );
     }
 
     #[tokio::test]
@@ -317,10 +328,13 @@ mod tests {
             namespace: "shop".into(),
             api_version: api_version.into(),
         };
-        let top = resolver.resolve(sent("Pod", "v1")).await.unwrap();
+        let top = resolver.resolve(sent("Pod", "v1"), Call::UNCOUNTED).await.unwrap();
         assert_eq!((top.kind.as_str(), top.name.as_str()), ("Deployment", "api"));
         for (kind, api_version) in [("POD", "v1"), ("pod", ""), ("Pod", "")] {
-            let t = resolver.resolve(sent(kind, api_version)).await.unwrap();
+            let t = resolver
+                .resolve(sent(kind, api_version), Call::UNCOUNTED)
+                .await
+                .unwrap();
             assert_eq!(t, top, "{kind} {api_version:?}");
             let f = crate::fingerprint::Fingerprint::of("", &t);
             assert_eq!(f, crate::fingerprint::Fingerprint::of("", &top));
@@ -331,7 +345,11 @@ mod tests {
             namespace: "shop".into(),
             api_version: "apps/v1beta2".into(),
         };
-        assert_eq!(resolver.resolve(rs).await, Ok(top), "an unserved version still climbs");
+        assert_eq!(
+            resolver.resolve(rs, Call::UNCOUNTED).await,
+            Ok(top),
+            "an unserved version still climbs"
+        );
         let custom = TargetResource {
             kind: "pod".into(),
             name: "x".into(),
@@ -349,7 +367,14 @@ mod tests {
     async fn depth_is_bounded() {
         let store = store_with_deployment();
         let resolver = OwnerResolver::new(store, true, 1, Duration::from_secs(30));
-        assert_eq!(resolver.resolve(pod("api-7d9f-x1")).await.unwrap().kind, "ReplicaSet");
+        assert_eq!(
+            resolver
+                .resolve(pod("api-7d9f-x1"), Call::UNCOUNTED)
+                .await
+                .unwrap()
+                .kind,
+            "ReplicaSet"
+        );
     }
 
     // The watch-fed owner cache (ownercache.rs): hits need no read, misses and an unsynced
@@ -404,7 +429,7 @@ mod tests {
         let (resolver, _watches, metrics) = cached(counting.clone(), &["ReplicaSet"]);
         until(&resolver, "ReplicaSets synced", |c| c.is_synced("ReplicaSet")).await;
         for _ in 0..3 {
-            let top = resolver.resolve(pod("api-7d9f-x1")).await.unwrap();
+            let top = resolver.resolve(pod("api-7d9f-x1"), Call::UNCOUNTED).await.unwrap();
             assert_eq!((top.kind.as_str(), top.name.as_str()), ("Deployment", "api"));
         }
         assert_eq!(
@@ -419,7 +444,7 @@ mod tests {
             c.is_synced("Pod") && c.is_synced("ReplicaSet")
         })
         .await;
-        let top = with_pods.resolve(pod("api-7d9f-x1")).await.unwrap();
+        let top = with_pods.resolve(pod("api-7d9f-x1"), Call::UNCOUNTED).await.unwrap();
         assert_eq!((top.kind.as_str(), top.name.as_str()), ("Deployment", "api"));
         assert_eq!(reads.load(Ordering::SeqCst), 1, "no read at all with Pods watched");
         assert_eq!(lookups(&metrics, "hit"), 2);
@@ -448,7 +473,7 @@ mod tests {
             obj("ReplicaSet", "web-5c4b", "apps/v1"),
             owned_by("Deployment", "web", "apps/v1"),
         );
-        let top = resolver.resolve(pod("web-5c4b-q2")).await.unwrap();
+        let top = resolver.resolve(pod("web-5c4b-q2"), Call::UNCOUNTED).await.unwrap();
         assert_eq!(
             (top.kind.as_str(), top.name.as_str()),
             ("Deployment", "web"),
@@ -463,7 +488,7 @@ mod tests {
         );
         fail_rs.store(true, Ordering::SeqCst);
         assert_eq!(
-            resolver.resolve(pod("db-77aa-z9")).await,
+            resolver.resolve(pod("db-77aa-z9"), Call::UNCOUNTED).await,
             Err(ApiError::Unavailable("503".into())),
             "a failed read on a miss is an error, never a shallower target"
         );
@@ -480,9 +505,12 @@ mod tests {
             _ => Fault::Pass,
         });
         let (resolver, _watches, metrics) = cached(counting, &["ReplicaSet"]);
-        assert_eq!(resolver.resolve(pod("api-7d9f-x1")).await, Err(ApiError::Timeout));
+        assert_eq!(
+            resolver.resolve(pod("api-7d9f-x1"), Call::UNCOUNTED).await,
+            Err(ApiError::Timeout)
+        );
         fail.store(false, Ordering::SeqCst);
-        let top = resolver.resolve(pod("api-7d9f-x1")).await.unwrap();
+        let top = resolver.resolve(pod("api-7d9f-x1"), Call::UNCOUNTED).await.unwrap();
         assert_eq!((top.kind.as_str(), top.name.as_str()), ("Deployment", "api"));
         assert_eq!(
             reads.load(Ordering::SeqCst),
@@ -504,7 +532,14 @@ mod tests {
             _ => Fault::Pass,
         });
         let (resolver, _watches, _metrics) = cached(counting, &["ReplicaSet"]);
-        assert_eq!(resolver.resolve(pod("api-7d9f-x1")).await.unwrap().kind, "Deployment");
+        assert_eq!(
+            resolver
+                .resolve(pod("api-7d9f-x1"), Call::UNCOUNTED)
+                .await
+                .unwrap()
+                .kind,
+            "Deployment"
+        );
         assert_eq!(reads.load(Ordering::SeqCst), 2);
         start.add_permits(1);
         until(&resolver, "ReplicaSets synced", |c| {
@@ -514,7 +549,7 @@ mod tests {
 
         store.delete_object(&obj("ReplicaSet", "api-7d9f", "apps/v1")).unwrap();
         until(&resolver, "the deletion seen", |c| c.objects("ReplicaSet") == 0).await;
-        let top = resolver.resolve(pod("api-7d9f-x1")).await.unwrap();
+        let top = resolver.resolve(pod("api-7d9f-x1"), Call::UNCOUNTED).await.unwrap();
         assert_eq!(
             (top.kind.as_str(), top.name.as_str()),
             ("ReplicaSet", "api-7d9f"),

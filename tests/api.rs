@@ -561,33 +561,38 @@ impl signal_gateway::cluster::Cluster for SlowProbe {
     }
     async fn list_requests(
         &self,
+        call: signal_gateway::cluster::Call<'_>,
         ns: &str,
         fp: &str,
     ) -> signal_gateway::cluster::Result<Vec<signal_gateway::crd::RemediationRequest>> {
-        self.store.list_requests(ns, fp).await
+        self.store.list_requests(call, ns, fp).await
     }
     async fn get_request(
         &self,
+        call: signal_gateway::cluster::Call<'_>,
         ns: &str,
         name: &str,
     ) -> signal_gateway::cluster::Result<signal_gateway::crd::RemediationRequest> {
-        self.store.get_request(ns, name).await
+        self.store.get_request(call, ns, name).await
     }
     async fn create_request(
         &self,
+        call: signal_gateway::cluster::Call<'_>,
         rr: &signal_gateway::crd::RemediationRequest,
     ) -> signal_gateway::cluster::Result<signal_gateway::crd::RemediationRequest> {
-        self.store.create_request(rr).await
+        self.store.create_request(call, rr).await
     }
     async fn update_deduplication(
         &self,
+        call: signal_gateway::cluster::Call<'_>,
+
         namespace: &str,
         name: &str,
         resource_version: &str,
         deduplication: &signal_gateway::crd::Deduplication,
     ) -> signal_gateway::cluster::Result<signal_gateway::crd::RemediationRequest> {
         self.store
-            .update_deduplication(namespace, name, resource_version, deduplication)
+            .update_deduplication(call, namespace, name, resource_version, deduplication)
             .await
     }
     fn watch_requests(
@@ -599,38 +604,49 @@ impl signal_gateway::cluster::Cluster for SlowProbe {
     }
     async fn create_lease(
         &self,
+        call: signal_gateway::cluster::Call<'_>,
         l: &k8s_openapi::api::coordination::v1::Lease,
     ) -> signal_gateway::cluster::Result<k8s_openapi::api::coordination::v1::Lease> {
-        self.store.create_lease(l).await
+        self.store.create_lease(call, l).await
     }
     async fn get_lease(
         &self,
+        call: signal_gateway::cluster::Call<'_>,
         ns: &str,
         name: &str,
     ) -> signal_gateway::cluster::Result<k8s_openapi::api::coordination::v1::Lease> {
-        self.store.get_lease(ns, name).await
+        self.store.get_lease(call, ns, name).await
     }
     async fn list_leases(
         &self,
+        call: signal_gateway::cluster::Call<'_>,
         ns: &str,
         label: (&str, &str),
     ) -> signal_gateway::cluster::Result<Vec<k8s_openapi::api::coordination::v1::Lease>> {
-        self.store.list_leases(ns, label).await
+        self.store.list_leases(call, ns, label).await
     }
     async fn update_lease(
         &self,
+        call: signal_gateway::cluster::Call<'_>,
         l: &k8s_openapi::api::coordination::v1::Lease,
     ) -> signal_gateway::cluster::Result<k8s_openapi::api::coordination::v1::Lease> {
-        self.store.update_lease(l).await
+        self.store.update_lease(call, l).await
     }
-    async fn delete_lease(&self, ns: &str, name: &str, rv: &str) -> signal_gateway::cluster::Result<()> {
-        self.store.delete_lease(ns, name, rv).await
+    async fn delete_lease(
+        &self,
+        call: signal_gateway::cluster::Call<'_>,
+        ns: &str,
+        name: &str,
+        rv: &str,
+    ) -> signal_gateway::cluster::Result<()> {
+        self.store.delete_lease(call, ns, name, rv).await
     }
     async fn get_metadata(
         &self,
+        call: signal_gateway::cluster::Call<'_>,
         o: &signal_gateway::cluster::ObjectRef,
     ) -> signal_gateway::cluster::Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta> {
-        self.store.get_metadata(o).await
+        self.store.get_metadata(call, o).await
     }
     fn watch_metadata(
         &self,
@@ -641,9 +657,10 @@ impl signal_gateway::cluster::Cluster for SlowProbe {
     }
     async fn list_api_kinds(
         &self,
+        call: signal_gateway::cluster::Call<'_>,
         core: bool,
     ) -> signal_gateway::cluster::Result<Vec<signal_gateway::cluster::ApiKind>> {
-        self.store.list_api_kinds(core).await
+        self.store.list_api_kinds(call, core).await
     }
     async fn check_ready(&self, ns: &str) -> Result<(), String> {
         if self.hang.load(std::sync::atomic::Ordering::SeqCst) {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use signal_gateway::backend::embedded::EmbeddedStore;
 use signal_gateway::clock::SystemClock;
-use signal_gateway::cluster::{ApiError, Cluster, ObjectRef};
+use signal_gateway::cluster::{ApiError, Call, Cluster, ObjectRef};
 use signal_gateway::crd::RemediationRequest;
 
 /// The orchestrator's status writes on the embedded store.
@@ -25,7 +25,7 @@ impl common::contract::Orchestrator for Orchestrator {
     }
 
     async fn raw(&self, ns: &str, name: &str) -> serde_json::Value {
-        let rr = self.0.get_request(ns, name).await.expect("stored");
+        let rr = self.0.get_request(Call::UNCOUNTED, ns, name).await.expect("stored");
         serde_json::to_value(rr).expect("serialises")
     }
 

@@ -143,6 +143,7 @@ async fn an_owner_reference_that_names_no_valid_object_is_not_followed() {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
     use signal_gateway::backend::embedded::EmbeddedStore;
     use signal_gateway::clock::SystemClock;
+    use signal_gateway::cluster::Call;
     use signal_gateway::cluster::ObjectRef;
     use signal_gateway::crd::TargetResource;
     use signal_gateway::target::OwnerResolver;
@@ -183,9 +184,15 @@ async fn an_owner_reference_that_names_no_valid_object_is_not_followed() {
         );
     }
     let resolver = OwnerResolver::new(store, true, 5, Duration::from_secs(30));
-    assert_eq!(resolver.resolve(pod("bad-name")).await, Ok(pod("bad-name")));
-    assert_eq!(resolver.resolve(pod("bad-version")).await, Ok(pod("bad-version")));
-    let good = resolver.resolve(pod("good")).await.unwrap();
+    assert_eq!(
+        resolver.resolve(pod("bad-name"), Call::UNCOUNTED).await,
+        Ok(pod("bad-name"))
+    );
+    assert_eq!(
+        resolver.resolve(pod("bad-version"), Call::UNCOUNTED).await,
+        Ok(pod("bad-version"))
+    );
+    let good = resolver.resolve(pod("good"), Call::UNCOUNTED).await.unwrap();
     assert_eq!(
         (good.kind.as_str(), good.name.as_str(), good.namespace.as_str()),
         ("ReplicaSet", "api-7d9f", "payments")

@@ -14,7 +14,7 @@ use reqwest::StatusCode;
 use signal_gateway::backend::embedded::EmbeddedStore;
 use signal_gateway::backend::faults::{Fault, Faulty, Op};
 use signal_gateway::clock::SystemClock;
-use signal_gateway::cluster::Cluster;
+use signal_gateway::cluster::{Call, Cluster};
 use signal_gateway::config::Config;
 use signal_gateway::crd::{Deduplication, RemediationRequest};
 use signal_gateway::dedup::Strategy;
@@ -164,7 +164,10 @@ async fn a_lease_left_by_a_dead_holder_is_taken_over() {
     let gw = Gateway::embedded(test_config()).await;
     let fp = fp_of_pod("shop", "api-0");
     gw.store()
-        .create_lease(&foreign_lease(&lock_name_of(&fp), "crashed-replica", 90))
+        .create_lease(
+            Call::UNCOUNTED,
+            &foreign_lease(&lock_name_of(&fp), "crashed-replica", 90),
+        )
         .await
         .unwrap();
     let (s, _, b) = gw.alerts(&webhook(vec![pod_alert("shop", "api-0")])).await;
@@ -185,7 +188,7 @@ async fn a_live_foreign_lease_delays_the_signal_which_then_counts_as_duplicate()
     let fp = fp_of_pod("shop", "api-0");
     let lease = gw
         .store()
-        .create_lease(&foreign_lease(&lock_name_of(&fp), "replica-b", 0))
+        .create_lease(Call::UNCOUNTED, &foreign_lease(&lock_name_of(&fp), "replica-b", 0))
         .await
         .unwrap();
     let client = gw.client.clone();
@@ -229,19 +232,23 @@ async fn a_live_foreign_lease_delays_the_signal_which_then_counts_as_duplicate()
         },
         status: None,
     };
-    let created = gw.store().create_request(&theirs).await.unwrap();
+    let created = gw.store().create_request(Call::UNCOUNTED, &theirs).await.unwrap();
     // The peer counts its own signal with a conditional write, as a replica does; the waiting
     // gateway (woken by its watch when the RR appears) may count first, so re-read on Conflict.
     let name = created.metadata.name.clone().unwrap();
     loop {
-        let current = gw.store().get_request("signals", &name).await.unwrap();
+        let current = gw.store().get_request(Call::UNCOUNTED, "signals", &name).await.unwrap();
         let next = Deduplication {
             first_seen_at: "2026-11-24T10:00:00Z".into(),
             last_seen_at: "2026-11-24T10:00:00Z".into(),
             occurrence_count: current.occurrence_count() + 1,
         };
         let rv = current.metadata.resource_version.clone().unwrap();
-        match gw.store().update_deduplication("signals", &name, &rv, &next).await {
+        match gw
+            .store()
+            .update_deduplication(Call::UNCOUNTED, "signals", &name, &rv, &next)
+            .await
+        {
             Ok(_) => break,
             Err(signal_gateway::cluster::ApiError::Conflict(_)) => continue,
             Err(e) => panic!("{e}"),
@@ -249,6 +256,7 @@ async fn a_live_foreign_lease_delays_the_signal_which_then_counts_as_duplicate()
     }
     gw.store()
         .delete_lease(
+            Call::UNCOUNTED,
             "signals",
             &lock_name_of(&fp),
             lease.metadata.resource_version.as_deref().unwrap(),
@@ -276,7 +284,7 @@ async fn a_live_foreign_lease_that_never_resolves_answers_503_within_the_deadlin
     let gw = Gateway::embedded(c).await;
     let fp = fp_of_pod("shop", "api-0");
     gw.store()
-        .create_lease(&foreign_lease(&lock_name_of(&fp), "replica-b", 0))
+        .create_lease(Call::UNCOUNTED, &foreign_lease(&lock_name_of(&fp), "replica-b", 0))
         .await
         .unwrap();
     let started = std::time::Instant::now();

@@ -15,7 +15,7 @@ use signal_gateway::Deps;
 use signal_gateway::backend::embedded::EmbeddedStore;
 use signal_gateway::backend::faults::{Fault, Faulty, Op};
 use signal_gateway::clock::{Clock, OffsetClock, rfc3339};
-use signal_gateway::cluster::Cluster;
+use signal_gateway::cluster::{Call, Cluster};
 use signal_gateway::config::Config;
 use signal_gateway::crd::RemediationRequest;
 use signal_gateway::dedup::Strategy;
@@ -452,7 +452,7 @@ async fn requests_written_with_the_older_values_are_still_found_and_counted() {
         },
         status: None,
     };
-    gw.store().create_request(&old).await.unwrap();
+    gw.store().create_request(Call::UNCOUNTED, &old).await.unwrap();
     let (s, _, b) = gw.alerts(&webhook(vec![pod_alert("shop", "api-0")])).await;
     assert_eq!(s, StatusCode::ACCEPTED, "counted into the older RR: {b}");
     assert_eq!(b["remediationRequestName"], old.metadata.name.clone().unwrap());

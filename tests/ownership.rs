@@ -15,7 +15,7 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use signal_gateway::backend::embedded::EmbeddedStore;
 use signal_gateway::clock::{SharedClock, SystemClock};
-use signal_gateway::cluster::Cluster;
+use signal_gateway::cluster::{Call, Cluster};
 use signal_gateway::config::Config;
 use signal_gateway::ownership;
 
@@ -237,7 +237,10 @@ async fn an_owner_that_cannot_be_reached_leaves_the_signal_to_the_lease_guarded_
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
-    store.create_lease(&unreachable_member(&address)).await.unwrap();
+    store
+        .create_lease(Call::UNCOUNTED, &unreachable_member(&address))
+        .await
+        .unwrap();
     let gateways = fleet(&store, 1).await;
     let g = &gateways[0];
     eventually(

@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use signal_gateway::backend::embedded::EmbeddedStore;
 use signal_gateway::backend::faults::{Fault, Faulty, Op};
 use signal_gateway::clock::SystemClock;
-use signal_gateway::cluster::{ApiError, ObjectRef};
+use signal_gateway::cluster::{ApiError, Call, ObjectRef};
 use signal_gateway::crd::TargetResource;
 use signal_gateway::target::OwnerResolver;
 
@@ -196,7 +196,7 @@ async fn resolve(
     fault: Option<(usize, ApiError)>,
 ) -> (Result<TargetResource, ApiError>, usize) {
     let (r, reads) = resolver(store, true, max_depth, fault);
-    let top = r.resolve(target.clone()).await;
+    let top = r.resolve(target.clone(), Call::UNCOUNTED).await;
     (top, reads.load(Ordering::SeqCst))
 }
 
@@ -247,11 +247,14 @@ pub async fn check_scenario(s: &Scenario) {
 
     // Deterministic, and a second resolution on the same resolver comes from the cache.
     let (cached, reads_before) = resolver(&store, true, n, None);
-    let first = cached.resolve(s.target.clone()).await.expect("no fault");
+    let first = cached
+        .resolve(s.target.clone(), Call::UNCOUNTED)
+        .await
+        .expect("no fault");
     let used = reads_before.load(Ordering::SeqCst);
     assert_eq!(first, r, "two fresh resolvers disagree");
     assert_eq!(
-        cached.resolve(s.target.clone()).await,
+        cached.resolve(s.target.clone(), Call::UNCOUNTED).await,
         Ok(r.clone()),
         "the cache changed the answer"
     );
@@ -264,7 +267,7 @@ pub async fn check_scenario(s: &Scenario) {
     // Disabled or depth 0: the labelled target (normalised), no read.
     let start = signal_gateway::target::normalise(s.target.clone());
     let (off, off_reads) = resolver(&store, false, n, None);
-    assert_eq!(off.resolve(s.target.clone()).await, Ok(start.clone()));
+    assert_eq!(off.resolve(s.target.clone(), Call::UNCOUNTED).await, Ok(start.clone()));
     assert_eq!(off_reads.load(Ordering::SeqCst), 0);
     assert_eq!(resolve_ok(&store, &s.target, 0).await, (start, 0));
 

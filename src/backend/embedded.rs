@@ -22,7 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use tokio::sync::broadcast;
 
 use crate::clock::SharedClock;
-use crate::cluster::{ApiError, ApiKind, Cluster, MetadataEvent, ObjectRef, RequestEvent, Result, WatchEvent};
+use crate::cluster::{ApiError, ApiKind, Call, Cluster, MetadataEvent, ObjectRef, RequestEvent, Result, WatchEvent};
 use crate::crd::{Deduplication, RemediationRequest, RemediationRequestStatus};
 
 type Key = (String, String);
@@ -308,7 +308,12 @@ impl Cluster for EmbeddedStore {
         "embedded"
     }
 
-    async fn list_requests(&self, namespace: &str, fingerprint: &str) -> Result<Vec<RemediationRequest>> {
+    async fn list_requests(
+        &self,
+        _call: Call<'_>,
+        namespace: &str,
+        fingerprint: &str,
+    ) -> Result<Vec<RemediationRequest>> {
         let st = self.state().await?;
         let Some(names) = st.by_fingerprint.get(&key(namespace, fingerprint)) else {
             return Ok(Vec::new());
@@ -323,7 +328,7 @@ impl Cluster for EmbeddedStore {
             .collect())
     }
 
-    async fn get_request(&self, namespace: &str, name: &str) -> Result<RemediationRequest> {
+    async fn get_request(&self, _call: Call<'_>, namespace: &str, name: &str) -> Result<RemediationRequest> {
         self.state()
             .await?
             .requests
@@ -332,7 +337,7 @@ impl Cluster for EmbeddedStore {
             .ok_or(ApiError::NotFound)
     }
 
-    async fn create_request(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
+    async fn create_request(&self, _call: Call<'_>, rr: &RemediationRequest) -> Result<RemediationRequest> {
         let spec = serde_json::to_value(&rr.spec).map_err(|e| ApiError::Invalid(format!("spec: {e}")))?;
         super::schema::validate_spec(&spec).map_err(ApiError::Invalid)?;
         let now = self.clock.now();
@@ -356,6 +361,7 @@ impl Cluster for EmbeddedStore {
 
     async fn update_deduplication(
         &self,
+        _call: Call<'_>,
         namespace: &str,
         name: &str,
         resource_version: &str,
@@ -427,7 +433,7 @@ impl Cluster for EmbeddedStore {
         futures::stream::iter(head).chain(tail).boxed()
     }
 
-    async fn create_lease(&self, lease: &Lease) -> Result<Lease> {
+    async fn create_lease(&self, _call: Call<'_>, lease: &Lease) -> Result<Lease> {
         let now = self.clock.now();
         let mut st = self.state().await?;
         let mut new = lease.clone();
@@ -440,7 +446,7 @@ impl Cluster for EmbeddedStore {
         Ok(new)
     }
 
-    async fn get_lease(&self, namespace: &str, name: &str) -> Result<Lease> {
+    async fn get_lease(&self, _call: Call<'_>, namespace: &str, name: &str) -> Result<Lease> {
         self.state()
             .await?
             .leases
@@ -449,7 +455,7 @@ impl Cluster for EmbeddedStore {
             .ok_or(ApiError::NotFound)
     }
 
-    async fn list_leases(&self, namespace: &str, label: (&str, &str)) -> Result<Vec<Lease>> {
+    async fn list_leases(&self, _call: Call<'_>, namespace: &str, label: (&str, &str)) -> Result<Vec<Lease>> {
         let st = self.state().await?;
         Ok(st
             .leases
@@ -466,7 +472,7 @@ impl Cluster for EmbeddedStore {
             .collect())
     }
 
-    async fn update_lease(&self, lease: &Lease) -> Result<Lease> {
+    async fn update_lease(&self, _call: Call<'_>, lease: &Lease) -> Result<Lease> {
         let now = self.clock.now();
         let mut st = self.state().await?;
         let k = key(
@@ -501,7 +507,7 @@ impl Cluster for EmbeddedStore {
         Ok(updated)
     }
 
-    async fn delete_lease(&self, namespace: &str, name: &str, resource_version: &str) -> Result<()> {
+    async fn delete_lease(&self, _call: Call<'_>, namespace: &str, name: &str, resource_version: &str) -> Result<()> {
         let mut st = self.state().await?;
         let k = key(namespace, name);
         let stored = st.leases.get(&k).ok_or(ApiError::NotFound)?;
@@ -516,7 +522,7 @@ impl Cluster for EmbeddedStore {
         Ok(())
     }
 
-    async fn get_metadata(&self, object: &ObjectRef) -> Result<ObjectMeta> {
+    async fn get_metadata(&self, _call: Call<'_>, object: &ObjectRef) -> Result<ObjectMeta> {
         self.state()
             .await?
             .objects
@@ -566,7 +572,7 @@ impl Cluster for EmbeddedStore {
         futures::stream::iter(head).chain(tail).boxed()
     }
 
-    async fn list_api_kinds(&self, core: bool) -> Result<Vec<ApiKind>> {
+    async fn list_api_kinds(&self, _call: Call<'_>, core: bool) -> Result<Vec<ApiKind>> {
         let state = self.state().await?;
         let mut kinds = crate::discovery::builtin_kinds(core);
         kinds.extend(

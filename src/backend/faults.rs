@@ -13,7 +13,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::Semaphore;
 
-use crate::cluster::{ApiError, ApiKind, Cluster, MetadataEvent, ObjectRef, RequestEvent, Result};
+use crate::cluster::{ApiError, ApiKind, Call, Cluster, MetadataEvent, ObjectRef, RequestEvent, Result};
 use crate::crd::{Deduplication, RemediationRequest};
 
 /// The operations of the port.
@@ -143,20 +143,27 @@ impl Cluster for Faulty {
     fn backend_name(&self) -> &'static str {
         self.inner.backend_name()
     }
-    async fn list_requests(&self, namespace: &str, fingerprint: &str) -> Result<Vec<RemediationRequest>> {
+    async fn list_requests(
+        &self,
+        call: Call<'_>,
+        namespace: &str,
+        fingerprint: &str,
+    ) -> Result<Vec<RemediationRequest>> {
         if self.apply(Op::ListRequests).await? {
             return Ok(Vec::new());
         }
-        self.inner.list_requests(namespace, fingerprint).await
+        self.inner.list_requests(call, namespace, fingerprint).await
     }
-    async fn get_request(&self, namespace: &str, name: &str) -> Result<RemediationRequest> {
-        self.run(Op::GetRequest, self.inner.get_request(namespace, name)).await
+    async fn get_request(&self, call: Call<'_>, namespace: &str, name: &str) -> Result<RemediationRequest> {
+        self.run(Op::GetRequest, self.inner.get_request(call, namespace, name))
+            .await
     }
-    async fn create_request(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
-        self.run(Op::CreateRequest, self.inner.create_request(rr)).await
+    async fn create_request(&self, call: Call<'_>, rr: &RemediationRequest) -> Result<RemediationRequest> {
+        self.run(Op::CreateRequest, self.inner.create_request(call, rr)).await
     }
     async fn update_deduplication(
         &self,
+        call: Call<'_>,
         namespace: &str,
         name: &str,
         resource_version: &str,
@@ -165,7 +172,7 @@ impl Cluster for Faulty {
         self.run(
             Op::UpdateDeduplication,
             self.inner
-                .update_deduplication(namespace, name, resource_version, deduplication),
+                .update_deduplication(call, namespace, name, resource_version, deduplication),
         )
         .await
     }
@@ -203,30 +210,32 @@ impl Cluster for Faulty {
         .flatten()
         .boxed()
     }
-    async fn create_lease(&self, lease: &Lease) -> Result<Lease> {
-        self.run(Op::CreateLease, self.inner.create_lease(lease)).await
+    async fn create_lease(&self, call: Call<'_>, lease: &Lease) -> Result<Lease> {
+        self.run(Op::CreateLease, self.inner.create_lease(call, lease)).await
     }
-    async fn get_lease(&self, namespace: &str, name: &str) -> Result<Lease> {
-        self.run(Op::GetLease, self.inner.get_lease(namespace, name)).await
+    async fn get_lease(&self, call: Call<'_>, namespace: &str, name: &str) -> Result<Lease> {
+        self.run(Op::GetLease, self.inner.get_lease(call, namespace, name))
+            .await
     }
-    async fn list_leases(&self, namespace: &str, label: (&str, &str)) -> Result<Vec<Lease>> {
-        self.run(Op::ListLeases, self.inner.list_leases(namespace, label)).await
+    async fn list_leases(&self, call: Call<'_>, namespace: &str, label: (&str, &str)) -> Result<Vec<Lease>> {
+        self.run(Op::ListLeases, self.inner.list_leases(call, namespace, label))
+            .await
     }
-    async fn update_lease(&self, lease: &Lease) -> Result<Lease> {
-        self.run(Op::UpdateLease, self.inner.update_lease(lease)).await
+    async fn update_lease(&self, call: Call<'_>, lease: &Lease) -> Result<Lease> {
+        self.run(Op::UpdateLease, self.inner.update_lease(call, lease)).await
     }
-    async fn delete_lease(&self, namespace: &str, name: &str, resource_version: &str) -> Result<()> {
+    async fn delete_lease(&self, call: Call<'_>, namespace: &str, name: &str, resource_version: &str) -> Result<()> {
         self.run(
             Op::DeleteLease,
-            self.inner.delete_lease(namespace, name, resource_version),
+            self.inner.delete_lease(call, namespace, name, resource_version),
         )
         .await
     }
-    async fn get_metadata(&self, object: &ObjectRef) -> Result<ObjectMeta> {
-        self.run(Op::GetMetadata, self.inner.get_metadata(object)).await
+    async fn get_metadata(&self, call: Call<'_>, object: &ObjectRef) -> Result<ObjectMeta> {
+        self.run(Op::GetMetadata, self.inner.get_metadata(call, object)).await
     }
-    async fn list_api_kinds(&self, core: bool) -> Result<Vec<ApiKind>> {
-        self.run(Op::ListApiKinds, self.inner.list_api_kinds(core)).await
+    async fn list_api_kinds(&self, call: Call<'_>, core: bool) -> Result<Vec<ApiKind>> {
+        self.run(Op::ListApiKinds, self.inner.list_api_kinds(call, core)).await
     }
     async fn check_ready(&self, namespace: &str) -> std::result::Result<(), String> {
         self.apply(Op::CheckReady).await.map_err(|e| e.to_string())?;

@@ -21,7 +21,7 @@ use kube::{Client, Config};
 use tokio::time::Instant;
 
 use crate::backend::metered::ApiMetricsLayer;
-use crate::cluster::{ApiError, ApiKind, Cluster, MetadataEvent, ObjectRef, RequestEvent, Result, WatchEvent};
+use crate::cluster::{ApiError, ApiKind, Call, Cluster, MetadataEvent, ObjectRef, RequestEvent, Result, WatchEvent};
 use crate::crd::{Deduplication, FINGERPRINT_FIELD, GROUP, RemediationRequest};
 use crate::metrics::Metrics;
 
@@ -240,16 +240,21 @@ impl Cluster for KubernetesCluster {
         self.counts_requests
     }
 
-    async fn list_requests(&self, namespace: &str, fingerprint: &str) -> Result<Vec<RemediationRequest>> {
+    async fn list_requests(
+        &self,
+        _call: Call<'_>,
+        namespace: &str,
+        fingerprint: &str,
+    ) -> Result<Vec<RemediationRequest>> {
         let lp = ListParams::default().fields(&format!("{FINGERPRINT_FIELD}={fingerprint}"));
         Ok(self.requests(namespace).list(&lp).await.map_err(map_error)?.items)
     }
 
-    async fn get_request(&self, namespace: &str, name: &str) -> Result<RemediationRequest> {
+    async fn get_request(&self, _call: Call<'_>, namespace: &str, name: &str) -> Result<RemediationRequest> {
         self.requests(namespace).get(name).await.map_err(map_error)
     }
 
-    async fn create_request(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
+    async fn create_request(&self, _call: Call<'_>, rr: &RemediationRequest) -> Result<RemediationRequest> {
         let ns = rr.metadata.namespace.as_deref().unwrap_or_default();
         self.requests(ns)
             .create(&PostParams::default(), rr)
@@ -259,6 +264,7 @@ impl Cluster for KubernetesCluster {
 
     async fn update_deduplication(
         &self,
+        _call: Call<'_>,
         namespace: &str,
         name: &str,
         resource_version: &str,
@@ -299,7 +305,7 @@ impl Cluster for KubernetesCluster {
             .boxed()
     }
 
-    async fn create_lease(&self, lease: &Lease) -> Result<Lease> {
+    async fn create_lease(&self, _call: Call<'_>, lease: &Lease) -> Result<Lease> {
         let ns = lease.metadata.namespace.as_deref().unwrap_or_default();
         self.leases(ns)
             .create(&PostParams::default(), lease)
@@ -307,11 +313,11 @@ impl Cluster for KubernetesCluster {
             .map_err(map_error)
     }
 
-    async fn get_lease(&self, namespace: &str, name: &str) -> Result<Lease> {
+    async fn get_lease(&self, _call: Call<'_>, namespace: &str, name: &str) -> Result<Lease> {
         self.leases(namespace).get(name).await.map_err(map_error)
     }
 
-    async fn list_leases(&self, namespace: &str, label: (&str, &str)) -> Result<Vec<Lease>> {
+    async fn list_leases(&self, _call: Call<'_>, namespace: &str, label: (&str, &str)) -> Result<Vec<Lease>> {
         let lp = ListParams::default().labels(&format!("{}={}", label.0, label.1));
         self.leases(namespace)
             .list(&lp)
@@ -320,7 +326,7 @@ impl Cluster for KubernetesCluster {
             .map_err(map_error)
     }
 
-    async fn update_lease(&self, lease: &Lease) -> Result<Lease> {
+    async fn update_lease(&self, _call: Call<'_>, lease: &Lease) -> Result<Lease> {
         let ns = lease.metadata.namespace.as_deref().unwrap_or_default();
         let name = lease.metadata.name.as_deref().unwrap_or_default();
         self.leases(ns)
@@ -329,7 +335,7 @@ impl Cluster for KubernetesCluster {
             .map_err(map_error)
     }
 
-    async fn delete_lease(&self, namespace: &str, name: &str, resource_version: &str) -> Result<()> {
+    async fn delete_lease(&self, _call: Call<'_>, namespace: &str, name: &str, resource_version: &str) -> Result<()> {
         let dp = DeleteParams {
             preconditions: Some(Preconditions {
                 resource_version: Some(resource_version.to_owned()),
@@ -344,7 +350,7 @@ impl Cluster for KubernetesCluster {
             .map_err(map_error)
     }
 
-    async fn get_metadata(&self, object: &ObjectRef) -> Result<ObjectMeta> {
+    async fn get_metadata(&self, _call: Call<'_>, object: &ObjectRef) -> Result<ObjectMeta> {
         // Cluster-scoped objects (Namespaces, for the scope check) have no namespace.
         let api: Api<DynamicObject> = if object.namespace.is_empty() {
             Api::all_with(self.client.clone(), &api_resource(object))
@@ -384,7 +390,7 @@ impl Cluster for KubernetesCluster {
             .boxed()
     }
 
-    async fn list_api_kinds(&self, core: bool) -> Result<Vec<ApiKind>> {
+    async fn list_api_kinds(&self, _call: Call<'_>, core: bool) -> Result<Vec<ApiKind>> {
         let list = if core {
             self.client.list_core_api_versions_aggregated().await
         } else {

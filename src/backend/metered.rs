@@ -1,5 +1,5 @@
 //! Observes every call that crosses the [`Cluster`] port (one call = one API request): a
-//! `k8s.request` span per call and the per-task tally behind "API calls per signal" ([`tallied`]).
+//! `k8s.request` span per call and the tally behind "API calls per signal" ([`crate::cluster::Tally`], carried by each call).
 //! Request counters and latency (verb, resource, code, like the API server's own metrics) are
 //! recorded here for the embedded backend; the kubernetes backend records them in a tower layer
 //! inside the kube client ([`ApiMetricsLayer`]), so requests that bypass the port (readiness,
@@ -9,7 +9,6 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -21,34 +20,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tracing::Instrument;
 
 use crate::cluster::{
-    ApiError, ApiKind, Cluster, DISCOVERY_RESOURCE, LEASE_RESOURCE, MetadataEvent, ObjectRef, RR_RESOURCE,
+    ApiError, ApiKind, Call, Cluster, DISCOVERY_RESOURCE, LEASE_RESOURCE, MetadataEvent, ObjectRef, RR_RESOURCE,
     RR_STATUS_RESOURCE, RequestEvent, Result, WatchEvent, resource_of_kind, verb,
 };
 use crate::crd::{Deduplication, RemediationRequest};
 use crate::metrics::Metrics;
-
-tokio::task_local! {
-    /// The latest moment a write in this task may still be *sent* (see [`send_by`]).
-    static SEND_BY: tokio::time::Instant;
-}
-
-/// Runs `fut` so that a request it makes waits for an API request slot only until `by`: a
-/// write that got no slot by then is not sent at all (certainly not stored), and a write that got
-/// one is sent at once and awaited, never abandoned while queued-then-sent late.
-pub async fn send_by<F: Future>(by: tokio::time::Instant, fut: F) -> F::Output {
-    SEND_BY.scope(by, fut).await
-}
-
-tokio::task_local! {
-    static TALLY: Arc<AtomicU32>;
-}
-
-/// Runs `fut` and returns how many API calls it made (calls made by tasks it spawns excluded).
-pub async fn tallied<F: Future>(fut: F) -> (F::Output, u32) {
-    let tally = Arc::new(AtomicU32::new(0));
-    let out = TALLY.scope(tally.clone(), fut).await;
-    (out, tally.load(Ordering::Relaxed))
-}
 
 /// Records one API request when dropped: counter by verb/resource/code and latency by verb/resource.
 pub struct ApiCallTimer {
@@ -96,7 +72,7 @@ pub struct Metered {
     /// None when the backend records its own requests.
     metrics: Option<Metrics>,
     /// API requests in flight (`backend.maxConcurrentRequests`); a call waits for a slot here,
-    /// before it is sent, so the wait is visible to [`send_by`] and not part of its latency.
+    /// before it is sent, so the wait is visible to the call's send deadline and not part of its latency.
     slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
@@ -116,8 +92,11 @@ impl Metered {
         self
     }
 
-    async fn call<T>(
+    /// One request: waits for a slot (until the call's send deadline, if it has one), counts
+    /// into the call's tally once it has one, and is traced and timed.
+    async fn request<T>(
         &self,
+        call: Call<'_>,
         verb: &'static str,
         resource: &'static str,
         fut: impl Future<Output = Result<T>>,
@@ -126,16 +105,16 @@ impl Metered {
             None => None,
             Some(slots) => {
                 let acquire = slots.clone().acquire_owned();
-                let permit = match SEND_BY.try_with(|by| *by) {
-                    Ok(by) => tokio::time::timeout_at(by, acquire)
+                let permit = match call.send_deadline() {
+                    Some(by) => tokio::time::timeout_at(by, acquire)
                         .await
                         .map_err(|_| ApiError::NotSent)?,
-                    Err(_) => acquire.await,
+                    None => acquire.await,
                 };
                 Some(permit.map_err(|_| ApiError::Unavailable("API request slots closed".into()))?)
             }
         };
-        let _ = TALLY.try_with(|t| t.fetch_add(1, Ordering::Relaxed));
+        call.count();
         let span = tracing::info_span!("k8s.request", verb, resource, code = tracing::field::Empty);
         let timer = self.metrics.as_ref().map(|m| ApiCallTimer::start(m, verb, resource));
         let out = fut.instrument(span.clone()).await;
@@ -177,34 +156,47 @@ impl Cluster for Metered {
     fn backend_name(&self) -> &'static str {
         self.inner.backend_name()
     }
-    async fn list_requests(&self, namespace: &str, fingerprint: &str) -> Result<Vec<RemediationRequest>> {
-        self.call(
+    async fn list_requests(
+        &self,
+        call: Call<'_>,
+        namespace: &str,
+        fingerprint: &str,
+    ) -> Result<Vec<RemediationRequest>> {
+        self.request(
+            call,
             verb::LIST,
             RR_RESOURCE,
-            self.inner.list_requests(namespace, fingerprint),
+            self.inner.list_requests(call, namespace, fingerprint),
         )
         .await
     }
-    async fn get_request(&self, namespace: &str, name: &str) -> Result<RemediationRequest> {
-        self.call(verb::GET, RR_RESOURCE, self.inner.get_request(namespace, name))
-            .await
+    async fn get_request(&self, call: Call<'_>, namespace: &str, name: &str) -> Result<RemediationRequest> {
+        self.request(
+            call,
+            verb::GET,
+            RR_RESOURCE,
+            self.inner.get_request(call, namespace, name),
+        )
+        .await
     }
-    async fn create_request(&self, rr: &RemediationRequest) -> Result<RemediationRequest> {
-        self.call(verb::CREATE, RR_RESOURCE, self.inner.create_request(rr))
+    async fn create_request(&self, call: Call<'_>, rr: &RemediationRequest) -> Result<RemediationRequest> {
+        self.request(call, verb::CREATE, RR_RESOURCE, self.inner.create_request(call, rr))
             .await
     }
     async fn update_deduplication(
         &self,
+        call: Call<'_>,
         namespace: &str,
         name: &str,
         resource_version: &str,
         deduplication: &Deduplication,
     ) -> Result<RemediationRequest> {
-        self.call(
+        self.request(
+            call,
             verb::PATCH,
             RR_STATUS_RESOURCE,
             self.inner
-                .update_deduplication(namespace, name, resource_version, deduplication),
+                .update_deduplication(call, namespace, name, resource_version, deduplication),
         )
         .await
     }
@@ -222,41 +214,58 @@ impl Cluster for Metered {
             None => inner,
         }
     }
-    async fn create_lease(&self, lease: &Lease) -> Result<Lease> {
-        self.call(verb::CREATE, LEASE_RESOURCE, self.inner.create_lease(lease))
+    async fn create_lease(&self, call: Call<'_>, lease: &Lease) -> Result<Lease> {
+        self.request(call, verb::CREATE, LEASE_RESOURCE, self.inner.create_lease(call, lease))
             .await
     }
-    async fn get_lease(&self, namespace: &str, name: &str) -> Result<Lease> {
-        self.call(verb::GET, LEASE_RESOURCE, self.inner.get_lease(namespace, name))
+    async fn get_lease(&self, call: Call<'_>, namespace: &str, name: &str) -> Result<Lease> {
+        self.request(
+            call,
+            verb::GET,
+            LEASE_RESOURCE,
+            self.inner.get_lease(call, namespace, name),
+        )
+        .await
+    }
+    async fn list_leases(&self, call: Call<'_>, namespace: &str, label: (&str, &str)) -> Result<Vec<Lease>> {
+        self.request(
+            call,
+            verb::LIST,
+            LEASE_RESOURCE,
+            self.inner.list_leases(call, namespace, label),
+        )
+        .await
+    }
+    async fn update_lease(&self, call: Call<'_>, lease: &Lease) -> Result<Lease> {
+        self.request(call, verb::UPDATE, LEASE_RESOURCE, self.inner.update_lease(call, lease))
             .await
     }
-    async fn list_leases(&self, namespace: &str, label: (&str, &str)) -> Result<Vec<Lease>> {
-        self.call(verb::LIST, LEASE_RESOURCE, self.inner.list_leases(namespace, label))
-            .await
-    }
-    async fn update_lease(&self, lease: &Lease) -> Result<Lease> {
-        self.call(verb::UPDATE, LEASE_RESOURCE, self.inner.update_lease(lease))
-            .await
-    }
-    async fn delete_lease(&self, namespace: &str, name: &str, resource_version: &str) -> Result<()> {
-        self.call(
+    async fn delete_lease(&self, call: Call<'_>, namespace: &str, name: &str, resource_version: &str) -> Result<()> {
+        self.request(
+            call,
             verb::DELETE,
             LEASE_RESOURCE,
-            self.inner.delete_lease(namespace, name, resource_version),
+            self.inner.delete_lease(call, namespace, name, resource_version),
         )
         .await
     }
-    async fn get_metadata(&self, object: &ObjectRef) -> Result<ObjectMeta> {
-        self.call(
+    async fn get_metadata(&self, call: Call<'_>, object: &ObjectRef) -> Result<ObjectMeta> {
+        self.request(
+            call,
             verb::GET,
             resource_of_kind(&object.kind),
-            self.inner.get_metadata(object),
+            self.inner.get_metadata(call, object),
         )
         .await
     }
-    async fn list_api_kinds(&self, core: bool) -> Result<Vec<ApiKind>> {
-        self.call(verb::GET, DISCOVERY_RESOURCE, self.inner.list_api_kinds(core))
-            .await
+    async fn list_api_kinds(&self, call: Call<'_>, core: bool) -> Result<Vec<ApiKind>> {
+        self.request(
+            call,
+            verb::GET,
+            DISCOVERY_RESOURCE,
+            self.inner.list_api_kinds(call, core),
+        )
+        .await
     }
     async fn check_ready(&self, namespace: &str) -> std::result::Result<(), String> {
         self.inner.check_ready(namespace).await
@@ -440,11 +449,11 @@ mod tests {
         assert_eq!(labels.into_iter().collect::<Vec<_>>(), ["other"]);
     }
 
-    use super::{Metered, send_by};
+    use super::Metered;
     use crate::backend::embedded::EmbeddedStore;
     use crate::backend::faults::{Fault, Faulty, Op};
     use crate::clock::SystemClock;
-    use crate::cluster::{ApiError, Cluster, ObjectRef};
+    use crate::cluster::{ApiError, Call, Cluster, ObjectRef, Tally};
     use crate::crd::{RemediationRequest, RemediationRequestSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use std::sync::Arc;
@@ -465,7 +474,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_write_without_a_slot_by_its_send_deadline_is_not_sent_and_a_sent_one_is_not_abandoned() {
+    async fn a_write_without_a_slot_by_its_send_deadline_is_not_sent_nor_counted_and_a_sent_one_is_not_abandoned() {
         let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock)));
         let gate = Arc::new(Semaphore::new(0));
         let g = gate.clone();
@@ -487,12 +496,16 @@ mod tests {
                 namespace: "shop".into(),
                 name: "p".into(),
             };
-            busy.get_metadata(&object).await
+            busy.get_metadata(Call::UNCOUNTED, &object).await
         });
         tokio::task::yield_now().await;
         let by = Instant::now() + Duration::from_millis(50);
-        let queued = send_by(by, metered.create_request(&rr("rr-queued"))).await;
+        let tally = Tally::new();
+        let queued = metered
+            .create_request(Call::counted(&tally).send_by(by), &rr("rr-queued"))
+            .await;
         assert_eq!(queued.unwrap_err(), ApiError::NotSent);
+        assert_eq!(tally.get(), 0, "a request never sent costs the API server nothing");
         assert!(Instant::now() >= by);
         assert!(store.all_requests().is_empty(), "never sent, so certainly not stored");
 
@@ -504,8 +517,11 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             gate.add_permits(1);
         });
-        let sent = send_by(by, metered.create_request(&rr("rr-sent"))).await;
+        let sent = metered
+            .create_request(Call::counted(&tally).send_by(by), &rr("rr-sent"))
+            .await;
         assert!(sent.is_ok(), "{sent:?}");
+        assert_eq!(tally.get(), 1, "the request sent is counted once");
         assert!(Instant::now() > by, "answered after its send deadline");
         assert_eq!(store.all_requests().len(), 1);
         opener.await.unwrap();

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use serde_json::json;
-use signal_gateway::cluster::{ApiError, ApiKind, Cluster, MetadataEvent, ObjectRef, RequestEvent, WatchEvent};
+use signal_gateway::cluster::{ApiError, ApiKind, Call, Cluster, MetadataEvent, ObjectRef, RequestEvent, WatchEvent};
 use signal_gateway::crd::{Deduplication, RemediationRequest, RemediationRequestSpec, TargetResource};
 
 /// What the RemediationOrchestrator does to a request: a merge patch of its status through the
@@ -129,7 +129,10 @@ async fn requests(c: &dyn Cluster, ns: &str, unique: &str) {
     let a1 = format!("rr-a1-{unique}");
 
     // Create: server fills metadata; status is a subresource, so create ignores it.
-    let created = c.create_request(&rr(ns, &a1, &fa)).await.expect("create");
+    let created = c
+        .create_request(Call::UNCOUNTED, &rr(ns, &a1, &fa))
+        .await
+        .expect("create");
     assert!(!rv(&created).is_empty());
     assert!(created.metadata.uid.is_some());
     assert!(created.metadata.creation_timestamp.is_some());
@@ -140,25 +143,27 @@ async fn requests(c: &dyn Cluster, ns: &str, unique: &str) {
     );
 
     assert_eq!(
-        c.create_request(&rr(ns, &a1, &fa)).await.unwrap_err(),
+        c.create_request(Call::UNCOUNTED, &rr(ns, &a1, &fa)).await.unwrap_err(),
         ApiError::AlreadyExists
     );
     assert_eq!(
-        c.get_request(ns, &format!("rr-missing-{unique}")).await.unwrap_err(),
+        c.get_request(Call::UNCOUNTED, ns, &format!("rr-missing-{unique}"))
+            .await
+            .unwrap_err(),
         ApiError::NotFound
     );
-    let got = c.get_request(ns, &a1).await.expect("get");
+    let got = c.get_request(Call::UNCOUNTED, ns, &a1).await.expect("get");
     assert_eq!(got.spec, created.spec);
 
     // Field-selected list returns exactly the fingerprint's objects.
-    c.create_request(&rr(ns, &format!("rr-a2-{unique}"), &fa))
+    c.create_request(Call::UNCOUNTED, &rr(ns, &format!("rr-a2-{unique}"), &fa))
         .await
         .expect("create a2");
-    c.create_request(&rr(ns, &format!("rr-b1-{unique}"), &fb))
+    c.create_request(Call::UNCOUNTED, &rr(ns, &format!("rr-b1-{unique}"), &fb))
         .await
         .expect("create b1");
     let mut names: Vec<String> = c
-        .list_requests(ns, &fa)
+        .list_requests(Call::UNCOUNTED, ns, &fa)
         .await
         .expect("list")
         .into_iter()
@@ -167,7 +172,7 @@ async fn requests(c: &dyn Cluster, ns: &str, unique: &str) {
     names.sort();
     assert_eq!(names, vec![a1.clone(), format!("rr-a2-{unique}")]);
     assert_eq!(
-        c.list_requests(ns, &fp(&format!("none-{unique}")))
+        c.list_requests(Call::UNCOUNTED, ns, &fp(&format!("none-{unique}")))
             .await
             .expect("empty list")
             .len(),
@@ -176,7 +181,7 @@ async fn requests(c: &dyn Cluster, ns: &str, unique: &str) {
 
     // Conditional write of the count: current rv wins and bumps rv; stale rv is Conflict.
     let updated = c
-        .update_deduplication(ns, &a1, &rv(&got), &dedup(99))
+        .update_deduplication(Call::UNCOUNTED, ns, &a1, &rv(&got), &dedup(99))
         .await
         .expect("status write");
     assert_ne!(rv(&updated), rv(&got));
@@ -184,7 +189,7 @@ async fn requests(c: &dyn Cluster, ns: &str, unique: &str) {
     assert_eq!(updated.spec, got.spec, "a status write leaves the spec alone");
     assert!(
         matches!(
-            c.update_deduplication(ns, &a1, &rv(&got), &dedup(100))
+            c.update_deduplication(Call::UNCOUNTED, ns, &a1, &rv(&got), &dedup(100))
                 .await
                 .unwrap_err(),
             ApiError::Conflict(_)
@@ -192,20 +197,29 @@ async fn requests(c: &dyn Cluster, ns: &str, unique: &str) {
         "stale resourceVersion"
     );
     assert_eq!(
-        c.get_request(ns, &a1).await.unwrap().occurrence_count(),
+        c.get_request(Call::UNCOUNTED, ns, &a1)
+            .await
+            .unwrap()
+            .occurrence_count(),
         99,
         "a refused write changes nothing"
     );
     assert_eq!(
-        c.update_deduplication(ns, &format!("rr-missing-{unique}"), &rv(&updated), &dedup(1))
-            .await
-            .unwrap_err(),
+        c.update_deduplication(
+            Call::UNCOUNTED,
+            ns,
+            &format!("rr-missing-{unique}"),
+            &rv(&updated),
+            &dedup(1)
+        )
+        .await
+        .unwrap_err(),
         ApiError::NotFound
     );
 
     // A spec fingerprint that is not 64 hex characters is refused by validation.
     assert!(matches!(
-        c.create_request(&rr(ns, &format!("rr-bad-{unique}"), "XYZ"))
+        c.create_request(Call::UNCOUNTED, &rr(ns, &format!("rr-bad-{unique}"), "XYZ"))
             .await
             .unwrap_err(),
         ApiError::Invalid(_)
@@ -216,7 +230,9 @@ async fn requests(c: &dyn Cluster, ns: &str, unique: &str) {
 async fn ownership(c: &dyn Cluster, o: &dyn Orchestrator, ns: &str, unique: &str) {
     let name = format!("rr-own-{unique}");
     let f = fp(&format!("own-{unique}"));
-    c.create_request(&rr(ns, &name, &f)).await.expect("create");
+    c.create_request(Call::UNCOUNTED, &rr(ns, &name, &f))
+        .await
+        .expect("create");
     let written = o
         .patch_status(ns, &name, super::orchestrator_status())
         .await
@@ -228,7 +244,7 @@ async fn ownership(c: &dyn Cluster, o: &dyn Orchestrator, ns: &str, unique: &str
         "the backend keeps every orchestrator field as written"
     );
     let updated = c
-        .update_deduplication(ns, &name, &rv(&written), &dedup(7))
+        .update_deduplication(Call::UNCOUNTED, ns, &name, &rv(&written), &dedup(7))
         .await
         .expect("status write");
     assert_eq!(updated.occurrence_count(), 7);
@@ -243,7 +259,7 @@ async fn ownership(c: &dyn Cluster, o: &dyn Orchestrator, ns: &str, unique: &str
         serde_json::to_value(dedup(7)).unwrap()
     );
     // And a second write only replaces the count it owns.
-    c.update_deduplication(ns, &name, &rv(&updated), &dedup(8))
+    c.update_deduplication(Call::UNCOUNTED, ns, &name, &rv(&updated), &dedup(8))
         .await
         .expect("status write");
     assert_eq!(orchestrators_part(&o.raw(ns, &name).await), orchestrators_part(&before));
@@ -265,12 +281,14 @@ async fn validation(c: &dyn Cluster, o: &dyn Orchestrator, ns: &str, unique: &st
         invalid(|s| s.signal_source = "s".repeat(64), "signalSource over 63 characters"),
     ] {
         assert!(
-            matches!(c.create_request(&bad).await, Err(ApiError::Invalid(_))),
+            matches!(c.create_request(Call::UNCOUNTED, &bad).await, Err(ApiError::Invalid(_))),
             "{what} is refused"
         );
     }
     let name = format!("rr-prune-{unique}");
-    c.create_request(&rr(ns, &name, &f)).await.expect("create");
+    c.create_request(Call::UNCOUNTED, &rr(ns, &name, &f))
+        .await
+        .expect("create");
     o.patch_status(ns, &name, json!({"overallPhase": "Processing", "notInTheSchema": "x"}))
         .await
         .expect("unknown fields are pruned, not refused");
@@ -320,11 +338,14 @@ async fn watch(c: &dyn Cluster, ns: &str, unique: &str) {
     // Then every change, with its new resourceVersion, in order.
     let name = format!("rr-w1-{unique}");
     let f = fp(&format!("w-{unique}"));
-    let created = c.create_request(&rr(ns, &name, &f)).await.expect("create");
+    let created = c
+        .create_request(Call::UNCOUNTED, &rr(ns, &name, &f))
+        .await
+        .expect("create");
     let seen = next_about(&mut events, &name).await;
     assert_eq!(seen.metadata.resource_version, created.metadata.resource_version);
     let updated = c
-        .update_deduplication(ns, &name, &rv(&created), &dedup(99))
+        .update_deduplication(Call::UNCOUNTED, ns, &name, &rv(&created), &dedup(99))
         .await
         .expect("status write");
     let seen = next_about(&mut events, &name).await;
@@ -338,46 +359,67 @@ async fn watch(c: &dyn Cluster, ns: &str, unique: &str) {
 
 async fn leases(c: &dyn Cluster, ns: &str, unique: &str) {
     let name = format!("gw-lock-contract-{unique}");
-    let created = c.create_lease(&lease(ns, &name, "a")).await.expect("create lease");
+    let created = c
+        .create_lease(Call::UNCOUNTED, &lease(ns, &name, "a"))
+        .await
+        .expect("create lease");
     assert_eq!(
-        c.create_lease(&lease(ns, &name, "b")).await.unwrap_err(),
+        c.create_lease(Call::UNCOUNTED, &lease(ns, &name, "b"))
+            .await
+            .unwrap_err(),
         ApiError::AlreadyExists
     );
-    let got = c.get_lease(ns, &name).await.expect("get lease");
+    let got = c.get_lease(Call::UNCOUNTED, ns, &name).await.expect("get lease");
     assert_eq!(rv(&got), rv(&created));
 
     let mut mine = got.clone();
     mine.spec.as_mut().unwrap().holder_identity = Some("b".into());
     mine.metadata.annotations = Some([("signal-gateway.kubernaut.ai/creating".to_owned(), "rr-x-2".to_owned())].into());
-    let updated = c.update_lease(&mine).await.expect("conditional update");
+    let updated = c
+        .update_lease(Call::UNCOUNTED, &mine)
+        .await
+        .expect("conditional update");
     assert_eq!(updated.spec.as_ref().unwrap().holder_identity.as_deref(), Some("b"));
     assert_eq!(
-        c.get_lease(ns, &name).await.unwrap().metadata.annotations.unwrap()["signal-gateway.kubernaut.ai/creating"],
+        c.get_lease(Call::UNCOUNTED, ns, &name)
+            .await
+            .unwrap()
+            .metadata
+            .annotations
+            .unwrap()["signal-gateway.kubernaut.ai/creating"],
         "rr-x-2",
         "an update writes the annotations it carries"
     );
     assert!(
-        matches!(c.update_lease(&mine).await.unwrap_err(), ApiError::Conflict(_)),
+        matches!(
+            c.update_lease(Call::UNCOUNTED, &mine).await.unwrap_err(),
+            ApiError::Conflict(_)
+        ),
         "stale rv"
     );
 
     assert!(
         matches!(
-            c.delete_lease(ns, &name, &rv(&got)).await.unwrap_err(),
+            c.delete_lease(Call::UNCOUNTED, ns, &name, &rv(&got)).await.unwrap_err(),
             ApiError::Conflict(_)
         ),
         "delete precondition"
     );
     assert!(
-        c.get_lease(ns, &name).await.is_ok(),
+        c.get_lease(Call::UNCOUNTED, ns, &name).await.is_ok(),
         "a failed precondition deletes nothing"
     );
-    c.delete_lease(ns, &name, &rv(&updated))
+    c.delete_lease(Call::UNCOUNTED, ns, &name, &rv(&updated))
         .await
         .expect("delete with current rv");
-    assert_eq!(c.get_lease(ns, &name).await.unwrap_err(), ApiError::NotFound);
     assert_eq!(
-        c.delete_lease(ns, &name, &rv(&updated)).await.unwrap_err(),
+        c.get_lease(Call::UNCOUNTED, ns, &name).await.unwrap_err(),
+        ApiError::NotFound
+    );
+    assert_eq!(
+        c.delete_lease(Call::UNCOUNTED, ns, &name, &rv(&updated))
+            .await
+            .unwrap_err(),
         ApiError::NotFound
     );
     // Leases allow create-on-update: a PUT to a missing name creates it (the sent
@@ -386,11 +428,11 @@ async fn leases(c: &dyn Cluster, ns: &str, unique: &str) {
     let mut missing = lease(ns, &missing_name, "a");
     missing.metadata.resource_version = Some(rv(&updated));
     let recreated = c
-        .update_lease(&missing)
+        .update_lease(Call::UNCOUNTED, &missing)
         .await
         .expect("update of a missing lease creates it");
     assert_eq!(recreated.spec.as_ref().unwrap().holder_identity.as_deref(), Some("a"));
-    c.delete_lease(ns, &missing_name, &rv(&recreated))
+    c.delete_lease(Call::UNCOUNTED, ns, &missing_name, &rv(&recreated))
         .await
         .expect("clean up");
 }
@@ -403,7 +445,10 @@ async fn metadata(c: &dyn Cluster, ns: &str) {
         namespace: ns.into(),
         name: "no-such-pod".into(),
     };
-    assert_eq!(c.get_metadata(&pod).await.unwrap_err(), ApiError::NotFound);
+    assert_eq!(
+        c.get_metadata(Call::UNCOUNTED, &pod).await.unwrap_err(),
+        ApiError::NotFound
+    );
 }
 
 /// A metadata watch of ReplicaSets lists them with their metadata (name, namespace,
@@ -469,8 +514,8 @@ async fn metadata_watch(c: &dyn Cluster, orchestrator: &dyn Orchestrator, ns: &s
 /// Discovery names the built-in kinds the gateway reads as the API server serves them, each group
 /// in its own document, the preferred version first.
 async fn discovery(c: &dyn Cluster) {
-    let core = c.list_api_kinds(true).await.expect("core discovery");
-    let named = c.list_api_kinds(false).await.expect("named discovery");
+    let core = c.list_api_kinds(Call::UNCOUNTED, true).await.expect("core discovery");
+    let named = c.list_api_kinds(Call::UNCOUNTED, false).await.expect("named discovery");
     let find = |kinds: &[ApiKind], group: &str, kind: &str| {
         kinds
             .iter()
