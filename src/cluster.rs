@@ -71,7 +71,7 @@ impl Tally {
 }
 
 /// What one request carries across the port besides its arguments.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Call<'a> {
     /// The latest moment the request may still be sent: a request that waits for an API request
     /// slot until then is not sent at all ([`ApiError::NotSent`], certainly not stored); one that
