@@ -1,6 +1,8 @@
 //! Group commit per fingerprint inside one replica. Concurrent signals for one fingerprint join a
 //! queue; a single worker task per fingerprint takes everything queued and stores it with one
 //! deduplication write (`occurrenceCount += n`), then answers each waiter with its own count.
+//! A signal that arrives while that write is under way joins it until its status update is sent
+//! (the writer seals the batch for the update, and reopens it after a Conflict).
 //! A storm of identical alerts thus costs a handful of API calls, and every acknowledged signal
 //! is in the stored count.
 //!
@@ -20,6 +22,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,7 +32,7 @@ use tokio::time::Instant;
 use crate::bounded::{BoundedMap, Limits};
 use crate::cluster::Tally;
 use crate::crd::RemediationRequestSpec;
-use crate::dedup::{Budget, Dedup, DedupError, Written};
+use crate::dedup::{Batch, Budget, Dedup, DedupError, Written};
 use crate::fingerprint::Fingerprint;
 use crate::metrics::Metrics;
 
@@ -52,6 +55,8 @@ pub struct Ack {
 }
 
 struct Waiter {
+    /// Tells this signal apart in a batch it may leave (see [`Seat`]).
+    id: u64,
     spec: RemediationRequestSpec,
     /// The signal's span: the batch span is its child (first waiter) or linked to it.
     span: tracing::Span,
@@ -65,6 +70,19 @@ struct Queue {
     waiters: Vec<Waiter>,
     /// Wakes a lingering worker once `max_batch` signals are queued.
     full: Arc<Notify>,
+    /// The batch being written, which signals join on arrival while it is open.
+    writing: Option<Writing>,
+}
+
+/// A batch under way: its count (shared with the writer) and its signals, changed together
+/// under the queues lock so that they always agree.
+struct Writing {
+    batch: Arc<Batch>,
+    waiters: Vec<Waiter>,
+    span: tracing::Span,
+    /// The batch's deadline (its first signals' earliest): a signal joins only if its own is
+    /// no earlier, so the write's bound is never past a deadline it answers.
+    join_by: Instant,
 }
 
 pub struct Coalescer {
@@ -73,6 +91,8 @@ pub struct Coalescer {
     max_batch: usize,
     linger: Duration,
     queues: Mutex<HashMap<Fingerprint, Queue>>,
+    /// Numbers the waiters.
+    next_id: AtomicU64,
     /// Linger factors (percent, above 100) of fingerprints whose writes conflicted; the least
     /// recently raised are forgotten first (one bounded-cache policy: [`crate::bounded`]).
     raised: Mutex<BoundedMap<Fingerprint, u32>>,
@@ -108,20 +128,20 @@ impl Coalescer {
             max_batch: max_batch.max(1),
             linger,
             queues: Mutex::default(),
+            next_id: AtomicU64::new(0),
             raised: Mutex::new(BoundedMap::new(RAISED_LIMITS)),
         })
     }
 
-    /// Signals waiting for a write of `fp` (not counting the batch being written).
-    pub fn queued(&self, fp: &Fingerprint) -> usize {
-        self.queues
-            .lock()
-            .expect("queues poisoned")
-            .get(fp)
-            .map_or(0, |q| q.waiters.len())
+    /// Signals of `fp` not answered yet: queued, or in the batch being written.
+    pub fn waiting(&self, fp: &Fingerprint) -> usize {
+        self.queues.lock().expect("queues poisoned").get(fp).map_or(0, |q| {
+            q.waiters.len() + q.writing.as_ref().map_or(0, |w| w.waiters.len())
+        })
     }
 
-    /// Queues one signal and waits for the write that includes it.
+    /// Queues one signal (or adds it to the batch being written, while that is open) and waits
+    /// for the write that includes it.
     pub async fn submit(
         self: &Arc<Self>,
         fp: Fingerprint,
@@ -129,32 +149,48 @@ impl Coalescer {
         deadline: Instant,
     ) -> Result<Ack, DedupError> {
         let (tx, rx) = oneshot::channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let waiter = Waiter {
+            id,
             spec,
             span: tracing::Span::current(),
             arrived: Instant::now(),
             deadline,
             tx,
         };
+        let mut seat = Seat {
+            coalescer: self,
+            fp: &fp,
+            id,
+            answered: false,
+        };
         let start_worker = match self.queues.lock().expect("queues poisoned").entry(fp.clone()) {
             Entry::Occupied(mut e) => {
                 let q = e.get_mut();
-                q.waiters.push(waiter);
-                if q.waiters.len() >= self.max_batch {
-                    q.full.notify_one();
+                match &mut q.writing {
+                    Some(w) if waiter.deadline >= w.join_by && w.batch.join() => {
+                        w.span.follows_from(&waiter.span);
+                        w.waiters.push(waiter);
+                    }
+                    _ => {
+                        q.waiters.push(waiter);
+                        if q.waiters.len() >= self.max_batch {
+                            q.full.notify_one();
+                        }
+                    }
                 }
                 false
             }
             Entry::Vacant(e) => {
                 e.insert(Queue {
                     waiters: vec![waiter],
-                    full: Arc::default(),
+                    ..Queue::default()
                 });
                 true
             }
         };
         if start_worker {
-            let this = self.clone();
+            let (this, fp) = (self.clone(), fp.clone());
             tokio::spawn(async move { this.drain(fp).await });
         }
         // The worker always answers: by the deadline, plus the grace of a write in flight, plus
@@ -162,7 +198,9 @@ impl Coalescer {
         // raced it, each bounded by the same API timeout). Giving up earlier would answer 503
         // for a signal that is stored; this bound only guards against a stuck worker.
         let margin = self.dedup.write_grace() * 4 + Duration::from_secs(1);
-        match tokio::time::timeout_at(deadline + margin, rx).await {
+        let answer = tokio::time::timeout_at(deadline + margin, rx).await;
+        seat.answered = true;
+        match answer {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(DedupError::Internal("deduplication worker stopped".into())),
             Err(_) => Err(DedupError::DeadlineExceeded),
@@ -206,18 +244,32 @@ impl Coalescer {
             for w in &live[1..] {
                 batch_span.follows_from(&w.span);
             }
-            let n = live.len() as u32;
-            let batch = Mutex::new(live);
-            // Signals that queue while this write is under way (lock, list, a Conflict) join it.
-            let more = || self.top_up(&fp, &batch, &batch_span);
-            let grows = crate::dedup::Batch::growing(n, &more);
+            let batch = Arc::new(Batch::open(live.len() as u32, self.max_batch as u32));
+            {
+                let mut queues = self.queues.lock().expect("queues poisoned");
+                let queue = queues.get_mut(&fp).expect("a worker's queue exists while it runs");
+                queue.writing = Some(Writing {
+                    batch: batch.clone(),
+                    waiters: live,
+                    span: batch_span.clone(),
+                    join_by: deadline,
+                });
+            }
+            // Signals that arrive while this write is under way (lock, list, a Conflict) join it
+            // until its status update is sent.
             let tally = Tally::new();
             let write = self
                 .dedup
-                .process_batch(&fp, &grows, &spec, Budget::counted(deadline, &tally));
+                .process_batch(&fp, &batch, &spec, Budget::counted(deadline, &tally));
             let result = tracing::Instrument::instrument(write, batch_span.clone()).await;
             let calls = tally.get();
-            let live = batch.into_inner().expect("batch poisoned");
+            let live = {
+                let mut queues = self.queues.lock().expect("queues poisoned");
+                let queue = queues.get_mut(&fp).expect("a worker's queue exists while it runs");
+                batch.close();
+                queue.writing.take().expect("the batch being written").waiters
+            };
+            batch_span.record("size", live.len());
             self.metrics.coalesced_batch.observe(live.len() as f64);
             let per_signal = f64::from(calls) / live.len() as f64;
             if let Ok(written) = &result {
@@ -244,30 +296,6 @@ impl Coalescer {
                 }
             }
         }
-    }
-
-    /// Moves signals queued for `fp` into the batch being written (up to `max_batch`); waiters
-    /// too close to their deadline are answered 503 instead. Returns how many joined.
-    fn top_up(&self, fp: &Fingerprint, batch: &Mutex<Vec<Waiter>>, span: &tracing::Span) -> u32 {
-        let mut queues = self.queues.lock().expect("queues poisoned");
-        let Some(queue) = queues.get_mut(fp) else { return 0 };
-        let mut batch = batch.lock().expect("batch poisoned");
-        let room = self.max_batch.saturating_sub(batch.len()).min(queue.waiters.len());
-        let now = Instant::now();
-        let mut joined = 0;
-        for w in queue.waiters.drain(..room) {
-            if w.tx.is_closed() {
-                continue; // its caller has gone: not written (see `drain`)
-            }
-            if w.deadline > now + MIN_BUDGET {
-                span.follows_from(&w.span);
-                batch.push(w);
-                joined += 1;
-            } else {
-                let _ = w.tx.send(Err(DedupError::DeadlineExceeded));
-            }
-        }
-        joined
     }
 
     /// This fingerprint's linger factor: doubles after a write that met a Conflict (up to
@@ -376,11 +404,42 @@ impl Drop for Cleanup<'_> {
             && let Ok(mut queues) = self.coalescer.queues.lock()
             && let Some(queue) = queues.remove(self.fp)
         {
-            for w in queue.waiters {
+            let writing = queue.writing.into_iter().flat_map(|w| w.waiters);
+            for w in queue.waiters.into_iter().chain(writing) {
                 let _ =
                     w.tx.send(Err(DedupError::Internal("deduplication worker failed".into())));
             }
         }
+    }
+}
+
+/// One signal's place while its `submit` waits. Dropped unanswered (the caller has gone), it
+/// takes the signal back out of a batch whose update has not been sent yet: nobody would be told
+/// of that count, and the sender's retry would count it a second time.
+struct Seat<'a> {
+    coalescer: &'a Coalescer,
+    fp: &'a Fingerprint,
+    id: u64,
+    answered: bool,
+}
+
+impl Drop for Seat<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let Ok(mut queues) = self.coalescer.queues.lock() else {
+            return;
+        };
+        let Some(writing) = queues.get_mut(self.fp).and_then(|q| q.writing.as_mut()) else {
+            return;
+        };
+        if let Some(at) = writing.waiters.iter().position(|w| w.id == self.id)
+            && writing.batch.leave()
+        {
+            writing.waiters.remove(at);
+        }
+        // Still queued, it is dropped when its batch is taken (`drain`).
     }
 }
 
@@ -512,7 +571,7 @@ mod tests {
                 tokio::task::yield_now().await;
             }
             let rest: Vec<_> = (0..n).map(|_| self.submit()).collect();
-            while self.coalescer.queued(&self.fp) < n {
+            while self.coalescer.waiting(&self.fp) < n + 1 {
                 assert!(std::time::Instant::now() < until, "signals never queued");
                 tokio::task::yield_now().await;
             }
@@ -572,6 +631,73 @@ mod tests {
             stored.occurrence_count(),
             7,
             "the 4 whose callers had gone were not counted"
+        );
+    }
+
+    /// Waits (polling, with a deadline) until `ready` holds.
+    async fn until(what: &str, ready: impl Fn() -> bool) {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while !ready() {
+            assert!(std::time::Instant::now() < until, "{what}: never happened");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_signal_joins_a_write_until_its_update_is_sent_and_again_while_a_conflict_is_retried() {
+        let clock: SharedClock = Arc::new(SystemClock);
+        let store = Arc::new(EmbeddedStore::new(clock.clone()));
+        let (update_gate, read_gate) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+        let (updates, reads) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (ug, rg, u, r) = (update_gate.clone(), read_gate.clone(), updates.clone(), reads.clone());
+        // Every status update but the first (the new RR's count) and every read waits at its gate.
+        let cluster: Arc<dyn crate::cluster::Cluster> = Arc::new(Faulty::new(store.clone(), move |op| match op {
+            Op::UpdateDeduplication if u.fetch_add(1, Ordering::SeqCst) > 0 => Fault::Gate(ug.clone()),
+            Op::GetRequest => {
+                r.fetch_add(1, Ordering::SeqCst);
+                Fault::Gate(rg.clone())
+            }
+            _ => Fault::Pass,
+        }));
+        let (dedup, metrics) = optimistic_dedup(cluster, clock);
+        let (fp, spec) = pod_signal("p");
+        let coalescer = Coalescer::new(dedup, metrics, 1000, Duration::ZERO);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let submit = || {
+            let (c, fp, spec) = (coalescer.clone(), fp.clone(), spec.clone());
+            tokio::spawn(async move { c.submit(fp, spec, deadline).await.unwrap().occurrence_count })
+        };
+        assert_eq!(submit().await.unwrap(), 1);
+        let name = store.all_requests()[0].metadata.name.clone().unwrap();
+
+        // A's update is on its way; B arrives meanwhile.
+        let a = submit();
+        until("A's update sent", || updates.load(Ordering::SeqCst) == 2).await;
+        let b = submit();
+        until("B waiting", || coalescer.waiting(&fp) == 2).await;
+        // Another replica counts first: A's update meets a Conflict, and A reads the RR again.
+        let theirs = serde_json::json!({"deduplication": {"occurrenceCount": 2}});
+        store.patch_status("ns", &name, &theirs).unwrap();
+        update_gate.add_permits(1);
+        until("A's conflict re-read", || reads.load(Ordering::SeqCst) == 1).await;
+        // C arrives while A's write is retried.
+        let c = submit();
+        until("C waiting", || coalescer.waiting(&fp) == 3).await;
+        update_gate.add_permits(100);
+        read_gate.add_permits(100);
+
+        assert_eq!(a.await.unwrap(), 3);
+        assert_eq!(c.await.unwrap(), 4, "C rode on A's retried update");
+        assert_eq!(
+            b.await.unwrap(),
+            5,
+            "B, which arrived once A's update was sent, got the next one"
+        );
+        assert_eq!(store.all_requests()[0].occurrence_count(), 5);
+        assert_eq!(
+            updates.load(Ordering::SeqCst),
+            4,
+            "the new RR's count, A's update that conflicted, A + C, B"
         );
     }
 

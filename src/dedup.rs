@@ -20,7 +20,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -152,40 +152,99 @@ pub struct Written {
     pub created: bool,
 }
 
-/// The signals one write carries. A growing batch asks its coalescer, before each status update
-/// it sends, for signals that queued meanwhile (e.g. while the lock was taken or after a
-/// Conflict), so they ride on this write instead of needing the next one.
-pub struct Batch<'a> {
-    n: AtomicU32,
-    more: Option<&'a (dyn Fn() -> u32 + Send + Sync)>,
+/// The signals one write carries, as a count that may change until the write is sent. While a
+/// batch is open its coalescer may add a signal that arrived meanwhile (`join`: e.g. while the
+/// lock was taken, or after a Conflict) or take back one whose caller has gone (`leave`). The
+/// writer seals it before each status update it sends and counts what is in it then; the batch
+/// reopens only when that update was not stored and another will follow. A fixed or closed batch
+/// never changes.
+pub struct Batch {
+    state: std::sync::Mutex<Seats>,
 }
 
-impl<'a> Batch<'a> {
+struct Seats {
+    n: u32,
+    max: u32,
+    state: Door,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Door {
+    Open,
+    /// A status update carrying `n` is under way.
+    Sealed,
+    /// For good: the write is over, or the strategy takes no late signals (always-lock).
+    Closed,
+}
+
+impl Batch {
+    /// `n` signals, no more and no fewer.
     pub fn fixed(n: u32) -> Self {
+        Self::with(n, n, Door::Closed)
+    }
+
+    /// `n` signals for now, open to others up to `max`.
+    pub fn open(n: u32, max: u32) -> Self {
+        Self::with(n, max.max(n), Door::Open)
+    }
+
+    fn with(n: u32, max: u32, state: Door) -> Self {
         Batch {
-            n: AtomicU32::new(n),
-            more: None,
+            state: std::sync::Mutex::new(Seats { n, max, state }),
         }
     }
 
-    /// `more` moves queued signals into the batch and returns how many it moved.
-    pub fn growing(n: u32, more: &'a (dyn Fn() -> u32 + Send + Sync)) -> Self {
-        Batch {
-            n: AtomicU32::new(n),
-            more: Some(more),
-        }
+    fn seats(&self) -> std::sync::MutexGuard<'_, Seats> {
+        self.state.lock().expect("batch poisoned")
     }
 
     pub fn size(&self) -> u32 {
-        self.n.load(Ordering::SeqCst)
+        self.seats().n
     }
 
-    /// Takes in what queued since, and returns the new size.
-    fn top_up(&self) -> u32 {
-        if let Some(more) = self.more {
-            self.n.fetch_add(more(), Ordering::SeqCst);
+    /// Adds one signal, if the batch is open and not full.
+    pub fn join(&self) -> bool {
+        let mut s = self.seats();
+        let room = s.state == Door::Open && s.n < s.max;
+        if room {
+            s.n += 1;
         }
-        self.size()
+        room
+    }
+
+    /// Takes one signal back, if the batch is open and keeps at least one (a write of nothing
+    /// would still cost its requests).
+    pub fn leave(&self) -> bool {
+        let mut s = self.seats();
+        let can = s.state == Door::Open && s.n > 1;
+        if can {
+            s.n -= 1;
+        }
+        can
+    }
+
+    /// Closes the batch for good, returning what it holds.
+    pub fn close(&self) -> u32 {
+        let mut s = self.seats();
+        s.state = Door::Closed;
+        s.n
+    }
+
+    /// Before a status update: no signal joins or leaves while it is under way.
+    fn seal(&self) -> u32 {
+        let mut s = self.seats();
+        if s.state == Door::Open {
+            s.state = Door::Sealed;
+        }
+        s.n
+    }
+
+    /// The update was not stored and another follows: signals may join it.
+    fn reopen(&self) {
+        let mut s = self.seats();
+        if s.state == Door::Sealed {
+            s.state = Door::Open;
+        }
     }
 }
 
@@ -360,21 +419,21 @@ impl Dedup {
             .await
     }
 
-    /// [`Self::process`] for a batch that may grow (optimistic strategy only; `always-lock`
-    /// keeps the original per-batch behaviour it is measured as).
+    /// [`Self::process`] for a batch that may change until its write is sent (optimistic strategy
+    /// only; `always-lock` closes it, keeping the original per-batch behaviour it is measured as).
     #[tracing::instrument(name = "dedup", skip_all, fields(fingerprint = %fp, n = n.size(), strategy = self.settings.strategy.as_str()))]
     pub async fn process_batch(
         &self,
         fp: &Fingerprint,
-        n: &Batch<'_>,
+        n: &Batch,
         spec: &RemediationRequestSpec,
         budget: Budget<'_>,
     ) -> Result<Written> {
         match self.settings.strategy {
             Strategy::Optimistic => self.optimistic(fp, n, spec, budget).await,
             Strategy::AlwaysLock => {
-                let fixed = Batch::fixed(n.size());
-                self.always_lock(fp, &fixed, spec, budget).await
+                n.close();
+                self.always_lock(fp, n, spec, budget).await
             }
         }
     }
@@ -382,7 +441,7 @@ impl Dedup {
     async fn optimistic(
         &self,
         fp: &Fingerprint,
-        n: &Batch<'_>,
+        n: &Batch,
         spec: &RemediationRequestSpec,
         budget: Budget<'_>,
     ) -> Result<Written> {
@@ -438,7 +497,7 @@ impl Dedup {
     async fn always_lock(
         &self,
         fp: &Fingerprint,
-        n: &Batch<'_>,
+        n: &Batch,
         spec: &RemediationRequestSpec,
         budget: Budget<'_>,
     ) -> Result<Written> {
@@ -494,7 +553,7 @@ impl Dedup {
     async fn create_locked(
         &self,
         fp: &Fingerprint,
-        n: &Batch<'_>,
+        n: &Batch,
         spec: &RemediationRequestSpec,
         budget: Budget<'_>,
         watch_for_rr: bool,
@@ -574,7 +633,7 @@ impl Dedup {
     async fn create_under_lock(
         &self,
         fp: &Fingerprint,
-        n: &Batch<'_>,
+        n: &Batch,
         spec: &RemediationRequestSpec,
         budget: Budget<'_>,
         guard: &CreateFence<'_>,
@@ -675,7 +734,7 @@ impl Dedup {
     }
 
     /// Counts into RR `name`, read fresh (it exists: our create met AlreadyExists).
-    async fn count_into_named(&self, fp: &Fingerprint, name: &str, n: &Batch<'_>, budget: Budget<'_>) -> Result<Step> {
+    async fn count_into_named(&self, fp: &Fingerprint, name: &str, n: &Batch, budget: Budget<'_>) -> Result<Step> {
         match within(
             budget.deadline,
             self.cluster.get_request(budget.call, &self.settings.namespace, name),
@@ -693,13 +752,7 @@ impl Dedup {
 
     /// Adds `n` to the RR's count with a resourceVersion-conditioned status update, refreshing
     /// on Conflict. `Gone` when the RR turned terminal or disappeared.
-    async fn increment(
-        &self,
-        fp: &Fingerprint,
-        rr: RemediationRequest,
-        n: &Batch<'_>,
-        budget: Budget<'_>,
-    ) -> Result<Step> {
+    async fn increment(&self, fp: &Fingerprint, rr: RemediationRequest, n: &Batch, budget: Budget<'_>) -> Result<Step> {
         Ok(self.increment_counted(fp, rr, n, budget).await?.0)
     }
 
@@ -709,7 +762,7 @@ impl Dedup {
         &self,
         fp: &Fingerprint,
         mut rr: RemediationRequest,
-        batch: &Batch<'_>,
+        batch: &Batch,
         budget: Budget<'_>,
     ) -> Result<(Step, u32)> {
         let name = rr.metadata.name.clone().unwrap_or_default();
@@ -729,7 +782,7 @@ impl Dedup {
                     "RemediationRequest {name} read without a resourceVersion"
                 )));
             };
-            let n = batch.top_up();
+            let n = batch.seal();
             let current = rr
                 .status
                 .as_ref()
@@ -773,6 +826,7 @@ impl Dedup {
                         Resolved::NotStored(current) => {
                             // Never applied: count again from the version that is there now.
                             rr = current;
+                            batch.reopen();
                             continue;
                         }
                         Resolved::Unknown => Err(e),
@@ -795,6 +849,7 @@ impl Dedup {
                     return Ok((Step::Done(Box::new(written)), conflicts));
                 }
                 Err(DedupError::Api(ApiError::Conflict(_))) => {
+                    batch.reopen();
                     conflicts += 1;
                     self.metrics.status_conflicts.inc();
                     self.metrics.retries.with_label_values(&["conflict"]).inc();
@@ -817,7 +872,11 @@ impl Dedup {
                         None => return Ok((Step::Gone, conflicts)),
                     }
                 }
-                Err(DedupError::Api(ApiError::NotFound)) => return Ok((Step::Gone, conflicts)),
+                Err(DedupError::Api(ApiError::NotFound)) => {
+                    // Another path (a new generation) writes next.
+                    batch.reopen();
+                    return Ok((Step::Gone, conflicts));
+                }
                 Err(e) => return Err(e),
             }
         }
