@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::testenv::{Replica, kubectl, unique};
+use common::testenv::{Replica, kubectl, replicaset_manifest, unique};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use signal_gateway::crd::TargetResource;
@@ -37,18 +37,11 @@ fn owner(api_version: &str, kind: &str, name: &str, uid: &str) -> Value {
 /// The ReplicaSet `rs` of Deployment `deployment` (uid `uid`) and `PODS` Pods of it, as the
 /// Deployment and ReplicaSet controllers would write them.
 fn replicaset_with_pods(ns: &str, deployment: &str, uid: &str, rs: &str) {
-    let rs_uid = create(json!({
-        "apiVersion": "apps/v1", "kind": "ReplicaSet",
-        "metadata": {"name": rs, "namespace": ns, "ownerReferences": owner("apps/v1", "Deployment", deployment, uid)},
-        "spec": {
-            "replicas": 0,
-            "selector": {"matchLabels": {"app": rs}},
-            "template": {
-                "metadata": {"labels": {"app": rs}},
-                "spec": {"containers": [{"name": "app", "image": "registry.invalid/app"}]}
-            }
-        }
-    }));
+    let rs_uid = create(replicaset_manifest(
+        ns,
+        rs,
+        owner("apps/v1", "Deployment", deployment, uid),
+    ));
     for i in 0..PODS {
         create(json!({
             "apiVersion": "v1", "kind": "Pod",

@@ -409,21 +409,11 @@ impl super::contract::Orchestrator for AdminOrchestrator {
 
     async fn create_replicaset(&self, ns: &str, name: &str, deployment: &str) {
         use k8s_openapi::api::apps::v1::ReplicaSet;
-        let rs: ReplicaSet = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "ownerReferences": [{
-                "apiVersion": "apps/v1", "kind": "Deployment", "name": deployment,
-                "uid": "00000000-0000-4000-8000-00000000d001", "controller": true
-            }]},
-            "spec": {
-                "replicas": 0,
-                "selector": {"matchLabels": {"app": name}},
-                "template": {
-                    "metadata": {"labels": {"app": name}},
-                    "spec": {"containers": [{"name": "app", "image": "registry.invalid/app"}]}
-                }
-            }
-        }))
-        .expect("a ReplicaSet");
+        let owners = serde_json::json!([{
+            "apiVersion": "apps/v1", "kind": "Deployment", "name": deployment,
+            "uid": "00000000-0000-4000-8000-00000000d001", "controller": true
+        }]);
+        let rs: ReplicaSet = serde_json::from_value(replicaset_manifest(ns, name, owners)).expect("a ReplicaSet");
         let api: Api<ReplicaSet> = Api::namespaced(self.0.clone(), ns);
         api.create(&kube::api::PostParams::default(), &rs)
             .await
@@ -491,6 +481,23 @@ pub async fn storm(
         out.push(t.await.unwrap());
     }
     out
+}
+
+/// A ReplicaSet `name` in `ns` with these `ownerReferences` and no replicas, as the Deployment
+/// controller would write it (the testenv runs no controllers).
+pub fn replicaset_manifest(ns: &str, name: &str, owners: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": {"name": name, "namespace": ns, "ownerReferences": owners},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "app", "image": "registry.invalid/app"}]}
+            }
+        }
+    })
 }
 
 /// Whether `lease` is held by the replica started as `pod_name` (holder identities carry a
