@@ -355,24 +355,19 @@ impl OwnerCache {
         found
     }
 
+    /// The index of the watched kind `kind` (any API version).
+    fn kind_ix(&self, kind: &str) -> Option<usize> {
+        self.shared.kinds.iter().position(|k| k.kind == kind)
+    }
+
     /// Whether the watch of `kind` has a complete list and is running.
     pub fn is_synced(&self, kind: &str) -> bool {
-        let st = self.state();
-        self.shared
-            .kinds
-            .iter()
-            .position(|k| k.kind == kind)
-            .is_some_and(|ix| st.kinds[ix].synced)
+        self.kind_ix(kind).is_some_and(|ix| self.state().kinds[ix].synced)
     }
 
     /// Objects of `kind` held.
     pub fn objects(&self, kind: &str) -> usize {
-        let st = self.state();
-        self.shared
-            .kinds
-            .iter()
-            .position(|k| k.kind == kind)
-            .map_or(0, |ix| st.kinds[ix].objects)
+        self.kind_ix(kind).map_or(0, |ix| self.state().kinds[ix].objects)
     }
 
     /// Bytes held, as counted against the limit.
