@@ -13,8 +13,9 @@
 //! Linger (`dedup.linger`, ADR 0007): when the fingerprint is *hot* — its RR was written, by any
 //! replica, within the last two of its lingers — the worker lets a batch gather signals until the
 //! linger has passed since the batch's first signal arrived, so a storm costs far fewer writes
-//! per signal. The linger is at most two status-update round trips (recent average), so a fast
-//! backend barely lingers. While this fingerprint's writes keep meeting Conflicts (other replicas
+//! per signal. A fast API server lingers as long as a slow one: each write costs it the same, and
+//! at a high rate writes sent back to back would carry a few signals each. While this
+//! fingerprint's writes keep meeting Conflicts (other replicas
 //! write the same RR), its linger doubles, up to four times, and shrinks back once writes go
 //! through: fewer, larger writes instead of a pile-up of retries. It stops early when the batch
 //! is full, and never keeps a signal waiting more than half of the time its deadline leaves it.
@@ -111,10 +112,6 @@ const MIN_BUDGET: Duration = Duration::from_millis(5);
 const HOT_LINGERS: u32 = 2;
 /// The linger of a fingerprint whose writes conflict grows up to this many times its base.
 const MAX_LINGERS: u32 = 4;
-/// The base linger is at most this many status-update round trips: waiting longer than a write
-/// takes gathers little that coalescing behind the write would not, so a fast backend (the
-/// embedded store, a healthy API server) barely lingers.
-const WRITE_LINGERS: u32 = 2;
 /// Lingers shorter than this are skipped: they gather next to nothing and cost a timer wake-up
 /// (a fingerprint whose writes conflict still lingers: its factor raises it past this).
 const MIN_LINGER: Duration = Duration::from_millis(2);
@@ -320,13 +317,8 @@ impl Coalescer {
         }
     }
 
-    /// The linger for `fp` now: `dedup.linger`, at most `WRITE_LINGERS` recent status-update
-    /// latencies, times the fingerprint's conflict factor.
+    /// The linger for `fp` now: `dedup.linger` times the fingerprint's conflict factor.
     fn linger_for(&self, fp: &Fingerprint) -> Duration {
-        let base = match self.dedup.write_latency() {
-            Some(write) => self.linger.min(write * WRITE_LINGERS),
-            None => self.linger,
-        };
         let factor = self
             .raised
             .lock()
@@ -334,7 +326,7 @@ impl Coalescer {
             .get(fp, Instant::now())
             .copied()
             .unwrap_or(100);
-        base * factor / 100
+        self.linger * factor / 100
     }
 
     /// Lets the next batch of a hot fingerprint gather signals (see the module docs).
@@ -788,36 +780,34 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_fast_backend_barely_lingers() {
-        // Writes take 3 ms: lingering 50 ms would gather little that queueing behind a write does
-        // not, so the linger is capped at two writes.
+    async fn a_fast_backend_lingers_the_whole_linger_so_a_steady_stream_costs_one_write() {
+        // Writes take 3 ms; signals arrive every 5 ms. Writing as soon as one write's worth of
+        // time had passed would cost a write per one or two signals: each costs the API server
+        // the same however fast it answers.
         let write = Duration::from_millis(3);
         let l = lingering(Duration::from_millis(50), 1000, move |_| Fault::Delay(write));
         l.submit(BUDGET).await.unwrap().0.unwrap();
         let t = Instant::now();
-        let (ack, at) = l.submit(BUDGET).await.unwrap();
-        ack.unwrap();
-        assert_eq!(at, t + write * 2 + write);
-        // Instant writes (the embedded store): no linger at all.
-        let l = lingering(Duration::from_millis(50), 1000, |_| Fault::Pass);
-        l.submit(BUDGET).await.unwrap().0.unwrap();
-        let t = Instant::now();
-        let (ack, at) = l.submit(BUDGET).await.unwrap();
-        ack.unwrap();
-        assert_eq!(at, t);
+        let mut stream = Vec::new();
+        for _ in 0..10 {
+            stream.push(l.submit(BUDGET));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for r in stream {
+            let (ack, at) = r.await.unwrap();
+            ack.unwrap();
+            assert_eq!(at, t + Duration::from_millis(50) + write);
+        }
+        assert_eq!(
+            l.writes.load(Ordering::SeqCst),
+            2,
+            "the first signal's, then one for the ten"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn lingering_never_takes_more_than_half_of_what_a_deadline_leaves() {
-        // One slow write (500 ms) makes a 1 s linger allowed; the later writes are instant.
-        let slow_first = |i| {
-            if i == 1 {
-                Fault::Delay(Duration::from_millis(500))
-            } else {
-                Fault::Pass
-            }
-        };
-        let l = lingering(Duration::from_secs(1), 1000, slow_first);
+        let l = lingering(Duration::from_secs(1), 1000, |_| Fault::Pass);
         l.submit(BUDGET).await.unwrap().0.unwrap();
         let t = Instant::now();
         let (ack, at) = l.submit(Duration::from_millis(100)).await.unwrap();
@@ -827,14 +817,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_full_batch_is_written_without_waiting_out_the_linger() {
-        let slow_first = |i| {
-            if i == 1 {
-                Fault::Delay(Duration::from_millis(500))
-            } else {
-                Fault::Pass
-            }
-        };
-        let l = lingering(Duration::from_secs(1), 5, slow_first);
+        let l = lingering(Duration::from_secs(1), 5, |_| Fault::Pass);
         l.submit(BUDGET).await.unwrap().0.unwrap();
         let t = Instant::now();
         let five: Vec<_> = (0..5).map(|_| l.submit(BUDGET)).collect();
