@@ -234,10 +234,31 @@ impl Ownership {
         shard_of(fp, self.inner.settings.shards)
     }
 
-    /// Rounds every `leaseDuration / 3` until `stop`, then ends the membership (deletes the Lease,
-    /// so the shards move at once).
+    /// Once the backend is ready, rounds every `leaseDuration / 3` until `stop`, then ends the
+    /// membership (deletes the Lease, so the shards move at once).
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let period = self.inner.settings.lease_duration / 3;
+        // A replica joins only once it could serve what it would own: one whose backend is not
+        // ready (the CRD not served, a permission missing) would be sent its shards' signals and
+        // fail them all, where the others can take them.
+        let mut waited = false;
+        loop {
+            let check = self.inner.cluster.check_ready(&self.inner.settings.namespace);
+            match tokio::time::timeout(period, check).await {
+                Ok(Ok(())) => break,
+                Ok(Err(reason)) if !waited => tracing::warn!(%reason, "not joining the ring until ready"),
+                Err(_) if !waited => tracing::warn!("not joining the ring until ready: the readiness check hung"),
+                _ => {}
+            }
+            waited = true;
+            tokio::select! {
+                _ = tokio::time::sleep(period / 4) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+        if waited {
+            tracing::info!("ready: joining the ring");
+        }
         loop {
             if let Err(e) = self.round().await {
                 tracing::warn!(error = %e, "ownership round failed; claims lapse unless the next one succeeds");
@@ -627,9 +648,13 @@ mod tests {
     const LEASE: Duration = Duration::from_secs(15);
 
     fn member(store: &Arc<EmbeddedStore>, clock: &SharedClock, name: &str) -> Ownership {
+        member_on(store.clone(), clock, name)
+    }
+
+    fn member_on(cluster: Arc<dyn Cluster>, clock: &SharedClock, name: &str) -> Ownership {
         let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
         Ownership::new(
-            store.clone(),
+            cluster,
             clock.clone(),
             metrics,
             Settings {
@@ -690,6 +715,36 @@ mod tests {
         assert!(shard_of(&fp, 64) < 64);
         assert_ne!(score("a", 1), score("b", 1));
         assert_eq!(member_lease_name("Pod-0_1a2b3c4d"), "gw-member-pod-0-1a2b3c4d");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_joins_the_ring_only_once_its_backend_is_ready() {
+        use crate::backend::faults::{Fault, Faulty, Op};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (store, clock) = setup();
+        let ready = Arc::new(AtomicBool::new(false));
+        let r = ready.clone();
+        let cluster = Arc::new(Faulty::new(store.clone(), move |op| match op {
+            Op::CheckReady if !r.load(Ordering::SeqCst) => Fault::Fail(ApiError::Forbidden("no CRD".into())),
+            _ => Fault::Pass,
+        }));
+        let a = member_on(cluster, &clock, "a");
+        let (stop, stopped) = watch::channel(false);
+        let running = tokio::spawn(a.clone().run(stopped));
+        // Three lease durations of virtual time: a member would have joined and owned every shard.
+        tokio::time::sleep(LEASE * 3).await;
+        assert!(store.all_leases().is_empty(), "no member Lease while not ready");
+        assert!(a.owned().is_empty());
+        ready.store(true, Ordering::SeqCst);
+        let until = Instant::now() + LEASE * 3;
+        while a.owned().len() < 16 {
+            assert!(Instant::now() < until, "never joined once ready");
+            tokio::time::sleep(LEASE / 12).await;
+        }
+        assert_eq!(store.all_leases().len(), 1);
+        stop.send(true).unwrap();
+        running.await.unwrap();
+        assert!(store.all_leases().is_empty(), "left the ring on stop");
     }
 
     #[tokio::test(start_paused = true)]
