@@ -15,10 +15,10 @@
 //! linger has passed since the batch's first signal arrived, so a storm costs far fewer writes
 //! per signal. A fast API server lingers as long as a slow one: each write costs it the same, and
 //! at a high rate writes sent back to back would carry a few signals each. While this
-//! fingerprint's writes keep meeting Conflicts (other replicas
-//! write the same RR), its linger doubles, up to four times, and shrinks back once writes go
-//! through: fewer, larger writes instead of a pile-up of retries. It stops early when the batch
-//! is full, and never keeps a signal waiting more than half of the time its deadline leaves it.
+//! fingerprint's writes keep meeting Conflicts (other replicas write the same RR), its linger
+//! doubles, up to four times, and shrinks back once writes go through: fewer, larger writes
+//! instead of a pile-up of retries. It stops early when the batch is full, and never keeps a
+//! signal waiting more than half of the time its deadline leaves it.
 //! A lone signal (cold fingerprint) is written at once.
 
 use std::collections::HashMap;
