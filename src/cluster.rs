@@ -210,6 +210,8 @@ pub enum WatchEvent<T> {
 pub type RequestEvent = WatchEvent<RemediationRequest>;
 /// An item of a metadata-only watch of one kind: the objects' metadata, nothing else.
 pub type MetadataEvent = WatchEvent<ObjectMeta>;
+/// An item of a watch of Leases (the member Leases of shard ownership).
+pub type LeaseEvent = WatchEvent<Lease>;
 
 /// Verbs and resources as the API server names them; metric labels use these.
 pub mod verb {
@@ -277,6 +279,10 @@ pub trait Cluster: Send + Sync + 'static {
     async fn update_lease(&self, call: Call<'_>, lease: &Lease) -> Result<Lease>;
     /// Deletes the lease only if its resourceVersion is still `resource_version`.
     async fn delete_lease(&self, call: Call<'_>, namespace: &str, name: &str, resource_version: &str) -> Result<()>;
+    /// The Leases in `namespace` labelled `key=value`: a list first, then changes, restarted like
+    /// [`Cluster::watch_requests`]. Tells shard ownership at once when another member joins,
+    /// leaves or changes its claims (ADR 0014); its periodic rounds do not depend on it.
+    fn watch_leases(&self, namespace: &str, label: (&str, &str)) -> BoxStream<'static, Result<LeaseEvent>>;
 
     /// Metadata of an arbitrary object (for the controller owner chain and the scope check).
     async fn get_metadata(&self, call: Call<'_>, object: &ObjectRef) -> Result<ObjectMeta>;

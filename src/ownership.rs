@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use sha2::{Digest, Sha256};
@@ -33,13 +34,16 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::clock::SharedClock;
-use crate::cluster::{ApiError, Call, Cluster, Result};
+use crate::cluster::{ApiError, Call, Cluster, LeaseEvent, Result, WatchEvent};
 use crate::fingerprint::Fingerprint;
 use crate::lock::FenceError;
 use crate::metrics::Metrics;
 
 /// Label of every member Lease (the list selects on it).
 pub const MEMBER_LABEL: (&str, &str) = ("signal-gateway.kubernaut.ai/member", "true");
+
+/// Rounds run back to back, at most, while each one's list changes what the claims should be.
+const MAX_ROUNDS_AT_ONCE: u32 = 3;
 /// Annotation: where the member accepts forwarded signals (`http://<pod ip>:<port>`).
 pub const ADDRESS_ANNOTATION: &str = "signal-gateway.kubernaut.ai/address";
 /// Annotation: the key a forward to this member must carry (random per process).
@@ -137,6 +141,9 @@ struct State {
     stopped: bool,
     /// Shards still to claim, release or confirm, as of the last report (end of each round).
     pending: usize,
+    /// Of those, the shards the stored claims should gain or lose: the list of the last round
+    /// changed the view it stored them from.
+    due: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -259,24 +266,93 @@ impl Ownership {
         if waited {
             tracing::info!("ready: joining the ring");
         }
-        loop {
-            if let Err(e) = self.round().await {
-                tracing::warn!(error = %e, "ownership round failed; claims lapse unless the next one succeeds");
-            }
-            // A round that changed the claims runs again soon, to confirm or hand over quickly.
-            let next = if self.settling() { period / 4 } else { period };
-            tokio::select! {
-                _ = tokio::time::sleep(next) => {}
-                _ = stop.wait_for(|s| *s) => break,
+        // Another member joining, leaving or changing its claims starts a round at once, so a
+        // handover takes a round trip per step instead of a period. The rounds do not depend on
+        // the watch: while it is broken (it restarts itself) they run on their period alone.
+        let mut changes = self
+            .inner
+            .cluster
+            .watch_leases(&self.inner.settings.namespace, MEMBER_LABEL);
+        let mut watching = true;
+        let mut at_once = 0;
+        'rounds: loop {
+            let ok = match self.round().await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "ownership round failed; claims lapse unless the next one succeeds");
+                    false
+                }
+            };
+            // A round whose list changed what the claims should be stores them again at once (a
+            // few times in a row at most); one that waits for claims to become effective runs
+            // again soon, to confirm or hand over quickly.
+            let (due, settling) = self.settling();
+            at_once = if ok && due && at_once < MAX_ROUNDS_AT_ONCE {
+                at_once + 1
+            } else {
+                0
+            };
+            let next = if at_once > 0 {
+                Duration::ZERO
+            } else if settling {
+                period / 4
+            } else {
+                period
+            };
+            let pause = tokio::time::sleep(next);
+            tokio::pin!(pause);
+            loop {
+                tokio::select! {
+                    _ = &mut pause => break,
+                    _ = stop.wait_for(|s| *s) => break 'rounds,
+                    item = changes.next(), if watching => match item {
+                        Some(Ok(event)) if self.moves_anything(&event) => break,
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => tracing::debug!(error = %e, "member Lease watch failed; it restarts"),
+                        None => watching = false,
+                    },
+                }
             }
         }
         self.leave().await;
     }
 
-    /// Whether claims are waiting to become effective, or shards to be claimed or released, as
-    /// the round just ended saw it (its report).
-    fn settling(&self) -> bool {
-        self.inner.state.lock().unwrap().pending > 0
+    /// Whether a member Lease change the watch delivered can change what this replica claims or
+    /// may make effective: another member appearing (or coming back to life), leaving, or changing
+    /// its claims. A renewal that changes none of that does not.
+    fn moves_anything(&self, event: &LeaseEvent) -> bool {
+        // A (re)list's items count too: they may carry changes made since this replica's last
+        // round listed the members (the watch's first list comes after the first round).
+        let (lease, deleted) = match event {
+            WatchEvent::Applied(lease) | WatchEvent::Listed(lease) => (lease, false),
+            WatchEvent::Deleted(lease) => (lease, true),
+            WatchEvent::Init | WatchEvent::Synced => return false,
+        };
+        let Some(name) = lease.metadata.name.as_deref() else {
+            return false;
+        };
+        if name == self.inner.lease_name {
+            return false;
+        }
+        let now = Instant::now();
+        let st = self.inner.state.lock().unwrap();
+        match (st.members.get(name), deleted) {
+            (None, deleted) => !deleted,
+            (Some(_), true) => true,
+            (Some(known), false) => {
+                !known.live(now)
+                    || self
+                        .member_of(lease, Some(known), now)
+                        .is_none_or(|m| m.claims != known.claims)
+            }
+        }
+    }
+
+    /// As the round just ended saw it (its report): whether the stored claims should change,
+    /// and whether any claim is waiting to become effective or shards to be claimed or released.
+    fn settling(&self) -> (bool, bool) {
+        let st = self.inner.state.lock().unwrap();
+        (st.due > 0, st.pending > 0)
     }
 
     /// Shards this replica should hold given its view: those it wins, and no other live member
@@ -534,7 +610,8 @@ impl Ownership {
             m.ownership_shards_routed.with_label_values(&[to]).set(n);
         }
         let desired = self.desired_claims(st, now);
-        st.pending = st.claims.symmetric_difference(&desired).count() + st.claims.difference(&st.effective).count();
+        st.due = st.claims.symmetric_difference(&desired).count();
+        st.pending = st.due + st.claims.difference(&st.effective).count();
         m.ownership_shards_pending.set(st.pending as i64);
     }
 
@@ -745,6 +822,83 @@ mod tests {
         stop.send(true).unwrap();
         running.await.unwrap();
         assert!(store.all_leases().is_empty(), "left the ring on stop");
+    }
+
+    fn rounds_of(m: &Ownership) -> u64 {
+        m.inner.metrics.ownership_rounds.with_label_values(&["ok"]).get()
+    }
+
+    /// Polls (virtual time) until `ready` holds; returns how long it took.
+    async fn until(what: &str, within: Duration, ready: impl Fn() -> bool) -> Duration {
+        let started = Instant::now();
+        while !ready() {
+            assert!(started.elapsed() < within, "{what}: not within {within:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        started.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_joining_member_gets_its_shards_without_waiting_for_the_owners_next_round() {
+        let (store, clock) = setup();
+        let (a, b) = (member(&store, &clock, "a"), member(&store, &clock, "b"));
+        let (stop, stopped) = watch::channel(false);
+        let run_a = tokio::spawn(a.clone().run(stopped.clone()));
+        until("a owns every shard", LEASE * 2, || a.owned().len() == 16).await;
+        // Let a settle into its period, then start b right after one of a's rounds: a's next
+        // periodic round is a whole period (LEASE / 3) away.
+        tokio::time::sleep(LEASE).await;
+        let done = rounds_of(&a);
+        until("a's next round", LEASE, || rounds_of(&a) > done).await;
+        let run_b = tokio::spawn(b.clone().run(stopped));
+        let took = until("b owns its shards", LEASE, || {
+            !b.owned().is_empty() && a.owned().len() + b.owned().len() == 16
+        })
+        .await;
+        assert!(
+            took < LEASE / 12,
+            "the handover took {took:?}: a released b's shards when it saw b's Lease, not at its next round"
+        );
+        assert!(a.owned().is_disjoint(&b.owned()));
+        stop.send(true).unwrap();
+        run_a.await.unwrap();
+        run_b.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_item_starts_a_round_only_when_it_changes_a_peers_claims_including_a_relists() {
+        let (store, clock) = setup();
+        let (a, b) = (member(&store, &clock, "a"), member(&store, &clock, "b"));
+        rounds(&[&a, &b], 4).await;
+        let theirs = store
+            .all_leases()
+            .into_iter()
+            .find(|l| l.metadata.name.as_deref() == Some(b.inner.lease_name.as_str()))
+            .unwrap();
+        let ours = store
+            .all_leases()
+            .into_iter()
+            .find(|l| l.metadata.name.as_deref() == Some(a.inner.lease_name.as_str()))
+            .unwrap();
+        // A renewal as a already knows it, and a's own Lease: nothing to do.
+        assert!(!a.moves_anything(&WatchEvent::Applied(theirs.clone())));
+        assert!(!a.moves_anything(&WatchEvent::Listed(theirs.clone())));
+        assert!(!a.moves_anything(&WatchEvent::Applied(ours)));
+        // b's claims changed since a's last round listed them: delivered as a change, or by a
+        // (re)list that the watch made after that round.
+        let mut changed = theirs.clone();
+        changed
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(SHARDS_ANNOTATION.into(), format_shards(&BTreeSet::new()));
+        assert!(a.moves_anything(&WatchEvent::Applied(changed.clone())));
+        assert!(a.moves_anything(&WatchEvent::Listed(changed)));
+        // b gone, or a member a has never seen.
+        assert!(a.moves_anything(&WatchEvent::Deleted(theirs.clone())));
+        let mut stranger = theirs;
+        stranger.metadata.name = Some("gw-member-c-00000000".into());
+        assert!(a.moves_anything(&WatchEvent::Applied(stranger)));
     }
 
     #[tokio::test(start_paused = true)]

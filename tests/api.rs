@@ -655,6 +655,13 @@ impl signal_gateway::cluster::Cluster for SlowProbe {
     {
         self.store.watch_metadata(kind)
     }
+    fn watch_leases(
+        &self,
+        ns: &str,
+        label: (&str, &str),
+    ) -> futures::stream::BoxStream<'static, signal_gateway::cluster::Result<signal_gateway::cluster::LeaseEvent>> {
+        self.store.watch_leases(ns, label)
+    }
     async fn list_api_kinds(
         &self,
         call: signal_gateway::cluster::Call<'_>,

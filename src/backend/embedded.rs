@@ -11,8 +11,8 @@
 //! from `renewTime` with the injected clock.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -22,7 +22,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use tokio::sync::broadcast;
 
 use crate::clock::SharedClock;
-use crate::cluster::{ApiError, ApiKind, Call, Cluster, MetadataEvent, ObjectRef, RequestEvent, Result, WatchEvent};
+use crate::cluster::{
+    ApiError, ApiKind, Call, Cluster, LeaseEvent, MetadataEvent, ObjectRef, RequestEvent, Result, WatchEvent,
+};
 use crate::crd::{Deduplication, RemediationRequest, RemediationRequestStatus};
 
 type Key = (String, String);
@@ -63,6 +65,8 @@ pub struct EmbeddedStore {
     /// Change feed of the other objects' metadata, as ((group, kind), event), sent under the
     /// state lock like `changes`.
     object_changes: broadcast::Sender<(KindKey, MetadataEvent)>,
+    /// Every change of a Lease, sent under the state lock like `changes`.
+    lease_changes: broadcast::Sender<LeaseEvent>,
     clock: SharedClock,
     /// When set, every call fails as if the API server were unreachable (tests, demos).
     unavailable: AtomicBool,
@@ -172,6 +176,7 @@ impl EmbeddedStore {
             state: Mutex::default(),
             changes: broadcast::channel(WATCH_BUFFER).0,
             object_changes: broadcast::channel(WATCH_BUFFER).0,
+            lease_changes: broadcast::channel(WATCH_BUFFER).0,
             clock,
             unavailable: AtomicBool::new(false),
         }
@@ -403,34 +408,15 @@ impl Cluster for EmbeddedStore {
                 .collect();
             (listed, self.changes.subscribe())
         };
-        let head = std::iter::once(RequestEvent::Init)
-            .chain(listed.into_iter().map(RequestEvent::Listed))
-            .chain(std::iter::once(RequestEvent::Synced))
-            .map(Ok);
         let namespace = namespace.to_owned();
-        let tail = futures::stream::unfold(Some(rx), move |rx| {
-            let namespace = namespace.clone();
-            async move {
-                let mut rx = rx?;
-                loop {
-                    match rx.recv().await {
-                        Ok(RequestEvent::Applied(rr) | RequestEvent::Deleted(rr))
-                            if rr.metadata.namespace.as_deref() != Some(namespace.as_str()) =>
-                        {
-                            continue;
-                        }
-                        Ok(event) => return Some((Ok(event), Some(rx))),
-                        // Too slow: the watch breaks, the watcher lists again.
-                        Err(broadcast::error::RecvError::Lagged(n)) => {
-                            let e = ApiError::Unavailable(format!("watch fell {n} changes behind"));
-                            return Some((Err(e), None));
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return None,
-                    }
-                }
+        feed(listed, rx, move |event: RequestEvent| match &event {
+            WatchEvent::Applied(rr) | WatchEvent::Deleted(rr)
+                if rr.metadata.namespace.as_deref() != Some(namespace.as_str()) =>
+            {
+                None
             }
-        });
-        futures::stream::iter(head).chain(tail).boxed()
+            _ => Some(event),
+        })
     }
 
     async fn create_lease(&self, _call: Call<'_>, lease: &Lease) -> Result<Lease> {
@@ -443,6 +429,8 @@ impl Cluster for EmbeddedStore {
             return Err(ApiError::AlreadyExists);
         }
         st.leases.insert(k, new.clone());
+        // No receiver is not an error: nobody watches.
+        let _ = self.lease_changes.send(WatchEvent::Applied(new.clone()));
         Ok(new)
     }
 
@@ -490,6 +478,7 @@ impl Cluster for EmbeddedStore {
             new.metadata.uid = None;
             st.admit_new(&mut new.metadata, now)?;
             st.leases.insert(k, new.clone());
+            let _ = self.lease_changes.send(WatchEvent::Applied(new.clone()));
             return Ok(new);
         };
         check_rv(&lease.metadata, &stored.metadata, "leases.coordination.k8s.io")?;
@@ -504,6 +493,7 @@ impl Cluster for EmbeddedStore {
             spec: lease.spec.clone(),
         };
         st.leases.insert(k, updated.clone());
+        let _ = self.lease_changes.send(WatchEvent::Applied(updated.clone()));
         Ok(updated)
     }
 
@@ -517,9 +507,33 @@ impl Cluster for EmbeddedStore {
                 stored.metadata.resource_version.as_deref().unwrap_or_default()
             )));
         }
-        st.leases.remove(&k);
+        if let Some(gone) = st.leases.remove(&k) {
+            let _ = self.lease_changes.send(WatchEvent::Deleted(gone));
+        }
         st.next_rv();
         Ok(())
+    }
+
+    fn watch_leases(&self, namespace: &str, label: (&str, &str)) -> BoxStream<'static, Result<LeaseEvent>> {
+        if self.unavailable.load(Ordering::SeqCst) {
+            let e = ApiError::Unavailable("embedded store switched off".into());
+            return futures::stream::iter([Err(e)]).boxed();
+        }
+        let (namespace, key, value) = (namespace.to_owned(), label.0.to_owned(), label.1.to_owned());
+        let wanted = move |l: &Lease| {
+            l.metadata.namespace.as_deref() == Some(namespace.as_str())
+                && l.metadata.labels.as_ref().and_then(|m| m.get(&key)) == Some(&value)
+        };
+        // As watch_requests: the snapshot and the subscription under one lock.
+        let (listed, rx) = {
+            let st = self.state.lock().expect("embedded store poisoned");
+            let listed: Vec<Lease> = st.leases.values().filter(|l| wanted(l)).cloned().collect();
+            (listed, self.lease_changes.subscribe())
+        };
+        feed(listed, rx, move |event: LeaseEvent| match &event {
+            WatchEvent::Applied(l) | WatchEvent::Deleted(l) if wanted(l) => Some(event),
+            _ => None,
+        })
     }
 
     async fn get_metadata(&self, _call: Call<'_>, object: &ObjectRef) -> Result<ObjectMeta> {
@@ -548,28 +562,9 @@ impl Cluster for EmbeddedStore {
                 .collect();
             (listed, self.object_changes.subscribe())
         };
-        let head = std::iter::once(WatchEvent::Init)
-            .chain(listed.into_iter().map(WatchEvent::Listed))
-            .chain(std::iter::once(WatchEvent::Synced))
-            .map(Ok);
-        let tail = futures::stream::unfold(Some(rx), move |rx| {
-            let wanted = wanted.clone();
-            async move {
-                let mut rx = rx?;
-                loop {
-                    match rx.recv().await {
-                        Ok((kind, event)) if kind == wanted => return Some((Ok(event), Some(rx))),
-                        Ok(_) => continue,
-                        Err(broadcast::error::RecvError::Lagged(n)) => {
-                            let e = ApiError::Unavailable(format!("watch fell {n} changes behind"));
-                            return Some((Err(e), None));
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return None,
-                    }
-                }
-            }
-        });
-        futures::stream::iter(head).chain(tail).boxed()
+        feed(listed, rx, move |(kind, event): (KindKey, MetadataEvent)| {
+            (kind == wanted).then_some(event)
+        })
     }
 
     async fn list_api_kinds(&self, _call: Call<'_>, core: bool) -> Result<Vec<ApiKind>> {
@@ -588,4 +583,43 @@ impl Cluster for EmbeddedStore {
     async fn check_ready(&self, _namespace: &str) -> std::result::Result<(), String> {
         self.state().await.map(|_| ()).map_err(|e| e.to_string())
     }
+}
+
+/// A watch of the store: `Init`, the snapshot `listed`, `Synced`, then the changes `pick` keeps
+/// from `rx` (subscribed under the same lock as the snapshot, so none is missed). A receiver
+/// that falls behind ends it with an error, and its watcher lists again.
+fn feed<T, E>(
+    listed: Vec<T>,
+    rx: broadcast::Receiver<E>,
+    pick: impl Fn(E) -> Option<WatchEvent<T>> + Send + Sync + 'static,
+) -> BoxStream<'static, Result<WatchEvent<T>>>
+where
+    T: Send + 'static,
+    E: Clone + Send + 'static,
+{
+    let head = std::iter::once(WatchEvent::Init)
+        .chain(listed.into_iter().map(WatchEvent::Listed))
+        .chain(std::iter::once(WatchEvent::Synced))
+        .map(Ok);
+    let pick = Arc::new(pick);
+    let tail = futures::stream::unfold(Some(rx), move |rx| {
+        let pick = pick.clone();
+        async move {
+            let mut rx = rx?;
+            loop {
+                match rx.recv().await {
+                    Ok(event) => match pick(event) {
+                        Some(event) => return Some((Ok(event), Some(rx))),
+                        None => continue,
+                    },
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let e = ApiError::Unavailable(format!("watch fell {n} changes behind"));
+                        return Some((Err(e), None));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    });
+    futures::stream::iter(head).chain(tail).boxed()
 }

@@ -13,7 +13,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::Semaphore;
 
-use crate::cluster::{ApiError, ApiKind, Call, Cluster, MetadataEvent, ObjectRef, RequestEvent, Result};
+use crate::cluster::{ApiError, ApiKind, Call, Cluster, LeaseEvent, MetadataEvent, ObjectRef, RequestEvent, Result};
 use crate::crd::{Deduplication, RemediationRequest};
 
 /// The operations of the port.
@@ -230,6 +230,9 @@ impl Cluster for Faulty {
             self.inner.delete_lease(call, namespace, name, resource_version),
         )
         .await
+    }
+    fn watch_leases(&self, namespace: &str, label: (&str, &str)) -> BoxStream<'static, Result<LeaseEvent>> {
+        self.inner.watch_leases(namespace, label)
     }
     async fn get_metadata(&self, call: Call<'_>, object: &ObjectRef) -> Result<ObjectMeta> {
         self.run(Op::GetMetadata, self.inner.get_metadata(call, object)).await

@@ -21,7 +21,9 @@ use kube::{Client, Config};
 use tokio::time::Instant;
 
 use crate::backend::metered::ApiMetricsLayer;
-use crate::cluster::{ApiError, ApiKind, Call, Cluster, MetadataEvent, ObjectRef, RequestEvent, Result, WatchEvent};
+use crate::cluster::{
+    ApiError, ApiKind, Call, Cluster, LeaseEvent, MetadataEvent, ObjectRef, RequestEvent, Result, WatchEvent,
+};
 use crate::crd::{Deduplication, FINGERPRINT_FIELD, GROUP, RemediationRequest};
 use crate::metrics::Metrics;
 
@@ -36,6 +38,7 @@ pub const REQUIRED_PERMISSIONS: &[(&str, &str, &str)] = &[
     ("coordination.k8s.io", "leases", "create"),
     ("coordination.k8s.io", "leases", "get"),
     ("coordination.k8s.io", "leases", "list"),
+    ("coordination.k8s.io", "leases", "watch"),
     ("coordination.k8s.io", "leases", "update"),
     ("coordination.k8s.io", "leases", "delete"),
 ];
@@ -348,6 +351,28 @@ impl Cluster for KubernetesCluster {
             .await
             .map(|_| ())
             .map_err(map_error)
+    }
+
+    fn watch_leases(&self, namespace: &str, label: (&str, &str)) -> BoxStream<'static, Result<LeaseEvent>> {
+        // A handful of member Leases, label-selected: "any" semantics (the watch cache) is enough,
+        // as for the RemediationRequest watch; bookmarks and kube's default backoff.
+        let config = watcher::Config::default()
+            .labels(&format!("{}={}", label.0, label.1))
+            .any_semantic();
+        let api: Api<Lease> = Api::namespaced(self.watch_client.clone(), namespace);
+        watcher(api, config)
+            .default_backoff()
+            .map(|item| {
+                item.map(|event| match event {
+                    watcher::Event::Init => WatchEvent::Init,
+                    watcher::Event::InitApply(l) => WatchEvent::Listed(l),
+                    watcher::Event::InitDone => WatchEvent::Synced,
+                    watcher::Event::Apply(l) => WatchEvent::Applied(l),
+                    watcher::Event::Delete(l) => WatchEvent::Deleted(l),
+                })
+                .map_err(map_watch_error)
+            })
+            .boxed()
     }
 
     async fn get_metadata(&self, _call: Call<'_>, object: &ObjectRef) -> Result<ObjectMeta> {

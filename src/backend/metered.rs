@@ -20,8 +20,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tracing::Instrument;
 
 use crate::cluster::{
-    ApiError, ApiKind, Call, Cluster, DISCOVERY_RESOURCE, LEASE_RESOURCE, MetadataEvent, ObjectRef, RR_RESOURCE,
-    RR_STATUS_RESOURCE, RequestEvent, Result, WatchEvent, resource_of_kind, verb,
+    ApiError, ApiKind, Call, Cluster, DISCOVERY_RESOURCE, LEASE_RESOURCE, LeaseEvent, MetadataEvent, ObjectRef,
+    RR_RESOURCE, RR_STATUS_RESOURCE, RequestEvent, Result, WatchEvent, resource_of_kind, verb,
 };
 use crate::crd::{Deduplication, RemediationRequest};
 use crate::metrics::Metrics;
@@ -248,6 +248,13 @@ impl Cluster for Metered {
             self.inner.delete_lease(call, namespace, name, resource_version),
         )
         .await
+    }
+    fn watch_leases(&self, namespace: &str, label: (&str, &str)) -> BoxStream<'static, Result<LeaseEvent>> {
+        let inner = self.inner.watch_leases(namespace, label);
+        match self.metrics.clone() {
+            Some(metrics) => counted_watch(inner, metrics, LEASE_RESOURCE),
+            None => inner,
+        }
     }
     async fn get_metadata(&self, call: Call<'_>, object: &ObjectRef) -> Result<ObjectMeta> {
         self.request(
