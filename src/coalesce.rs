@@ -14,7 +14,9 @@
 //! replica, within the last two of its lingers — the worker lets a batch gather signals until the
 //! linger has passed since the batch's first signal arrived, so a storm costs far fewer writes
 //! per signal. A fast API server lingers as long as a slow one: each write costs it the same, and
-//! at a high rate writes sent back to back would carry a few signals each. While this
+//! at a high rate writes sent back to back would carry a few signals each. A slow one lingers
+//! longer, as long as this replica's writes take on average (up to four lingers): its signals
+//! already wait that long for a write, and the API server is then the bottleneck. While this
 //! fingerprint's writes keep meeting Conflicts (other replicas write the same RR), its linger
 //! doubles, up to four times, and shrinks back once writes go through: fewer, larger writes
 //! instead of a pile-up of retries. It stops early when the batch is full, and never keeps a
@@ -97,6 +99,9 @@ pub struct Coalescer {
     /// Linger factors (percent, above 100) of fingerprints whose writes conflicted; the least
     /// recently raised are forgotten first (one bounded-cache policy: [`crate::bounded`]).
     raised: Mutex<BoundedMap<Fingerprint, u32>>,
+    /// Moving average (1/8 weight per write) of how long this replica's successful
+    /// deduplication writes took, lock, list, retries and status update included.
+    write_time: Mutex<Option<Duration>>,
 }
 
 /// How many raised lingers are remembered (about 1.5 MiB at most).
@@ -127,6 +132,7 @@ impl Coalescer {
             queues: Mutex::default(),
             next_id: AtomicU64::new(0),
             raised: Mutex::new(BoundedMap::new(RAISED_LIMITS)),
+            write_time: Mutex::new(None),
         })
     }
 
@@ -255,6 +261,7 @@ impl Coalescer {
             // Signals that arrive while this write is under way (lock, list, a Conflict) join it
             // until its status update is sent.
             let tally = Tally::new();
+            let write_started = Instant::now();
             let write = self
                 .dedup
                 .process_batch(&fp, &batch, &spec, Budget::counted(deadline, &tally));
@@ -271,6 +278,7 @@ impl Coalescer {
             let per_signal = f64::from(calls) / live.len() as f64;
             if let Ok(written) = &result {
                 self.adapt_linger(&fp, written.conflicts > 0);
+                self.record_write_time(write_started.elapsed());
             }
             match result {
                 Ok(written) if written.n as usize == live.len() => {
@@ -317,8 +325,29 @@ impl Coalescer {
         }
     }
 
-    /// The linger for `fp` now: `dedup.linger` times the fingerprint's conflict factor.
+    fn record_write_time(&self, took: Duration) {
+        let mut average = self.write_time.lock().expect("write time poisoned");
+        *average = Some(match *average {
+            None => took,
+            Some(was) => (was * 7 + took) / 8,
+        });
+    }
+
+    /// The linger for `fp` now: `dedup.linger` times the fingerprint's conflict factor, and at
+    /// least as long as this replica's writes take on average (an API server that answers
+    /// slowly is the bottleneck: a signal already waits that long for its write, and lingering
+    /// as long at most doubles that wait while it halves the writes), both at most
+    /// `MAX_LINGERS` lingers.
     fn linger_for(&self, fp: &Fingerprint) -> Duration {
+        if self.linger.is_zero() {
+            return Duration::ZERO;
+        }
+        let slow = self
+            .write_time
+            .lock()
+            .expect("write time poisoned")
+            .unwrap_or_default()
+            .min(self.linger * MAX_LINGERS);
         let factor = self
             .raised
             .lock()
@@ -326,7 +355,7 @@ impl Coalescer {
             .get(fp, Instant::now())
             .copied()
             .unwrap_or(100);
-        self.linger * factor / 100
+        (self.linger * factor / 100).max(slow)
     }
 
     /// Lets the next batch of a hot fingerprint gather signals (see the module docs).
@@ -852,5 +881,31 @@ mod tests {
         // Each batch met one Conflict (then a successful 10 ms write), so the next one lingers
         // twice as long, up to 4 x 20 ms.
         assert_eq!(waited, [30, 50, 90, 90, 90]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_api_server_raises_the_linger_to_its_write_time_up_to_four_lingers() {
+        let linger = Duration::from_millis(20);
+        // The first three status updates take 60 ms, the rest 200 ms.
+        let l = lingering(linger, 1000, |i| {
+            Fault::Delay(Duration::from_millis(if i <= 3 { 60 } else { 200 }))
+        });
+        l.submit(BUDGET).await.unwrap().0.unwrap();
+        let mut waited = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let (ack, at) = l.submit(BUDGET).await.unwrap();
+            ack.unwrap();
+            waited.push((at - t).as_millis());
+        }
+        // Lingers as long as writes take on average (60 ms, then 60 + (200 - 60) / 8 = 77.5 ms),
+        // never more than 4 x 20 ms; each write then takes its own time (timers fire on whole
+        // milliseconds: 277.5 is 278).
+        assert_eq!(waited, [120, 120, 260, 278, 280]);
+        assert_eq!(
+            l.writes.load(Ordering::SeqCst),
+            6,
+            "one write per signal: each came alone"
+        );
     }
 }
