@@ -339,9 +339,6 @@ impl Coalescer {
     /// as long at most doubles that wait while it halves the writes), both at most
     /// `MAX_LINGERS` lingers.
     fn linger_for(&self, fp: &Fingerprint) -> Duration {
-        if self.linger.is_zero() {
-            return Duration::ZERO;
-        }
         let slow = self
             .write_time
             .lock()
@@ -765,6 +762,20 @@ mod tests {
                 (r, Instant::now())
             })
         }
+
+        /// Makes the fingerprint hot with one signal, then sends `n` more one at a time and
+        /// returns how long each waited for its answer (ms).
+        async fn waits_of_lone_signals(&self, n: usize) -> Vec<u128> {
+            self.submit(BUDGET).await.unwrap().0.unwrap();
+            let mut waited = Vec::new();
+            for _ in 0..n {
+                let t = Instant::now();
+                let (ack, at) = self.submit(BUDGET).await.unwrap();
+                ack.unwrap();
+                waited.push((at - t).as_millis());
+            }
+            waited
+        }
     }
 
     const BUDGET: Duration = Duration::from_secs(5);
@@ -870,14 +881,7 @@ mod tests {
                 Fault::Delay(write)
             }
         });
-        l.submit(BUDGET).await.unwrap().0.unwrap();
-        let mut waited = Vec::new();
-        for _ in 0..5 {
-            let t = Instant::now();
-            let (ack, at) = l.submit(BUDGET).await.unwrap();
-            ack.unwrap();
-            waited.push((at - t).as_millis());
-        }
+        let waited = l.waits_of_lone_signals(5).await;
         // Each batch met one Conflict (then a successful 10 ms write), so the next one lingers
         // twice as long, up to 4 x 20 ms.
         assert_eq!(waited, [30, 50, 90, 90, 90]);
@@ -890,14 +894,7 @@ mod tests {
         let l = lingering(linger, 1000, |i| {
             Fault::Delay(Duration::from_millis(if i <= 3 { 60 } else { 200 }))
         });
-        l.submit(BUDGET).await.unwrap().0.unwrap();
-        let mut waited = Vec::new();
-        for _ in 0..5 {
-            let t = Instant::now();
-            let (ack, at) = l.submit(BUDGET).await.unwrap();
-            ack.unwrap();
-            waited.push((at - t).as_millis());
-        }
+        let waited = l.waits_of_lone_signals(5).await;
         // Lingers as long as writes take on average (60 ms, then 60 + (200 - 60) / 8 = 77.5 ms),
         // never more than 4 x 20 ms; each write then takes its own time (timers fire on whole
         // milliseconds: 277.5 is 278).
