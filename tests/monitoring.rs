@@ -307,11 +307,20 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-async fn wait_ready(client: &reqwest::Client, url: &str, proc: &Proc) {
+/// Polls `url` until it answers 2xx: true. False when the process exited because its port was
+/// taken (the caller tries other ports); any other exit, or no answer within 60 s, fails the test.
+async fn wait_ready(client: &reqwest::Client, url: &str, proc: &mut Proc) -> bool {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         if client.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
-            return;
+            return true;
+        }
+        if let Some(status) = proc.0.try_wait().unwrap() {
+            let log = proc.log();
+            if log.contains("address already in use") {
+                return false;
+            }
+            panic!("{url}: the process exited ({status}) before it was ready:\n{log}");
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -322,31 +331,41 @@ async fn wait_ready(client: &reqwest::Client, url: &str, proc: &Proc) {
     }
 }
 
-/// Starts a Prometheus-family `tool` on `127.0.0.1:port` with `<dir>/<tool>.yml` (prometheus.yml,
-/// alertmanager.yml) and `extra` flags, logging to `<dir>/<tool>.log`; returns once `/-/ready`.
+/// Starts a Prometheus-family `tool` with `<dir>/<tool>.yml` (prometheus.yml, alertmanager.yml)
+/// and the flags `extra` gives for each try, logging to `<dir>/<tool>.log`; returns once
+/// `/-/ready`. Neither tool reports a port it picked itself, so the port is picked here; one taken
+/// between the pick and the tool's bind (by another process's outgoing connection) fails the
+/// start with "address already in use", and the start is tried again on other ports.
 async fn start_tool(
     client: &reqwest::Client,
     tool_name: &str,
     dir: &Path,
-    port: u16,
-    extra: &[String],
+    extra: impl Fn() -> Vec<String>,
 ) -> (Proc, String) {
     let short = tool_name.trim_start_matches("prometheus-");
     let log = dir.join(format!("{short}.log"));
-    let proc = Proc(
-        Command::new(tool(tool_name))
-            .arg(format!("--config.file={}", dir.join(format!("{short}.yml")).display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{tool_name} starts: {e}")),
-        log,
+    for _ in 0..4 {
+        let port = free_port();
+        let mut proc = Proc(
+            Command::new(tool(tool_name))
+                .arg(format!("--config.file={}", dir.join(format!("{short}.yml")).display()))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .args(extra())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{tool_name} starts: {e}")),
+            log.clone(),
+        );
+        let url = format!("http://127.0.0.1:{port}");
+        if wait_ready(client, &format!("{url}/-/ready"), &mut proc).await {
+            return (proc, url);
+        }
+    }
+    panic!(
+        "{tool_name} found no free port in 4 tries:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
     );
-    let url = format!("http://127.0.0.1:{port}");
-    wait_ready(client, &format!("{url}/-/ready"), &proc).await;
-    (proc, url)
 }
 
 async fn instant_query(client: &reqwest::Client, prometheus: &str, expr: &str) -> Result<Vec<f64>, String> {
@@ -399,7 +418,6 @@ async fn every_dashboard_panel_and_runbook_query_returns_data_from_real_promethe
     let dir = scratch("prometheus");
     let testenv_dir = repo().join("target/testenv");
     let apiserver_port = std::fs::read_to_string(testenv_dir.join("apiserver.port")).unwrap();
-    let port = free_port();
     let config = format!(
         r#"global:
   scrape_interval: 1s
@@ -434,13 +452,9 @@ scrape_configs:
     run(Command::new(tool("promtool"))
         .args(["check", "config"])
         .arg(dir.join("prometheus.yml")));
-    let (prometheus, prom) = start_tool(
-        &client,
-        "prometheus",
-        &dir,
-        port,
-        &[format!("--storage.tsdb.path={}", dir.join("data").display())],
-    )
+    let (prometheus, prom) = start_tool(&client, "prometheus", &dir, || {
+        vec![format!("--storage.tsdb.path={}", dir.join("data").display())]
+    })
     .await;
 
     // Traffic for as long as the queries are evaluated: a new incident, duplicates of a standing
@@ -552,7 +566,6 @@ async fn alertmanager_delivers_firing_alerts_as_counted_requests_and_resolved_on
     gw_config.auth.tokens_file = Some(dir.join("gateway-tokens"));
     let gw = Gateway::embedded(gw_config).await;
     let client = common::client();
-    let (port, cluster) = (free_port(), free_port());
     let config = format!(
         r#"route:
   receiver: signal-gateway
@@ -574,17 +587,13 @@ receivers:
         token = dir.join("am-token").display()
     );
     std::fs::write(dir.join("alertmanager.yml"), config).unwrap();
-    let (am, am_url) = start_tool(
-        &client,
-        "prometheus-alertmanager",
-        &dir,
-        port,
-        &[
+    let (am, am_url) = start_tool(&client, "prometheus-alertmanager", &dir, || {
+        vec![
             format!("--storage.path={}", dir.join("data").display()),
-            format!("--cluster.listen-address=127.0.0.1:{cluster}"),
+            format!("--cluster.listen-address=127.0.0.1:{}", free_port()),
             "--log.level=debug".to_owned(),
-        ],
-    )
+        ]
+    })
     .await;
 
     let alert = |pod: &str, resolved: bool| {

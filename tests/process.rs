@@ -2,13 +2,8 @@
 //! graceful SIGTERM.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 #[test]
 fn unknown_config_keys_stop_startup_and_name_the_key() {
@@ -28,14 +23,15 @@ fn unknown_config_keys_stop_startup_and_name_the_key() {
 
 #[test]
 fn the_binary_serves_on_the_embedded_backend_and_drains_on_sigterm() {
-    let (port, admin) = (free_port(), free_port());
+    // Port 0: the binary binds free ports and names them in its start line (a port picked here
+    // could be taken before the binary binds it).
     let mut child = Command::new(env!("CARGO_BIN_EXE_signal-gateway"))
         .args([
             "serve",
             "--listen",
-            &format!("127.0.0.1:{port}"),
+            "127.0.0.1:0",
             "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
+            "127.0.0.1:0",
             "--auth-mode",
             "none",
         ])
@@ -48,12 +44,24 @@ fn the_binary_serves_on_the_embedded_backend_and_drains_on_sigterm() {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
     let lines = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<String>>()
+        let mut all = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("signal-gateway started") {
+                let _ = started_tx.send(line.clone());
+            }
+            all.push(line);
+        }
+        all
     });
+    let started: serde_json::Value = serde_json::from_str(
+        &started_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the binary logs its start line within 60 s"),
+    )
+    .expect("logs are JSON");
+    let (signals, admin) = (started["signals"].as_str().unwrap(), started["admin"].as_str().unwrap());
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -65,7 +73,7 @@ fn the_binary_serves_on_the_embedded_backend_and_drains_on_sigterm() {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(r) = client.get(format!("http://127.0.0.1:{admin}/readyz")).send().await
+            if let Ok(r) = client.get(format!("http://{admin}/readyz")).send().await
                 && r.status().is_success()
             {
                 break;
@@ -74,7 +82,7 @@ fn the_binary_serves_on_the_embedded_backend_and_drains_on_sigterm() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let body = serde_json::json!({"alerts": [{"status": "firing", "labels": {"alertname": "A", "namespace": "shop", "pod": "p"}}]});
-        let r = client.post(format!("http://127.0.0.1:{port}/api/v1/signals/prometheus")).json(&body).send().await.unwrap();
+        let r = client.post(format!("http://{signals}/api/v1/signals/prometheus")).json(&body).send().await.unwrap();
         assert_eq!(r.status(), 201);
         let v: serde_json::Value = r.json().await.unwrap();
         assert_eq!(v["remediationRequestNamespace"], "signals", "POD_NAMESPACE places the RR");

@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -96,15 +96,16 @@ fn names(spans: &[Span]) -> Vec<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn created_and_duplicate_signals_each_export_a_complete_span_tree() {
     let (otlp, spans) = receiver().await;
-    let (port, admin) = (common::testenv::free_port(), common::testenv::free_port());
+    let log = std::env::temp_dir().join(format!("sg-traces-{}.log", std::process::id()));
+    // Port 0: the binary binds free ports and names them in its start line.
     let mut child = Command::new(env!("CARGO_BIN_EXE_signal-gateway"))
         .args([
             "--backend",
             "embedded",
             "--listen",
-            &format!("127.0.0.1:{port}"),
+            "127.0.0.1:0",
             "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
+            "127.0.0.1:0",
             "--auth-mode",
             "none",
         ])
@@ -112,13 +113,15 @@ async fn created_and_duplicate_signals_each_export_a_complete_span_tree() {
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .env("POD_NAME", "gw-trace")
         .env("POD_NAMESPACE", "signals")
-        .stderr(Stdio::null())
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    let (signals, admin) = common::testenv::bound_addresses("gw-trace", &log, &mut child);
     let client = common::client();
     common::eventually(Duration::from_secs(20), "gateway ready", || async {
         client
-            .get(format!("http://127.0.0.1:{admin}/readyz"))
+            .get(format!("http://{admin}/readyz"))
             .send()
             .await
             .ok()
@@ -127,11 +130,11 @@ async fn created_and_duplicate_signals_each_export_a_complete_span_tree() {
     .await;
 
     let send_alerts = |trace_id: &'static str, caller: &'static str, pods: &'static [&'static str]| {
-        let client = client.clone();
+        let (client, signals) = (client.clone(), signals.clone());
         async move {
             let alerts = pods.iter().map(|p| common::pod_alert("shop", p)).collect();
             let r = client
-                .post(format!("http://127.0.0.1:{port}/api/v1/signals/prometheus"))
+                .post(format!("http://{signals}/api/v1/signals/prometheus"))
                 .header("traceparent", format!("00-{trace_id}-{caller}-01"))
                 .json(&common::webhook(alerts))
                 .send()

@@ -86,6 +86,8 @@ pub fn unique() -> String {
     format!("{:08x}", fastrand::u32(..))
 }
 
+/// A port free now. Only for programs that cannot report a port they picked themselves: the port
+/// can be taken before they bind it, so their start must handle "address already in use".
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -94,9 +96,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// The signals and admin addresses a replica bound, from its "signal-gateway started" log line
-/// (JSON logs); panics with the log if the process exits or has not started within 60 s.
-fn bound_addresses(name: &str, log: &std::path::Path, child: &mut Child) -> (String, String) {
+/// The signals and admin addresses a gateway process bound, from its "signal-gateway started"
+/// log line (JSON logs); panics with the log if the process exits or has not started within 60 s.
+pub fn bound_addresses(name: &str, log: &std::path::Path, child: &mut Child) -> (String, String) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
