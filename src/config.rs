@@ -603,14 +603,17 @@ impl Config {
                 self.ownership.max_forwards_in_flight > 0,
                 "ownership.maxForwardsInFlight must be positive"
             );
-            anyhow::ensure!(
-                self.server.tls.is_none(),
-                "ownership.enabled with server.tls is not supported yet: forwards between replicas are plain HTTP (ADR 0014)"
-            );
+            // Forwards go to the peer's signals port, which speaks TLS when server.tls is set.
             let a = &self.ownership.advertise_address;
+            let scheme = if self.server.tls.is_some() {
+                "https://"
+            } else {
+                "http://"
+            };
             anyhow::ensure!(
-                a.is_empty() || a.starts_with("http://"),
-                "ownership.advertiseAddress must be an http:// URL"
+                a.is_empty() || a.starts_with(scheme),
+                "ownership.advertiseAddress must be an {scheme} URL (the signals port, {} server.tls)",
+                if self.server.tls.is_some() { "with" } else { "without" }
             );
         }
         anyhow::ensure!(self.server.max_in_flight > 0, "server.maxInFlight must be positive");
@@ -797,5 +800,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sometimes"), "{err}");
+    }
+
+    #[test]
+    fn ownership_forwards_to_an_address_with_the_signals_port_s_scheme() {
+        let mut c = Config::default();
+        c.ownership.enabled = true;
+        c.validate().unwrap();
+        for (tls, address, ok) in [
+            (false, "http://10.0.0.1:8080", true),
+            (false, "https://10.0.0.1:8080", false),
+            (true, "https://10.0.0.1:8443", true),
+            (true, "http://10.0.0.1:8443", false),
+            (true, "", true),
+        ] {
+            c.server.tls = tls.then(|| Tls {
+                cert_file: "tls.crt".into(),
+                key_file: "tls.key".into(),
+            });
+            c.ownership.advertise_address = address.into();
+            assert_eq!(c.validate().is_ok(), ok, "tls {tls}, {address:?}");
+        }
     }
 }

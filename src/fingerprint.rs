@@ -25,13 +25,7 @@ impl Fingerprint {
         hasher.update(target.kind.as_bytes());
         hasher.update(b":");
         hasher.update(target.name.as_bytes());
-        let digest = hasher.finalize();
-        let mut hex = String::with_capacity(64);
-        for byte in digest {
-            use std::fmt::Write;
-            let _ = write!(hex, "{byte:02x}");
-        }
-        Fingerprint(hex)
+        Fingerprint(hex(&hasher.finalize()))
     }
 
     /// Accepts only 64 lowercase hex characters.
@@ -54,6 +48,16 @@ impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
 }
 
 #[cfg(test)]

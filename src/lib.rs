@@ -198,7 +198,8 @@ pub async fn serve(
                 config.identity.pod_ip.clone()
             };
             let host = if host.contains(':') { format!("[{host}]") } else { host };
-            format!("http://{host}:{}", signals_addr.port())
+            let scheme = if transport.is_tls() { "https" } else { "http" };
+            format!("{scheme}://{host}:{}", signals_addr.port())
         } else {
             config.ownership.advertise_address.clone()
         };
@@ -210,6 +211,10 @@ pub async fn serve(
                 namespace: namespace.clone(),
                 identity: holder.clone(),
                 address,
+                cert_sha256: transport
+                    .cert
+                    .clone()
+                    .map(|cert| Arc::new(move || cert.leaf_sha256()) as Arc<dyn Fn() -> String + Send + Sync>),
                 lease_duration: config.ownership.lease_duration,
                 shards: config.ownership.shards,
                 write_grace: config.backend.api_timeout + std::time::Duration::from_secs(1),

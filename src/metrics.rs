@@ -450,7 +450,7 @@ impl Metrics {
             forward_fallbacks: counter_vec(
                 r,
                 "gateway_forward_fallbacks_total",
-                "Signals of a shard another replica owns, processed here on the Lease-guarded path instead, by reason: unreachable (no connection), saturated (forward slots full), refused (owner refused the forward).",
+                "Signals of a shard another replica owns, processed here on the Lease-guarded path instead, by reason: unreachable (no connection), saturated (forward slots full), refused (owner refused the forward), untrusted (a TLS peer whose certificate is not the one its member Lease publishes).",
                 &["reason"],
             )?,
             forwarded_received: counter_vec(
@@ -513,7 +513,10 @@ impl Metrics {
             (&self.ownership_handovers, &["acquired", "released"]),
             (&self.ownership_rounds, &["ok", "error"]),
             (&self.forwards, &["stored", "failed", "unanswered", "not_sent"]),
-            (&self.forward_fallbacks, &["unreachable", "saturated", "refused"]),
+            (
+                &self.forward_fallbacks,
+                &["unreachable", "saturated", "refused", "untrusted"],
+            ),
             (&self.forwarded_received, &["stored", "failed", "refused"]),
         ];
         for (vec, values) in closed {

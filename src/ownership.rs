@@ -49,6 +49,9 @@ pub const ADDRESS_ANNOTATION: &str = "signal-gateway.kubernaut.ai/address";
 /// Annotation: the key a forward to this member must carry (random per process).
 pub const KEY_ANNOTATION: &str = "signal-gateway.kubernaut.ai/forward-key";
 /// Annotation: the shards the member claims (`3,17,40`), and how many shards there are.
+/// Annotation: with TLS, the SHA-256 (hex, of the DER) of the leaf certificate the member serves;
+/// forwards to it accept that certificate and no other (ADR 0014).
+pub const CERT_ANNOTATION: &str = "signal-gateway.kubernaut.ai/forward-cert-sha256";
 pub const SHARDS_ANNOTATION: &str = "signal-gateway.kubernaut.ai/shards";
 pub const SHARD_COUNT_ANNOTATION: &str = "signal-gateway.kubernaut.ai/shard-count";
 
@@ -58,6 +61,9 @@ pub struct Settings {
     pub identity: String,
     /// Where peers reach this replica's forwarding endpoint.
     pub address: String,
+    /// With TLS: the fingerprint of the certificate served now (read at every renewal, so a
+    /// renewed certificate is published with the next one).
+    pub cert_sha256: Option<Arc<dyn Fn() -> String + Send + Sync>>,
     pub lease_duration: Duration,
     pub shards: u32,
     /// How long before the end of its validity an owner stops sending creates
@@ -79,6 +85,8 @@ pub struct Peer {
     pub identity: String,
     pub address: String,
     pub key: String,
+    /// The certificate a TLS forward must find (empty: the member published none).
+    pub cert_sha256: String,
 }
 
 /// The answer to a forwarded signal.
@@ -151,6 +159,7 @@ struct Member {
     identity: String,
     address: String,
     key: String,
+    cert_sha256: String,
     claims: BTreeSet<u32>,
     resource_version: String,
     /// When we saw this version first (local clock): the Lease is live until `seen_at + duration`.
@@ -208,7 +217,7 @@ fn parse_shards(s: &str, shards: u32) -> BTreeSet<u32> {
 fn random_key() -> String {
     let mut buf = [0u8; 32];
     getrandom::fill(&mut buf).expect("the operating system's random source");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    crate::fingerprint::hex(&buf)
 }
 
 impl Ownership {
@@ -548,6 +557,7 @@ impl Ownership {
             identity,
             address: get(ADDRESS_ANNOTATION),
             key: get(KEY_ANNOTATION),
+            cert_sha256: get(CERT_ANNOTATION),
             claims: parse_shards(&get(SHARDS_ANNOTATION), self.inner.settings.shards),
             resource_version,
             seen_at,
@@ -574,6 +584,10 @@ impl Ownership {
         let ann = lease.metadata.annotations.get_or_insert_with(Default::default);
         ann.insert(ADDRESS_ANNOTATION.into(), s.address.clone());
         ann.insert(KEY_ANNOTATION.into(), self.inner.key.clone());
+        match &s.cert_sha256 {
+            Some(cert) => ann.insert(CERT_ANNOTATION.into(), cert()),
+            None => ann.remove(CERT_ANNOTATION),
+        };
         ann.insert(SHARDS_ANNOTATION.into(), format_shards(claims));
         ann.insert(SHARD_COUNT_ANNOTATION.into(), s.shards.to_string());
         let spec = lease.spec.get_or_insert_with(Default::default);
@@ -658,6 +672,7 @@ impl Ownership {
                 identity: owner.identity.clone(),
                 address: owner.address.clone(),
                 key: owner.key.clone(),
+                cert_sha256: owner.cert_sha256.clone(),
             }),
             // Nobody claims it (a handover under way), or a moment of two claims: here, under
             // the Lease-guarded path.
@@ -738,6 +753,7 @@ mod tests {
                 namespace: "ns".into(),
                 identity: format!("{name}_0000000{}", name.len()),
                 address: format!("http://{name}:8080"),
+                cert_sha256: None,
                 lease_duration: LEASE,
                 shards: 16,
                 write_grace: Duration::from_secs(5),

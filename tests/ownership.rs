@@ -108,46 +108,9 @@ async fn signals_sent_to_any_replica_are_written_by_their_shard_s_owner_with_exa
     settled(&gateways).await;
 
     // 40 incidents x 6 signals, every signal to the next replica in turn, concurrently.
-    let incidents = 40;
-    let per_incident = 6;
-    let mut tasks = Vec::new();
-    for k in 0..incidents * per_incident {
-        let g = &gateways[k % gateways.len()];
-        let (client, base) = (g.client.clone(), g.base.clone());
-        let body = webhook(vec![pod_alert("shop", &format!("api-{}", k % incidents))]);
-        tasks.push(tokio::spawn(async move {
-            let resp = client
-                .post(format!("{base}/api/v1/signals/prometheus"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            let status = resp.status().as_u16();
-            let body: serde_json::Value = resp.json().await.unwrap();
-            (status, body)
-        }));
-    }
-    let mut acked = BTreeMap::<String, i64>::new();
-    for t in tasks {
-        let (status, body) = t.await.unwrap();
-        assert!(status == 201 || status == 202, "answered {status}: {body}");
-        *acked
-            .entry(body["remediationRequestName"].as_str().unwrap().to_owned())
-            .or_default() += 1;
-    }
-    let rrs = store.all_requests();
-    assert_eq!(rrs.len(), incidents, "one RR per incident");
-    let fingerprints: HashSet<_> = rrs.iter().map(|rr| rr.spec.signal_fingerprint.clone()).collect();
-    assert_eq!(fingerprints.len(), incidents);
-    for rr in &rrs {
-        let name = rr.metadata.name.clone().unwrap();
-        assert_eq!(
-            count_of(rr),
-            acked[&name],
-            "{name}: stored count == acknowledged signals"
-        );
-    }
-    assert_eq!(rrs.iter().map(count_of).sum::<i64>(), (incidents * per_incident) as i64);
+    let (incidents, per_incident) = (40, 6);
+    let acked = send_round_robin(&gateways, "api", incidents, per_incident).await;
+    exactly_acknowledged(&store, &acked, incidents, incidents * per_incident);
     // Two thirds of the signals reached a replica that does not own their shard.
     let forwarded = total(&gateways, "gateway_forwards_total", &["result=\"stored\""]).await;
     assert!(forwarded > 0.0, "signals were forwarded to their owner");
@@ -198,7 +161,37 @@ async fn signals_sent_to_any_replica_are_written_by_their_shard_s_owner_with_exa
 
 /// A member Lease that claims every shard for a replica nobody can reach.
 fn unreachable_member(address: &str) -> Lease {
+    ghost_member(address, None)
+}
+
+/// A member Lease, live for 5 minutes, that claims every shard for `address`, publishing the
+/// certificate fingerprint `cert_sha256` if given, and a key no gateway has.
+/// One member started beside the ghost `lease`, once it sees the ghost as a live member.
+async fn beside(store: &Arc<EmbeddedStore>, lease: &Lease) -> Vec<Gateway> {
+    store.create_lease(Call::UNCOUNTED, lease).await.unwrap();
+    let gateways = fleet(store, 1).await;
+    let g = &gateways[0];
+    eventually(
+        Duration::from_secs(20),
+        "the ghost is seen as a live member",
+        || async { (g.metric("gateway_ownership_members", &[]).await == 2.0).then_some(()) },
+    )
+    .await;
+    gateways
+}
+
+fn ghost_member(address: &str, cert_sha256: Option<&str>) -> Lease {
     let all: Vec<String> = (0..SHARDS).map(|s| s.to_string()).collect();
+    let mut annotations: BTreeMap<String, String> = [
+        (ownership::ADDRESS_ANNOTATION.to_owned(), address.to_owned()),
+        (ownership::KEY_ANNOTATION.to_owned(), "k".repeat(64)),
+        (ownership::SHARDS_ANNOTATION.to_owned(), all.join(",")),
+        (ownership::SHARD_COUNT_ANNOTATION.to_owned(), SHARDS.to_string()),
+    ]
+    .into();
+    if let Some(pin) = cert_sha256 {
+        annotations.insert(ownership::CERT_ANNOTATION.to_owned(), pin.to_owned());
+    }
     Lease {
         metadata: ObjectMeta {
             name: Some("gw-member-ghost-00000000".into()),
@@ -210,15 +203,7 @@ fn unreachable_member(address: &str) -> Lease {
                 )]
                 .into(),
             ),
-            annotations: Some(
-                [
-                    (ownership::ADDRESS_ANNOTATION.to_owned(), address.to_owned()),
-                    (ownership::KEY_ANNOTATION.to_owned(), "k".repeat(64)),
-                    (ownership::SHARDS_ANNOTATION.to_owned(), all.join(",")),
-                    (ownership::SHARD_COUNT_ANNOTATION.to_owned(), SHARDS.to_string()),
-                ]
-                .into(),
-            ),
+            annotations: Some(annotations),
             ..ObjectMeta::default()
         },
         spec: Some(LeaseSpec {
@@ -237,18 +222,8 @@ async fn an_owner_that_cannot_be_reached_leaves_the_signal_to_the_lease_guarded_
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
-    store
-        .create_lease(Call::UNCOUNTED, &unreachable_member(&address))
-        .await
-        .unwrap();
-    let gateways = fleet(&store, 1).await;
+    let gateways = beside(&store, &unreachable_member(&address)).await;
     let g = &gateways[0];
-    eventually(
-        Duration::from_secs(20),
-        "the ghost is seen as a live member",
-        || async { (g.metric("gateway_ownership_members", &[]).await == 2.0).then_some(()) },
-    )
-    .await;
     for (i, expected) in [(0, 201), (1, 202)] {
         let (status, _, body) = g.alerts(&webhook(vec![pod_alert("shop", "api-0")])).await;
         assert_eq!(status.as_u16(), expected, "signal {i}: {body}");
@@ -270,6 +245,186 @@ async fn an_owner_that_cannot_be_reached_leaves_the_signal_to_the_lease_guarded_
     );
     assert_eq!(store.all_requests().len(), 1);
     assert_eq!(count_of(&store.all_requests()[0]), 2);
+}
+
+fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sg-{tag}-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// What a member publishes for `cert`: the SHA-256 of its (leaf) certificate's DER, hex.
+fn pin_of(cert: &std::path::Path) -> String {
+    use rustls::pki_types::pem::PemObject as _;
+    let der = rustls::pki_types::CertificateDer::from_pem_file(cert).unwrap();
+    signal_gateway::http::server::sha256_hex(der.as_ref())
+}
+
+fn published_pins(store: &EmbeddedStore) -> BTreeMap<String, String> {
+    store
+        .all_leases()
+        .into_iter()
+        .filter_map(|l| {
+            let pin = l
+                .metadata
+                .annotations
+                .as_ref()?
+                .get(ownership::CERT_ANNOTATION)?
+                .clone();
+            Some((l.spec?.holder_identity?, pin))
+        })
+        .collect()
+}
+
+/// One RR per incident, each counting exactly the signals acknowledged with its name.
+fn exactly_acknowledged(store: &EmbeddedStore, acked: &BTreeMap<String, i64>, incidents: usize, signals: usize) {
+    let rrs = store.all_requests();
+    assert_eq!(rrs.len(), incidents, "one RR per incident");
+    let fingerprints: HashSet<_> = rrs.iter().map(|rr| rr.spec.signal_fingerprint.clone()).collect();
+    assert_eq!(fingerprints.len(), incidents);
+    for rr in &rrs {
+        let name = rr.metadata.name.clone().unwrap();
+        assert_eq!(
+            count_of(rr),
+            acked[&name],
+            "{name}: stored count == acknowledged signals"
+        );
+    }
+    assert_eq!(rrs.iter().map(count_of).sum::<i64>(), signals as i64);
+}
+
+/// Sends `incidents` x `per_incident` signals, each to the next gateway in turn, concurrently;
+/// asserts every one was acknowledged and returns the acknowledged signals by RR name.
+async fn send_round_robin(
+    gateways: &[Gateway],
+    tag: &str,
+    incidents: usize,
+    per_incident: usize,
+) -> BTreeMap<String, i64> {
+    let mut tasks = Vec::new();
+    for k in 0..incidents * per_incident {
+        let g = &gateways[k % gateways.len()];
+        let (client, base) = (g.client.clone(), g.base.clone());
+        let body = webhook(vec![pod_alert("shop", &format!("{tag}-{}", k % incidents))]);
+        tasks.push(tokio::spawn(async move {
+            let resp = client
+                .post(format!("{base}/api/v1/signals/prometheus"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<serde_json::Value>().await.unwrap())
+        }));
+    }
+    let mut acked = BTreeMap::new();
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert!(status == 201 || status == 202, "answered {status}: {body}");
+        *acked
+            .entry(body["remediationRequestName"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_members_forward_to_the_certificate_each_owner_publishes_also_after_a_renewal() {
+    let dir = scratch_dir("own-tls");
+    let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock) as SharedClock));
+    let mut gateways = Vec::new();
+    let mut certs = Vec::new();
+    for i in 0..2 {
+        let tls = common::self_signed_cert(&dir, &format!("gw-{i}"));
+        certs.push(tls.clone());
+        let mut c = config(&format!("gw-{i}"));
+        c.server.tls = Some(tls);
+        let cluster: Arc<dyn Cluster> = store.clone();
+        gateways.push(Gateway::on(cluster, Some(store.clone()), c).await.over_tls());
+    }
+    split(&gateways).await;
+    settled(&gateways).await;
+    // Each member publishes its own certificate's fingerprint beside its https address.
+    let pins = published_pins(&store);
+    let expected: HashSet<String> = certs.iter().map(|t| pin_of(&t.cert_file)).collect();
+    assert_eq!(pins.values().cloned().collect::<HashSet<_>>(), expected, "{pins:?}");
+    for l in store.all_leases() {
+        let address = &l.metadata.annotations.as_ref().unwrap()[ownership::ADDRESS_ANNOTATION];
+        assert!(address.starts_with("https://127.0.0.1:"), "{address}");
+    }
+
+    let mut acked = send_round_robin(&gateways, "api", 20, 4).await;
+    let forwarded = total(&gateways, "gateway_forwards_total", &["result=\"stored\""]).await;
+    assert!(forwarded > 0.0, "signals were forwarded over TLS to their owner");
+
+    // gw-1's certificate is renewed (key and certificate replaced on disk): it serves and
+    // publishes the new one, and forwards to it go on without a fallback.
+    let renewed = common::self_signed_cert(&dir, "gw-1-renewed");
+    std::fs::copy(&renewed.key_file, &certs[1].key_file).unwrap();
+    std::fs::copy(&renewed.cert_file, &certs[1].cert_file).unwrap();
+    let new_pin = pin_of(&renewed.cert_file);
+    eventually(
+        Duration::from_secs(30),
+        "gw-1 publishing its renewed certificate",
+        || async { published_pins(&store).values().any(|p| *p == new_pin).then_some(()) },
+    )
+    .await;
+    settled(&gateways).await;
+    for (name, n) in send_round_robin(&gateways, "api", 20, 4).await {
+        *acked.entry(name).or_default() += n;
+    }
+    assert!(
+        total(&gateways, "gateway_forwards_total", &["result=\"stored\""]).await > forwarded,
+        "forwards reach the renewed certificate"
+    );
+
+    assert_eq!(
+        total(&gateways, "gateway_forward_fallbacks_total", &[]).await,
+        0.0,
+        "no forward fell back to the Lease-guarded path"
+    );
+    exactly_acknowledged(&store, &acked, 20, 160);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_peer_is_sent_nothing_unless_it_presents_the_certificate_its_lease_publishes() {
+    // A TLS gateway (not a member: forwards to it are refused once they reach it) that ghost
+    // members name as their address.
+    let dir = scratch_dir("own-pin");
+    let served = common::self_signed_cert(&dir, "served");
+    let other = common::self_signed_cert(&dir, "other");
+    let mut c = test_config();
+    c.server.tls = Some(served.clone());
+    let target = Gateway::embedded(c).await.over_tls();
+    let received = || async { target.metric("gateway_forwarded_signals_received_total", &[]).await };
+
+    // (the pin the ghost publishes, the fallback reason, whether the forward reached the target)
+    let cases = [
+        (Some(pin_of(&other.cert_file)), "untrusted", false),
+        (None, "untrusted", false),
+        (Some(pin_of(&served.cert_file)), "refused", true),
+    ];
+    for (pin, reason, reaches) in cases {
+        let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock) as SharedClock));
+        let gateways = beside(&store, &ghost_member(&target.base, pin.as_deref())).await;
+        let g = &gateways[0];
+        let before = received().await;
+        let (status, _, body) = g.alerts(&webhook(vec![pod_alert("shop", "api-0")])).await;
+        assert_eq!(status.as_u16(), 201, "{pin:?}: {body}");
+        assert_eq!(
+            g.metric("gateway_forward_fallbacks_total", &[&format!("reason=\"{reason}\"")])
+                .await,
+            1.0,
+            "{pin:?}: processed here after the forward was {reason}"
+        );
+        assert_eq!(
+            received().await - before,
+            if reaches { 1.0 } else { 0.0 },
+            "{pin:?}: whether the forward reached the peer's HTTP layer"
+        );
+        assert_eq!(store.all_requests().len(), 1);
+        assert_eq!(count_of(&store.all_requests()[0]), 1);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

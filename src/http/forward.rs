@@ -7,8 +7,14 @@
 //! per-process key, published in its member Lease (readable only by who may read Leases in the
 //! gateway's namespace), and never forwards again: a replica that no longer owns the shard takes
 //! the Lease-guarded path itself.
+//!
+//! With `server.tls` the signals port, and so the forward, speaks TLS. Peers are reached by pod
+//! IP, which a Service's certificate does not name, so the forwarder trusts no CA: it accepts
+//! exactly the certificate whose SHA-256 the owner published in its member Lease, beside the key.
+//! A certificate that differs fails the handshake, before anything is sent.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -16,6 +22,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -143,10 +150,84 @@ pub async fn receive(State(state): State<Arc<AppState>>, req: Request) -> Respon
     }
 }
 
-/// The receiving replica's side: one pooled HTTP/1.1 client, a bounded number of forwards in
-/// flight.
+/// The certificates peers published, by host as forwards address them: a TLS forward accepts
+/// its peer's and no other.
+#[derive(Debug)]
+struct PinnedPeers {
+    pins: Mutex<HashMap<String, String>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl PinnedPeers {
+    /// The key of `host` as it appears in a URI (`[::1]`) and as rustls names it (`::1`).
+    fn key(host: &str) -> String {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip.to_string(),
+            Err(_) => host.to_ascii_lowercase(),
+        }
+    }
+
+    fn pin(&self, host: &str, cert_sha256: &str) {
+        self.pins
+            .lock()
+            .expect("pins poisoned")
+            .insert(Self::key(host), cert_sha256.to_owned());
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedPeers {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let host = match server_name {
+            rustls::pki_types::ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+            other => Self::key(&other.to_str()),
+        };
+        let pinned = self.pins.lock().expect("pins poisoned").get(&host).cloned();
+        match pinned {
+            Some(pin) if pin == super::server::sha256_hex(end_entity.as_ref()) => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            _ => Err(rustls::Error::General(format!(
+                "{host} presented a certificate its member Lease does not publish"
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The receiving replica's side: one pooled HTTP/1.1 client (plain or TLS, as the peer's address
+/// says), a bounded number of forwards in flight.
 pub struct HttpForwarder {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    pins: Arc<PinnedPeers>,
     slots: Arc<Semaphore>,
     /// How long past the deadline an owner may still be finishing a write already sent.
     grace: Duration,
@@ -161,11 +242,29 @@ impl HttpForwarder {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
         connector.set_nodelay(true);
+        connector.enforce_http(false);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let pins = Arc::new(PinnedPeers {
+            pins: Mutex::new(HashMap::new()),
+            provider: provider.clone(),
+        });
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .dangerous()
+            .with_custom_certificate_verifier(pins.clone())
+            .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(super::server::reuse_within(peer_keep_alive))
             .build(connector);
         HttpForwarder {
             client,
+            pins,
             slots: Arc::new(Semaphore::new(max_in_flight)),
             grace,
         }
@@ -195,6 +294,16 @@ impl Forwarder for HttpForwarder {
         })
         .expect("forward request serialises");
         let uri = format!("{}{FORWARD_PATH}", peer.address.trim_end_matches('/'));
+        if uri.starts_with("https://") {
+            // A TLS peer that published no certificate cannot be told from an impostor.
+            let Some(host) = uri.parse::<http::Uri>().ok().and_then(|u| u.host().map(str::to_owned)) else {
+                return Forwarded::NotSent("refused");
+            };
+            if peer.cert_sha256.is_empty() {
+                return Forwarded::NotSent("untrusted");
+            }
+            self.pins.pin(&host, &peer.cert_sha256);
+        }
         let Ok(mut req) = http::Request::post(uri)
             .header(header::CONTENT_TYPE, "application/json")
             .header(KEY_HEADER, peer.key.as_str())
@@ -220,7 +329,9 @@ impl Forwarder for HttpForwarder {
         .await;
         match answered {
             Err(_) => Forwarded::Unanswered,
-            // No connection was made: certainly not sent.
+            // No connection was made: certainly not sent. A TLS peer whose certificate is not
+            // the one it published fails here too, before a byte of the forward is sent.
+            Ok(Err(e)) if e.is_connect() && rejected_certificate(&e) => Forwarded::NotSent("untrusted"),
             Ok(Err(e)) if e.is_connect() => Forwarded::NotSent("unreachable"),
             Ok(Err(_)) => Forwarded::Unanswered,
             Ok(Ok((StatusCode::OK, _, body))) => match serde_json::from_slice::<Ack>(&body) {
@@ -240,6 +351,20 @@ impl Forwarder for HttpForwarder {
             Ok(Ok(_)) => Forwarded::NotSent("refused"),
         }
     }
+}
+
+/// Whether a connect error is the TLS handshake failing on the peer's certificate (a rustls
+/// error somewhere in the chain, which nests it in I/O errors whose `source` skips it).
+fn rejected_certificate(e: &(dyn std::error::Error + 'static)) -> bool {
+    if e.downcast_ref::<rustls::Error>().is_some() {
+        return true;
+    }
+    if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref())
+        && rejected_certificate(inner)
+    {
+        return true;
+    }
+    e.source().is_some_and(rejected_certificate)
 }
 
 #[cfg(test)]

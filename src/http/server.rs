@@ -41,6 +41,8 @@ pub struct Transport {
     /// Longest a write may make no progress before the connection is closed.
     pub write_timeout: Duration,
     pub tls: Option<TlsAcceptor>,
+    /// The certificate `tls` serves (for its fingerprint, which peers pin: ADR 0014).
+    pub cert: Option<Arc<ReloadingCert>>,
     pub metrics: Metrics,
 }
 
@@ -48,17 +50,17 @@ impl Transport {
     /// From `server.*`; loads the TLS certificate (an error when it cannot be used) and starts
     /// watching its files.
     pub fn from_config(server: &config::Server, metrics: &Metrics) -> anyhow::Result<Self> {
-        let tls = match &server.tls {
-            None => None,
+        let (tls, cert) = match &server.tls {
+            None => (None, None),
             Some(tls) => {
                 crate::backend::kubernetes::KubernetesCluster::install_crypto_provider();
                 let resolver = Arc::new(ReloadingCert::load(&tls.cert_file, &tls.key_file, metrics.clone())?);
                 resolver.watch();
                 let mut config = rustls::ServerConfig::builder()
                     .with_no_client_auth()
-                    .with_cert_resolver(resolver);
+                    .with_cert_resolver(resolver.clone());
                 config.alpn_protocols = vec![b"http/1.1".to_vec()];
-                Some(TlsAcceptor::from(Arc::new(config)))
+                (Some(TlsAcceptor::from(Arc::new(config))), Some(resolver))
             }
         };
         Ok(Transport {
@@ -68,6 +70,7 @@ impl Transport {
             max_connections: server.max_connections,
             write_timeout: server.write_timeout,
             tls,
+            cert,
             metrics: metrics.clone(),
         })
     }
@@ -292,6 +295,15 @@ impl ReloadingCert {
         })
     }
 
+    /// SHA-256 of the leaf certificate served now (DER), lowercase hex.
+    pub fn leaf_sha256(&self) -> String {
+        let current = self.current.read().expect("certificate lock poisoned").clone();
+        current
+            .end_entity_cert()
+            .map(|c| sha256_hex(c.as_ref()))
+            .unwrap_or_default()
+    }
+
     pub fn reload(&self) {
         match load_certified_key(&self.cert_file, &self.key_file) {
             Ok(key) => {
@@ -342,6 +354,12 @@ impl ResolvesServerCert for ReloadingCert {
     }
 }
 
+/// Lowercase hex SHA-256 of `bytes` (a certificate's DER, as pinned between replicas).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    crate::fingerprint::hex(&sha2::Sha256::digest(bytes))
+}
+
 fn load_certified_key(cert_file: &Path, key_file: &Path) -> anyhow::Result<CertifiedKey> {
     let read = |path: &Path| {
         crate::auth::read_whole(path).map_err(|e| match e {
@@ -380,6 +398,7 @@ mod tests {
             max_connections: 1,
             write_timeout: Duration::from_millis(200),
             tls: None,
+            cert: None,
             metrics: Metrics::register(&prometheus::Registry::new()).unwrap(),
         };
         // A connection with a small buffer, whose client asks and then never reads.

@@ -158,10 +158,61 @@ impl Gateway {
         metric_sum(&self.metrics().await, name, labels)
     }
 
+    /// The same gateway addressed over TLS (started with `server.tls`): both ports speak HTTPS,
+    /// and the client takes any certificate (tests make their own, self-signed).
+    pub fn over_tls(mut self) -> Self {
+        self.base = self.base.replace("http://", "https://");
+        self.admin = self.admin.replace("http://", "https://");
+        self.client = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .build()
+            .unwrap();
+        self
+    }
+
     /// Stops the gateway (graceful shutdown) and returns what `serve` returned.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         let _ = self.shutdown.take().unwrap().send(());
         self.handle.take().unwrap().await.unwrap()
+    }
+}
+
+/// A self-signed certificate for 127.0.0.1 and its key, `<dir>/<tag>.crt` and `<dir>/<tag>.key`,
+/// made with the openssl CLI.
+pub fn self_signed_cert(dir: &std::path::Path, tag: &str) -> signal_gateway::config::Tls {
+    let (cert, key) = (dir.join(format!("{tag}.crt")), dir.join(format!("{tag}.key")));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .args([
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={tag}"),
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    signal_gateway::config::Tls {
+        cert_file: cert,
+        key_file: key,
     }
 }
 
