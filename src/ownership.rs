@@ -328,7 +328,8 @@ impl Ownership {
 
     /// Whether a member Lease change the watch delivered can change what this replica claims or
     /// may make effective: another member appearing (or coming back to life), leaving, or changing
-    /// its claims. A renewal that changes none of that does not.
+    /// its claims; or how forwards reach it (a renewed TLS certificate). A renewal that changes
+    /// none of that does not.
     fn moves_anything(&self, event: &LeaseEvent) -> bool {
         // A (re)list's items count too: they may carry changes made since this replica's last
         // round listed the members (the watch's first list comes after the first round).
@@ -352,7 +353,7 @@ impl Ownership {
                 !known.live(now)
                     || self
                         .member_of(lease, Some(known), now)
-                        .is_none_or(|m| m.claims != known.claims)
+                        .is_none_or(|m| m.claims != known.claims || m.cert_sha256 != known.cert_sha256)
             }
         }
     }
@@ -910,6 +911,14 @@ mod tests {
             .insert(SHARDS_ANNOTATION.into(), format_shards(&BTreeSet::new()));
         assert!(a.moves_anything(&WatchEvent::Applied(changed.clone())));
         assert!(a.moves_anything(&WatchEvent::Listed(changed)));
+        // b renewed the certificate it serves: forwards must check the new one at once.
+        let mut renewed = theirs.clone();
+        renewed
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(CERT_ANNOTATION.into(), "ab".repeat(32));
+        assert!(a.moves_anything(&WatchEvent::Applied(renewed)));
         // b gone, or a member a has never seen.
         assert!(a.moves_anything(&WatchEvent::Deleted(theirs.clone())));
         let mut stranger = theirs;
