@@ -150,6 +150,9 @@ pub async fn receive(State(state): State<Arc<AppState>>, req: Request) -> Respon
     }
 }
 
+/// Most peer hosts whose certificate fingerprint is kept at once.
+const MAX_PINNED_PEERS: usize = 1024;
+
 /// The certificates peers published, by host as forwards address them: a TLS forward accepts
 /// its peer's and no other.
 #[derive(Debug)]
@@ -168,11 +171,16 @@ impl PinnedPeers {
         }
     }
 
+    /// Pins `host` to `cert_sha256` before a forward to it. Peers come and go with their pod IPs:
+    /// past [`MAX_PINNED_PEERS`] hosts the map starts again (every forward pins its peer anew; a
+    /// handshake caught by the reset falls back to the local path once).
     fn pin(&self, host: &str, cert_sha256: &str) {
-        self.pins
-            .lock()
-            .expect("pins poisoned")
-            .insert(Self::key(host), cert_sha256.to_owned());
+        let mut pins = self.pins.lock().expect("pins poisoned");
+        let key = Self::key(host);
+        if pins.len() >= MAX_PINNED_PEERS && !pins.contains_key(&key) {
+            pins.clear();
+        }
+        pins.insert(key, cert_sha256.to_owned());
     }
 }
 
@@ -371,6 +379,39 @@ fn rejected_certificate(e: &(dyn std::error::Error + 'static)) -> bool {
 mod tests {
     use super::*;
     use crate::absorb::Absorbs;
+
+    /// A peer's pin is found under the name rustls gives its address, and the pins stay bounded
+    /// however many pod IPs come and go.
+    #[test]
+    fn pins_are_found_by_address_and_bounded() {
+        let pins = PinnedPeers {
+            pins: Mutex::new(HashMap::new()),
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+        };
+        pins.pin("[::1]", "a");
+        pins.pin("Gateway-0.Peers", "b");
+        assert_eq!(
+            pins.pins
+                .lock()
+                .unwrap()
+                .get(&PinnedPeers::key("::1"))
+                .map(String::as_str),
+            Some("a")
+        );
+        assert_eq!(
+            pins.pins.lock().unwrap().get("gateway-0.peers").map(String::as_str),
+            Some("b")
+        );
+        for i in 0..3 * MAX_PINNED_PEERS {
+            pins.pin(&format!("10.0.{}.{}", i / 256, i % 256), "c");
+            assert!(pins.pins.lock().unwrap().len() <= MAX_PINNED_PEERS);
+        }
+        assert_eq!(
+            pins.pins.lock().unwrap().get("10.0.11.255").map(String::as_str),
+            Some("c"),
+            "the latest pin is kept"
+        );
+    }
 
     /// The forwarding replica answers its sender with the owner's answer: every field, the
     /// cooldown's end included, survives the trip.
