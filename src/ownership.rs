@@ -48,10 +48,10 @@ const MAX_ROUNDS_AT_ONCE: u32 = 3;
 pub const ADDRESS_ANNOTATION: &str = "signal-gateway.kubernaut.ai/address";
 /// Annotation: the key a forward to this member must carry (random per process).
 pub const KEY_ANNOTATION: &str = "signal-gateway.kubernaut.ai/forward-key";
-/// Annotation: the shards the member claims (`3,17,40`), and how many shards there are.
 /// Annotation: with TLS, the SHA-256 (hex, of the DER) of the leaf certificate the member serves;
 /// forwards to it accept that certificate and no other (ADR 0014).
 pub const CERT_ANNOTATION: &str = "signal-gateway.kubernaut.ai/forward-cert-sha256";
+/// Annotation: the shards the member claims (`3,17,40`), and how many shards there are.
 pub const SHARDS_ANNOTATION: &str = "signal-gateway.kubernaut.ai/shards";
 pub const SHARD_COUNT_ANNOTATION: &str = "signal-gateway.kubernaut.ai/shard-count";
 

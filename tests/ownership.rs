@@ -164,8 +164,6 @@ fn unreachable_member(address: &str) -> Lease {
     ghost_member(address, None)
 }
 
-/// A member Lease, live for 5 minutes, that claims every shard for `address`, publishing the
-/// certificate fingerprint `cert_sha256` if given, and a key no gateway has.
 /// One member started beside the ghost `lease`, once it sees the ghost as a live member.
 async fn beside(store: &Arc<EmbeddedStore>, lease: &Lease) -> Vec<Gateway> {
     store.create_lease(Call::UNCOUNTED, lease).await.unwrap();
@@ -180,6 +178,8 @@ async fn beside(store: &Arc<EmbeddedStore>, lease: &Lease) -> Vec<Gateway> {
     gateways
 }
 
+/// A member Lease, live for 5 minutes, that claims every shard for `address`, publishing the
+/// certificate fingerprint `cert_sha256` if given, and a key no gateway has.
 fn ghost_member(address: &str, cert_sha256: Option<&str>) -> Lease {
     let all: Vec<String> = (0..SHARDS).map(|s| s.to_string()).collect();
     let mut annotations: BTreeMap<String, String> = [
