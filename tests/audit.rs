@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -21,12 +21,6 @@ use signal_gateway::backend::faults::{Fault, Faulty, Op};
 use signal_gateway::clock::SystemClock;
 use signal_gateway::cluster::ApiError;
 use signal_gateway::config::{AuthMode, Config};
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sg-{tag}-{}-{}", std::process::id(), fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// Replaces `path`'s contents the way the kubelet rotates a projected token (write, rename).
 fn rotate(path: &Path, contents: &str) {
@@ -76,7 +70,7 @@ async fn audit_metric(gw: &Gateway, result: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incident_its_duplicates_a_failed_create_and_a_batch_give_exactly_the_contracts_events() {
     let receiver = Receiver::start(Mode::Created).await;
-    let dir = temp_dir("audit");
+    let dir = common::temp_dir("audit");
     let (token_file, tokens) = (dir.join("token"), dir.join("senders"));
     std::fs::write(&token_file, "gateway-token-1\n").unwrap();
     std::fs::write(&tokens, "alertmanager-token\n").unwrap();
@@ -248,7 +242,7 @@ async fn datastorage_answering_500_then_201_loses_nothing_and_stores_each_event_
     // The outage is a few seconds rather than 30: the retries (50 ms, doubling, at most 30 s
     // apart, 30 of them) and the buffer do not care how long it is while the retries last.
     let receiver = Receiver::start(Mode::ServerError).await;
-    let dir = temp_dir("audit-outage");
+    let dir = common::temp_dir("audit-outage");
     std::fs::write(dir.join("token"), "t").unwrap();
     let mut config = audit_config(&receiver, &dir.join("token"));
     config.audit.batch_size = 5;
@@ -331,7 +325,7 @@ async fn datastorage_answering_500_then_201_loses_nothing_and_stores_each_event_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_datastorage_rejects_is_dropped_and_counted_not_retried() {
     let receiver = Receiver::start(Mode::BadRequest).await;
-    let dir = temp_dir("audit-400");
+    let dir = common::temp_dir("audit-400");
     std::fs::write(dir.join("token"), "t").unwrap();
     let gw = Gateway::embedded(audit_config(&receiver, &dir.join("token"))).await;
     let (status, _, _) = gw.alerts(&webhook(vec![pod_alert("shop", "api-0")])).await;
@@ -348,7 +342,7 @@ async fn a_batch_datastorage_rejects_is_dropped_and_counted_not_retried() {
 async fn shutdown_flushes_the_buffer_and_gives_up_at_the_drain_deadline() {
     // Nothing would leave before an hour's flush interval: only the drain sends it.
     let receiver = Receiver::start(Mode::Created).await;
-    let dir = temp_dir("audit-drain");
+    let dir = common::temp_dir("audit-drain");
     std::fs::write(dir.join("token"), "t").unwrap();
     let mut config = audit_config(&receiver, &dir.join("token"));
     config.audit.flush_interval = Duration::from_secs(3600);
@@ -384,7 +378,7 @@ async fn shutdown_flushes_the_buffer_and_gives_up_at_the_drain_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_datastorage_only_when_a_health_url_is_set() {
     let receiver = Receiver::start(Mode::Created).await;
-    let dir = temp_dir("audit-ready");
+    let dir = common::temp_dir("audit-ready");
     std::fs::write(dir.join("token"), "t").unwrap();
     let ready = |gw: &Gateway| {
         let (client, url) = (gw.client.clone(), format!("{}/readyz", gw.admin));
@@ -428,7 +422,7 @@ async fn a_flood_beyond_the_buffer_is_acknowledged_with_memory_bounded_and_drops
     // DataStorage hangs; the gateway (the real binary, so its memory is its own) holds at most
     // 256 KiB of events. Two floods of 8 MiB of events each: the second must not grow it.
     let receiver = Receiver::start(Mode::Hang).await;
-    let dir = temp_dir("audit-flood");
+    let dir = common::temp_dir("audit-flood");
     std::fs::write(dir.join("token"), "t").unwrap();
     let buffer_bytes = 256 * 1024;
     let replica = Replica::start_embedded(

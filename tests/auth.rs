@@ -23,18 +23,12 @@ use tokio::net::TcpStream;
 
 const PROMETHEUS: &str = "/api/v1/signals/prometheus";
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sg-{tag}-{}-{}", std::process::id(), fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 async fn static_gateway(tokens: &str) -> (Gateway, PathBuf) {
     static_gateway_with(tokens, test_config()).await
 }
 
 async fn static_gateway_with(tokens: &str, mut config: Config) -> (Gateway, PathBuf) {
-    let dir = temp_dir("tokens");
+    let dir = common::temp_dir("tokens");
     let path = dir.join("tokens");
     std::fs::write(&path, tokens).unwrap();
     config.auth.mode = AuthMode::Static;
@@ -590,7 +584,7 @@ fn client_trusting(ca: &Path) -> reqwest::Client {
 
 #[tokio::test]
 async fn tls_serves_both_ports_and_picks_up_a_renewed_certificate() {
-    let dir = temp_dir("tls");
+    let dir = common::temp_dir("tls");
     let (ca1, cert1, key1) = make_pki(&dir, "one");
     let (ca2, cert2, key2) = make_pki(&dir, "two");
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));

@@ -247,12 +247,6 @@ async fn an_owner_that_cannot_be_reached_leaves_the_signal_to_the_lease_guarded_
     assert_eq!(count_of(&store.all_requests()[0]), 2);
 }
 
-fn scratch_dir(tag: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("sg-{tag}-{}-{}", std::process::id(), fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// What a member publishes for `cert`: the SHA-256 of its (leaf) certificate's DER, hex.
 fn pin_of(cert: &std::path::Path) -> String {
     use rustls::pki_types::pem::PemObject as _;
@@ -330,7 +324,7 @@ async fn send_round_robin(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_tls_members_forward_to_the_certificate_each_owner_publishes_also_after_a_renewal() {
-    let dir = scratch_dir("own-tls");
+    let dir = common::temp_dir("own-tls");
     let store = Arc::new(EmbeddedStore::new(Arc::new(SystemClock) as SharedClock));
     let mut gateways = Vec::new();
     let mut certs = Vec::new();
@@ -390,7 +384,7 @@ async fn with_tls_members_forward_to_the_certificate_each_owner_publishes_also_a
 async fn a_tls_peer_is_sent_nothing_unless_it_presents_the_certificate_its_lease_publishes() {
     // A TLS gateway (not a member: forwards to it are refused once they reach it) that ghost
     // members name as their address.
-    let dir = scratch_dir("own-pin");
+    let dir = common::temp_dir("own-pin");
     let served = common::self_signed_cert(&dir, "served");
     let other = common::self_signed_cert(&dir, "other");
     let mut c = test_config();

@@ -28,6 +28,8 @@ pub struct Gateway {
     pub store: Option<Arc<EmbeddedStore>>,
     pub client: reqwest::Client,
     pub namespace: String,
+    /// How long the gateway keeps an idle connection open (`server.headerReadTimeout`).
+    keep_alive: Duration,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -47,11 +49,14 @@ pub fn test_config() -> Config {
 /// A request sent on a connection the server is closing is cut off (a reset or an incomplete
 /// message), a transport error no answer of the gateway caused.
 pub fn client_within(keep_alive: Duration) -> reqwest::Client {
+    builder_within(keep_alive).build().unwrap()
+}
+
+/// The builder of [`client_within`], for clients that need more (TLS settings).
+fn builder_within(keep_alive: Duration) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .pool_idle_timeout(signal_gateway::http::server::reuse_within(keep_alive))
-        .build()
-        .unwrap()
 }
 
 /// How long a client of gateways with the default `server.headerReadTimeout` may keep a
@@ -102,6 +107,7 @@ impl Gateway {
             store,
             client,
             namespace,
+            keep_alive,
             shutdown: Some(tx),
             handle: Some(handle),
         }
@@ -159,11 +165,12 @@ impl Gateway {
     }
 
     /// The same gateway addressed over TLS (started with `server.tls`): both ports speak HTTPS,
-    /// and the client takes any certificate (tests make their own, self-signed).
+    /// and the client takes any certificate (tests make their own, self-signed), pooling as
+    /// [`client_within`] does.
     pub fn over_tls(mut self) -> Self {
         self.base = self.base.replace("http://", "https://");
         self.admin = self.admin.replace("http://", "https://");
-        self.client = reqwest::Client::builder()
+        self.client = builder_within(self.keep_alive)
             .danger_accept_invalid_certs(true)
             .build()
             .unwrap();
@@ -175,6 +182,13 @@ impl Gateway {
         let _ = self.shutdown.take().unwrap().send(());
         self.handle.take().unwrap().await.unwrap()
     }
+}
+
+/// A fresh directory under the system's temp dir, `sg-<tag>-<pid>-<random>`.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sg-{tag}-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 /// A self-signed certificate for 127.0.0.1 and its key, `<dir>/<tag>.crt` and `<dir>/<tag>.key`,
