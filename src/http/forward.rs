@@ -301,16 +301,19 @@ impl Forwarder for HttpForwarder {
             deadline_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
         })
         .expect("forward request serialises");
-        let uri = format!("{}{FORWARD_PATH}", peer.address.trim_end_matches('/'));
-        if uri.starts_with("https://") {
+        let Ok(uri) = format!("{}{FORWARD_PATH}", peer.address.trim_end_matches('/')).parse::<http::Uri>() else {
+            return Forwarded::NotSent("refused");
+        };
+        // The connector speaks TLS for exactly this scheme.
+        if uri.scheme() == Some(&http::uri::Scheme::HTTPS) {
             // A TLS peer that published no certificate cannot be told from an impostor.
-            let Some(host) = uri.parse::<http::Uri>().ok().and_then(|u| u.host().map(str::to_owned)) else {
+            let Some(host) = uri.host() else {
                 return Forwarded::NotSent("refused");
             };
             if peer.cert_sha256.is_empty() {
                 return Forwarded::NotSent("untrusted");
             }
-            self.pins.pin(&host, &peer.cert_sha256);
+            self.pins.pin(host, &peer.cert_sha256);
         }
         let Ok(mut req) = http::Request::post(uri)
             .header(header::CONTENT_TYPE, "application/json")
