@@ -22,6 +22,19 @@
 //! instead of a pile-up of retries. It stops early when the batch is full, and never keeps a
 //! signal waiting more than half of the time its deadline leaves it.
 //! A lone signal (cold fingerprint) is written at once.
+//!
+//! Count linger (`dedup.countLinger`, ADR 0016): a batch that only counts into an RR this replica
+//! knows to be active (no create, nothing for the orchestrator to start) may wait longer, up to
+//! the count linger, for more signals of its incident — unless its sender looks like one that
+//! waits for each answer before it sends the next: the batch's first signal arrived within one
+//! count linger after the incident's last answer, and no two of its signals were unanswered at
+//! once within the last [`TOGETHER_MEMORY`]. Such a sender's next signal only comes once it is
+//! answered, so waiting for company would only slow it down; one that sends again sooner than a
+//! count linger is never held, and one that takes longer is held at most once per signal, so it
+//! is slowed by half at worst. Signals from several senders (or one sender's parallel requests)
+//! overlap, and come at random times after an answer. Such a batch waits at least the hot linger, and
+//! after that only until it holds `dedup.flushAt` signals: a storm's batches, full by then, are
+//! written as they were, and only batches of a few signals wait for more.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -65,13 +78,16 @@ struct Waiter {
     span: tracing::Span,
     arrived: Instant,
     deadline: Instant,
+    /// Arrived within a count linger after this fingerprint's last answer: possibly from a
+    /// sender that waits for each answer before its next signal (see the module docs).
+    prompt: bool,
     tx: oneshot::Sender<Result<Ack, DedupError>>,
 }
 
 #[derive(Default)]
 struct Queue {
     waiters: Vec<Waiter>,
-    /// Wakes a lingering worker once `max_batch` signals are queued.
+    /// Wakes a lingering worker once `flush_at`, and again once `max_batch`, signals are queued.
     full: Arc<Notify>,
     /// The batch being written, which signals join on arrival while it is open.
     writing: Option<Writing>,
@@ -88,11 +104,35 @@ struct Writing {
     join_by: Instant,
 }
 
+/// How long batches wait for company (module docs; `dedup` in src/config.rs).
+#[derive(Debug, Clone, Copy)]
+pub struct Lingers {
+    /// A hot fingerprint's linger (`dedup.linger`); zero turns lingering off.
+    pub linger: Duration,
+    /// A batch that only counts into a known active RR, of an incident whose signals overlap
+    /// (`dedup.countLinger`); zero: such a batch lingers like any other.
+    pub count_linger: Duration,
+    /// A batch in its count linger is written once it holds this many signals and `linger` has
+    /// passed (`dedup.flushAt`).
+    pub flush_at: usize,
+}
+
+impl Lingers {
+    /// No lingering at all (a batch is whatever queued during the previous write).
+    pub const NONE: Lingers = Lingers {
+        linger: Duration::ZERO,
+        count_linger: Duration::ZERO,
+        flush_at: usize::MAX,
+    };
+}
+
 pub struct Coalescer {
     dedup: Arc<Dedup>,
     metrics: Metrics,
     max_batch: usize,
     linger: Duration,
+    count_linger: Duration,
+    flush_at: usize,
     queues: Mutex<HashMap<Fingerprint, Queue>>,
     /// Numbers the waiters.
     next_id: AtomicU64,
@@ -102,6 +142,11 @@ pub struct Coalescer {
     /// Moving average (1/8 weight per write) of how long this replica's successful
     /// deduplication writes took, lock, list, retries and status update included.
     write_time: Mutex<Option<Duration>>,
+    /// Fingerprints whose signals overlapped recently (one arrived while another was
+    /// unanswered), until when that is remembered; least recently seen forgotten first.
+    together: Mutex<BoundedMap<Fingerprint, ()>>,
+    /// Fingerprints answered within the last count linger (expiring at its end).
+    answered: Mutex<BoundedMap<Fingerprint, ()>>,
 }
 
 /// How many raised lingers are remembered (about 1.5 MiB at most).
@@ -109,6 +154,23 @@ const RAISED_LIMITS: Limits = Limits {
     entries: 10_000,
     bytes: 2 * 1024 * 1024,
 };
+
+/// How many overlapping-signal fingerprints are remembered (about 1.5 MiB at most).
+const TOGETHER_LIMITS: Limits = Limits {
+    entries: 10_000,
+    bytes: 2 * 1024 * 1024,
+};
+
+/// How many just-answered fingerprints are remembered (about 1.5 MiB at most).
+const ANSWERED_LIMITS: Limits = Limits {
+    entries: 10_000,
+    bytes: 2 * 1024 * 1024,
+};
+
+/// An incident's signals count as overlapping for this long after two of them were last
+/// unanswered at once: whether several senders report an incident is a trait of the incident,
+/// and a lukewarm one (a signal every few seconds) overlaps only now and then.
+const TOGETHER_MEMORY: Duration = Duration::from_secs(30);
 
 /// Least time a write needs; a waiter with less left is answered 503 instead of starting one.
 const MIN_BUDGET: Duration = Duration::from_millis(5);
@@ -122,13 +184,17 @@ const MAX_LINGERS: u32 = 4;
 const MIN_LINGER: Duration = Duration::from_millis(2);
 
 impl Coalescer {
-    /// `linger` zero turns lingering off (a batch is whatever queued during the previous write).
-    pub fn new(dedup: Arc<Dedup>, metrics: Metrics, max_batch: usize, linger: Duration) -> Arc<Self> {
+    pub fn new(dedup: Arc<Dedup>, metrics: Metrics, max_batch: usize, lingers: Lingers) -> Arc<Self> {
+        let max_batch = max_batch.max(1);
         Arc::new(Coalescer {
             dedup,
             metrics,
-            max_batch: max_batch.max(1),
-            linger,
+            max_batch,
+            linger: lingers.linger,
+            count_linger: lingers.count_linger,
+            flush_at: lingers.flush_at.clamp(1, max_batch),
+            together: Mutex::new(BoundedMap::new(TOGETHER_LIMITS)),
+            answered: Mutex::new(BoundedMap::new(ANSWERED_LIMITS)),
             queues: Mutex::default(),
             next_id: AtomicU64::new(0),
             raised: Mutex::new(BoundedMap::new(RAISED_LIMITS)),
@@ -153,12 +219,16 @@ impl Coalescer {
     ) -> Result<Ack, DedupError> {
         let (tx, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let arrived = Instant::now();
+        let prompt =
+            !self.count_linger.is_zero() && self.answered.lock().expect("answers poisoned").contains(&fp, arrived);
         let waiter = Waiter {
             id,
             spec,
             span: tracing::Span::current(),
-            arrived: Instant::now(),
+            arrived,
             deadline,
+            prompt,
             tx,
         };
         let mut seat = Seat {
@@ -167,9 +237,13 @@ impl Coalescer {
             id,
             answered: false,
         };
+        let mut overlapped = false;
         let start_worker = match self.queues.lock().expect("queues poisoned").entry(fp.clone()) {
             Entry::Occupied(mut e) => {
                 let q = e.get_mut();
+                // Another signal of this incident is still unanswered (queued, or in the batch
+                // being written; a worker that answered its last batch has none of either).
+                overlapped = !q.waiters.is_empty() || q.writing.is_some();
                 match &mut q.writing {
                     Some(w) if waiter.deadline >= w.join_by && w.batch.join() => {
                         w.span.follows_from(&waiter.span);
@@ -177,7 +251,8 @@ impl Coalescer {
                     }
                     _ => {
                         q.waiters.push(waiter);
-                        if q.waiters.len() >= self.max_batch {
+                        let queued = q.waiters.len();
+                        if queued == self.flush_at || queued >= self.max_batch {
                             q.full.notify_one();
                         }
                     }
@@ -192,6 +267,15 @@ impl Coalescer {
                 true
             }
         };
+        if overlapped && !self.count_linger.is_zero() {
+            let now = Instant::now();
+            self.together.lock().expect("overlaps poisoned").insert(
+                fp.clone(),
+                (),
+                fp.as_str().len(),
+                now + TOGETHER_MEMORY,
+            );
+        }
         if start_worker {
             let (this, fp) = (self.clone(), fp.clone());
             tokio::spawn(async move { this.drain(fp).await });
@@ -285,6 +369,7 @@ impl Coalescer {
                     for (i, w) in live.into_iter().enumerate() {
                         let _ = w.tx.send(Ok(ack_for(&written, i, per_signal)));
                     }
+                    self.note_answered(&fp);
                 }
                 Ok(written) => {
                     // Cannot happen: every signal moved into the batch is in its write.
@@ -355,41 +440,98 @@ impl Coalescer {
         (self.linger * factor / 100).max(slow)
     }
 
-    /// Lets the next batch of a hot fingerprint gather signals (see the module docs).
+    /// Remembers that `fp`'s signals were just answered, for one count linger.
+    fn note_answered(&self, fp: &Fingerprint) {
+        if self.count_linger.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        self.answered.lock().expect("answers poisoned").insert(
+            fp.clone(),
+            (),
+            fp.as_str().len(),
+            now + self.count_linger,
+        );
+    }
+
+    /// Whether `fp`'s next batch, led by a signal that did (`prompt`) or did not arrive right
+    /// after the fingerprint's last answer, may wait the count linger: it would only count into
+    /// an RR known to be active, and its sender is not one that waits for each answer — the
+    /// signal came some time after the last answer, or the incident's signals overlapped
+    /// recently (more than one sender, or one sending in parallel).
+    fn counts_together(&self, fp: &Fingerprint, prompt: bool) -> bool {
+        !self.count_linger.is_zero()
+            && (!prompt
+                || self
+                    .together
+                    .lock()
+                    .expect("overlaps poisoned")
+                    .contains(fp, Instant::now()))
+            && self.dedup.hints().knows_active(fp)
+    }
+
+    /// Lets the next batch of a hot fingerprint, or of one whose signals overlap and only count,
+    /// gather signals (see the module docs).
     async fn linger(&self, fp: &Fingerprint) {
         if self.dedup.strategy() != crate::dedup::Strategy::Optimistic {
             return; // always-lock is kept as the original design it is measured as
         }
-        let linger = self.linger_for(fp);
-        if linger < MIN_LINGER || !self.dedup.written_within(fp, linger * HOT_LINGERS) {
-            return;
-        }
-        let (until, full) = {
+        let prompt = {
             let queues = self.queues.lock().expect("queues poisoned");
-            let Some(queue) = queues.get(fp) else { return };
-            let Some(first) = queue.waiters.first() else { return };
-            if queue.waiters.len() >= self.max_batch {
-                return;
+            match queues.get(fp).and_then(|q| q.waiters.first()) {
+                Some(first) => first.prompt,
+                None => return,
             }
-            // At most the linger after the first signal arrived, and never more than half of
-            // what any waiter's deadline leaves it.
-            let now = Instant::now();
-            let until = queue
-                .waiters
-                .iter()
-                .map(|w| now + w.deadline.saturating_duration_since(now) / 2)
-                .fold(first.arrived + linger, Instant::min);
-            (until, queue.full.clone())
+        };
+        let hot = self.linger_for(fp);
+        // At least `at_least` after the first signal; then as soon as `flush_at` signals are in,
+        // and at the latest `at_most` after it.
+        let (at_least, at_most) = if self.counts_together(fp, prompt) {
+            (hot.min(self.count_linger), hot.max(self.count_linger))
+        } else if hot >= MIN_LINGER && self.dedup.written_within(fp, hot * HOT_LINGERS) {
+            (hot, hot)
+        } else {
+            return;
         };
         let started = Instant::now();
-        if until <= started {
-            return;
+        loop {
+            let (wake, full) = {
+                let queues = self.queues.lock().expect("queues poisoned");
+                let Some(queue) = queues.get(fp) else { break };
+                let Some(first) = queue.waiters.first() else { break };
+                let queued = queue.waiters.len();
+                if queued >= self.max_batch {
+                    break;
+                }
+                // Never more than half of what any waiter's deadline left it when the linger began.
+                let now = Instant::now();
+                let until = queue
+                    .waiters
+                    .iter()
+                    .map(|w| started + w.deadline.saturating_duration_since(started) / 2)
+                    .fold(first.arrived + at_most, Instant::min);
+                let enough_from = first.arrived + at_least;
+                if now >= until || (queued >= self.flush_at && now >= enough_from) {
+                    break;
+                }
+                let wake = if queued >= self.flush_at {
+                    enough_from.min(until)
+                } else {
+                    until
+                };
+                (wake, queue.full.clone())
+            };
+            // Woken when `flush_at` or `max_batch` signals are queued (or by a wake-up left over
+            // from an earlier batch): look again.
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = full.notified() => {}
+            }
         }
-        tokio::select! {
-            _ = tokio::time::sleep_until(until) => {}
-            _ = full.notified() => {}
+        let waited = started.elapsed();
+        if !waited.is_zero() {
+            self.metrics.linger.observe(waited.as_secs_f64());
         }
-        self.metrics.linger.observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -553,7 +695,7 @@ mod tests {
             let (fp, spec) = pod_signal("p");
             Held {
                 store,
-                coalescer: Coalescer::new(dedup, metrics, 1000, Duration::ZERO),
+                coalescer: Coalescer::new(dedup, metrics, 1000, Lingers::NONE),
                 gate,
                 at_gate,
                 writes,
@@ -679,7 +821,7 @@ mod tests {
         }));
         let (dedup, metrics) = optimistic_dedup(cluster, clock);
         let (fp, spec) = pod_signal("p");
-        let coalescer = Coalescer::new(dedup, metrics, 1000, Duration::ZERO);
+        let coalescer = Coalescer::new(dedup, metrics, 1000, Lingers::NONE);
         let deadline = Instant::now() + Duration::from_secs(20);
         let submit = || {
             let (c, fp, spec) = (coalescer.clone(), fp.clone(), spec.clone());
@@ -733,6 +875,19 @@ mod tests {
         max_batch: usize,
         status_update: impl Fn(usize) -> Fault + Send + Sync + 'static,
     ) -> Lingering {
+        let lingers = Lingers {
+            linger,
+            count_linger: Duration::ZERO,
+            flush_at: max_batch,
+        };
+        lingering_with(lingers, max_batch, status_update)
+    }
+
+    fn lingering_with(
+        lingers: Lingers,
+        max_batch: usize,
+        status_update: impl Fn(usize) -> Fault + Send + Sync + 'static,
+    ) -> Lingering {
         let clock: SharedClock = Arc::new(crate::clock::TokioClock::new());
         let store = Arc::new(EmbeddedStore::new(clock.clone()));
         let writes = Arc::new(AtomicUsize::new(0));
@@ -746,7 +901,7 @@ mod tests {
         let (dedup, metrics) = optimistic_dedup(cluster, clock);
         let (fp, spec) = pod_signal("hot");
         Lingering {
-            coalescer: Coalescer::new(dedup, metrics, max_batch, linger),
+            coalescer: Coalescer::new(dedup, metrics, max_batch, lingers),
             writes,
             fp,
             spec,
@@ -904,5 +1059,158 @@ mod tests {
             6,
             "one write per signal: each came alone"
         );
+    }
+
+    /// The count linger's coalescer: 25 ms hot linger, 200 ms count linger, flush at 8, 10 ms writes.
+    fn counting() -> Lingering {
+        let lingers = Lingers {
+            linger: Duration::from_millis(25),
+            count_linger: Duration::from_millis(200),
+            flush_at: 8,
+        };
+        lingering_with(lingers, 1000, |_| Fault::Delay(Duration::from_millis(10)))
+    }
+
+    impl Lingering {
+        /// Creates the RR, then sends two signals at once (the second arrives while the first is
+        /// unanswered: the incident's signals overlap); returns the status writes so far.
+        async fn created_and_overlapped(&self) -> usize {
+            self.submit(BUDGET).await.unwrap().0.unwrap();
+            let pair = [self.submit(BUDGET), self.submit(BUDGET)];
+            for r in pair {
+                r.await.unwrap().0.unwrap();
+            }
+            self.writes.load(Ordering::SeqCst)
+        }
+
+        /// Sends `n` signals `gap` apart without waiting for their answers.
+        async fn paced(
+            &self,
+            n: usize,
+            gap: Duration,
+        ) -> Vec<tokio::task::JoinHandle<(Result<Ack, DedupError>, Instant)>> {
+            let mut sent = Vec::new();
+            for _ in 0..n {
+                sent.push(self.submit(BUDGET));
+                tokio::time::sleep(gap).await;
+            }
+            sent
+        }
+    }
+
+    /// Every signal of `sent` was stored and answered at `at`.
+    async fn all_answered_at(
+        sent: Vec<tokio::task::JoinHandle<(Result<Ack, DedupError>, Instant)>>,
+        at: Instant,
+        why: &str,
+    ) {
+        for r in sent {
+            let (ack, answered) = r.await.unwrap();
+            ack.unwrap();
+            assert_eq!(answered, at, "{why}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn overlapping_signals_that_only_count_wait_the_count_linger_and_share_one_write() {
+        let l = counting();
+        let writes = l.created_and_overlapped().await;
+        // Quiet for longer than the hot window, then a trickle: one signal every 40 ms.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = Instant::now();
+        let trickle = l.paced(4, Duration::from_millis(40)).await;
+        all_answered_at(
+            trickle,
+            t + Duration::from_millis(200 + 10),
+            "the count linger, then the write",
+        )
+        .await;
+        assert_eq!(
+            l.writes.load(Ordering::SeqCst),
+            writes + 1,
+            "the trickle took one write"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_counting_batch_is_written_once_it_holds_flush_at_signals() {
+        let l = counting();
+        l.created_and_overlapped().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = Instant::now();
+        let burst = l.paced(8, Duration::from_millis(5)).await;
+        all_answered_at(
+            burst,
+            t + Duration::from_millis(35 + 10),
+            "the eighth signal ends the wait",
+        )
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_counting_batch_that_fills_at_once_still_waits_the_hot_linger_and_no_longer() {
+        let l = counting();
+        let writes = l.created_and_overlapped().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A storm: twenty signals at once, more than flushAt before the hot linger is over.
+        let t = Instant::now();
+        let storm: Vec<_> = (0..20).map(|_| l.submit(BUDGET)).collect();
+        all_answered_at(
+            storm,
+            t + Duration::from_millis(25 + 10),
+            "the hot linger, then the write",
+        )
+        .await;
+        assert_eq!(l.writes.load(Ordering::SeqCst), writes + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_signal_that_comes_well_after_the_last_answer_waits_for_company_before_any_overlap() {
+        let l = counting();
+        l.submit(BUDGET).await.unwrap().0.unwrap();
+        let writes = l.writes.load(Ordering::SeqCst);
+        // Nothing has overlapped yet; A comes 300 ms after the last answer (more than a count
+        // linger: not a sender waiting on us), B 100 ms after A from another sender.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t = Instant::now();
+        let pair = l.paced(2, Duration::from_millis(100)).await;
+        all_answered_at(
+            pair,
+            t + Duration::from_millis(200 + 10),
+            "A's count linger, then one write",
+        )
+        .await;
+        assert_eq!(l.writes.load(Ordering::SeqCst), writes + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_sender_posting_one_signal_after_another_never_waits_the_count_linger() {
+        let l = counting();
+        // Signals one after another, each sent 60 ms after the previous was answered (longer than
+        // the hot window, shorter than a count linger): they never overlap and each comes soon
+        // after an answer, so none waits for company.
+        l.submit(BUDGET).await.unwrap().0.unwrap();
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            let t = Instant::now();
+            let (ack, at) = l.submit(BUDGET).await.unwrap();
+            ack.unwrap();
+            assert_eq!(at, t + Duration::from_millis(10), "written at once");
+        }
+        assert_eq!(l.writes.load(Ordering::SeqCst), 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn overlapping_signals_of_a_new_incident_are_not_held_back_by_the_count_linger() {
+        let l = counting();
+        // The incident has no RR: its first batch creates, and is not delayed however many
+        // signals arrive together.
+        let t = Instant::now();
+        let first: Vec<_> = (0..3).map(|_| l.submit(BUDGET)).collect();
+        for r in first {
+            let (ack, at) = r.await.unwrap();
+            ack.unwrap();
+            assert!(at < t + Duration::from_millis(100), "waited {:?}", at - t);
+        }
     }
 }

@@ -332,6 +332,13 @@ pub struct Dedup {
     /// Group commit: how long a hot fingerprint's batch may wait for more signals before its write.
     #[serde(with = "friendly_duration")]
     pub linger: Duration,
+    /// How long a batch that only counts into a known active RR may wait for more signals of its
+    /// incident, when that incident's signals overlap (ADR 0016); zero: like any other batch.
+    #[serde(with = "friendly_duration")]
+    pub count_linger: Duration,
+    /// A batch in its count linger is written as soon as it holds this many signals (once the
+    /// hot linger has passed).
+    pub flush_at: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -490,6 +497,8 @@ impl Default for Dedup {
             watch: true,
             watch_wait: Duration::from_millis(30),
             linger: Duration::from_millis(25),
+            count_linger: Duration::from_millis(250),
+            flush_at: 8,
         }
     }
 }
@@ -618,6 +627,7 @@ impl Config {
         }
         anyhow::ensure!(self.server.max_in_flight > 0, "server.maxInFlight must be positive");
         anyhow::ensure!(self.dedup.max_batch > 0, "dedup.maxBatch must be positive");
+        anyhow::ensure!(self.dedup.flush_at > 0, "dedup.flushAt must be positive");
         anyhow::ensure!(
             self.dedup.linger < self.server.request_timeout / 2,
             "dedup.linger must be less than half of server.requestTimeout"
@@ -800,6 +810,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("sometimes"), "{err}");
+        let err = Config::from_yaml("dedup:\n  flushAt: 0\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dedup.flushAt"), "{err}");
+    }
+
+    #[test]
+    fn the_count_linger_and_its_flush_size_are_read() {
+        let c = Config::from_yaml("dedup:\n  countLinger: 400ms\n  flushAt: 12\n").unwrap();
+        assert_eq!(c.dedup.count_linger, Duration::from_millis(400));
+        assert_eq!(c.dedup.flush_at, 12);
+        let d = Config::from_yaml("dedup:\n  countLinger: 0ms\n").unwrap();
+        assert_eq!(d.dedup.count_linger, Duration::ZERO, "0ms turns it off");
     }
 
     #[test]

@@ -438,6 +438,12 @@ impl HintCache {
         self.state().active(fp.as_str(), wall).map(|rr| (*rr).clone())
     }
 
+    /// Whether an RR known to absorb a signal of `fp` now exists (a write would only count).
+    pub fn knows_active(&self, fp: &Fingerprint) -> bool {
+        let wall = self.clock.now();
+        self.state().active(fp.as_str(), wall).is_some()
+    }
+
     /// True only when the synced watch knows no RR of `fp` that absorbs now. Lets a creator skip
     /// the list before the lock; the list under the lock still decides.
     pub fn knows_none_active(&self, fp: &Fingerprint) -> bool {

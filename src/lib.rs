@@ -244,10 +244,14 @@ pub async fn serve(
     });
     // Lingering saves API-server writes; the in-process store has none to save (its "latency" is
     // this process's own scheduling, which lingering would only lengthen).
-    let linger = if deps.embedded.is_some() {
-        std::time::Duration::ZERO
+    let lingers = if deps.embedded.is_some() {
+        coalesce::Lingers::NONE
     } else {
-        config.dedup.linger
+        coalesce::Lingers {
+            linger: config.dedup.linger,
+            count_linger: config.dedup.count_linger,
+            flush_at: config.dedup.flush_at,
+        }
     };
     let audit = audit::start(&config.audit, &metrics)?;
     let resolver = target::OwnerResolver::new(
@@ -280,7 +284,7 @@ pub async fn serve(
             &config.scope,
         ),
         resolver,
-        coalescer: coalesce::Coalescer::new(dedup, metrics.clone(), config.dedup.max_batch, linger),
+        coalescer: coalesce::Coalescer::new(dedup, metrics.clone(), config.dedup.max_batch, lingers),
         clock: deps.clock.clone(),
         metrics: metrics.clone(),
         cluster_id: config.backend.cluster_id.clone(),

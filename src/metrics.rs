@@ -16,7 +16,9 @@ const LOCK_BUCKETS: &[f64] = &[
 ];
 const CALLS_PER_SIGNAL_BUCKETS: &[f64] = &[0.0, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0];
 pub(crate) const SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
-const LINGER_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5];
+const LINGER_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
+];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -371,7 +373,7 @@ impl Metrics {
             linger: histogram(
                 r,
                 "gateway_dedup_linger_duration_seconds",
-                "Time a coalesced batch of a hot fingerprint waited (dedup.linger) to gather more signals before its write.",
+                "Time a coalesced batch waited to gather more signals before its write (dedup.linger, dedup.countLinger).",
                 LINGER_BUCKETS,
             )?,
 
