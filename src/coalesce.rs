@@ -78,9 +78,6 @@ struct Waiter {
     span: tracing::Span,
     arrived: Instant,
     deadline: Instant,
-    /// Arrived within a count linger after this fingerprint's last answer: possibly from a
-    /// sender that waits for each answer before its next signal (see the module docs).
-    prompt: bool,
     tx: oneshot::Sender<Result<Ack, DedupError>>,
 }
 
@@ -149,20 +146,9 @@ pub struct Coalescer {
     answered: Mutex<BoundedMap<Fingerprint, ()>>,
 }
 
-/// How many raised lingers are remembered (about 1.5 MiB at most).
-const RAISED_LIMITS: Limits = Limits {
-    entries: 10_000,
-    bytes: 2 * 1024 * 1024,
-};
-
-/// How many overlapping-signal fingerprints are remembered (about 1.5 MiB at most).
-const TOGETHER_LIMITS: Limits = Limits {
-    entries: 10_000,
-    bytes: 2 * 1024 * 1024,
-};
-
-/// How many just-answered fingerprints are remembered (about 1.5 MiB at most).
-const ANSWERED_LIMITS: Limits = Limits {
+/// How many fingerprints each per-fingerprint memory (raised lingers, overlaps, recent
+/// answers) keeps (about 1.5 MiB each at most).
+const FINGERPRINT_MEMORY: Limits = Limits {
     entries: 10_000,
     bytes: 2 * 1024 * 1024,
 };
@@ -193,11 +179,11 @@ impl Coalescer {
             linger: lingers.linger,
             count_linger: lingers.count_linger,
             flush_at: lingers.flush_at.clamp(1, max_batch),
-            together: Mutex::new(BoundedMap::new(TOGETHER_LIMITS)),
-            answered: Mutex::new(BoundedMap::new(ANSWERED_LIMITS)),
+            together: Mutex::new(BoundedMap::new(FINGERPRINT_MEMORY)),
+            answered: Mutex::new(BoundedMap::new(FINGERPRINT_MEMORY)),
             queues: Mutex::default(),
             next_id: AtomicU64::new(0),
-            raised: Mutex::new(BoundedMap::new(RAISED_LIMITS)),
+            raised: Mutex::new(BoundedMap::new(FINGERPRINT_MEMORY)),
             write_time: Mutex::new(None),
         })
     }
@@ -219,16 +205,12 @@ impl Coalescer {
     ) -> Result<Ack, DedupError> {
         let (tx, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let arrived = Instant::now();
-        let prompt =
-            !self.count_linger.is_zero() && self.answered.lock().expect("answers poisoned").contains(&fp, arrived);
         let waiter = Waiter {
             id,
             spec,
             span: tracing::Span::current(),
-            arrived,
+            arrived: Instant::now(),
             deadline,
-            prompt,
             tx,
         };
         let mut seat = Seat {
@@ -454,19 +436,26 @@ impl Coalescer {
         );
     }
 
-    /// Whether `fp`'s next batch, led by a signal that did (`prompt`) or did not arrive right
-    /// after the fingerprint's last answer, may wait the count linger: it would only count into
-    /// an RR known to be active, and its sender is not one that waits for each answer — the
-    /// signal came some time after the last answer, or the incident's signals overlapped
-    /// recently (more than one sender, or one sending in parallel).
-    fn counts_together(&self, fp: &Fingerprint, prompt: bool) -> bool {
-        !self.count_linger.is_zero()
-            && (!prompt
-                || self
-                    .together
-                    .lock()
-                    .expect("overlaps poisoned")
-                    .contains(fp, Instant::now()))
+    /// Whether `fp`'s next batch, led by a signal that arrived at `first_arrived`, may wait the
+    /// count linger: it would only count into an RR known to be active, and its sender is not one
+    /// that waits for each answer — the signal came more than a count linger after the
+    /// fingerprint's last answer (the answer's entry expires a count linger after it), or the
+    /// incident's signals overlapped recently (more than one sender, or one sending in parallel).
+    fn counts_together(&self, fp: &Fingerprint, first_arrived: Instant) -> bool {
+        if self.count_linger.is_zero() {
+            return false;
+        }
+        let prompt = self
+            .answered
+            .lock()
+            .expect("answers poisoned")
+            .contains(fp, first_arrived);
+        (!prompt
+            || self
+                .together
+                .lock()
+                .expect("overlaps poisoned")
+                .contains(fp, Instant::now()))
             && self.dedup.hints().knows_active(fp)
     }
 
@@ -476,17 +465,17 @@ impl Coalescer {
         if self.dedup.strategy() != crate::dedup::Strategy::Optimistic {
             return; // always-lock is kept as the original design it is measured as
         }
-        let prompt = {
+        let first_arrived = {
             let queues = self.queues.lock().expect("queues poisoned");
             match queues.get(fp).and_then(|q| q.waiters.first()) {
-                Some(first) => first.prompt,
+                Some(first) => first.arrived,
                 None => return,
             }
         };
         let hot = self.linger_for(fp);
         // At least `at_least` after the first signal; then as soon as `flush_at` signals are in,
         // and at the latest `at_most` after it.
-        let (at_least, at_most) = if self.counts_together(fp, prompt) {
+        let (at_least, at_most) = if self.counts_together(fp, first_arrived) {
             (hot.min(self.count_linger), hot.max(self.count_linger))
         } else if hot >= MIN_LINGER && self.dedup.written_within(fp, hot * HOT_LINGERS) {
             (hot, hot)
